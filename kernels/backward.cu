@@ -1,0 +1,180 @@
+// backward: dA = da_beta·dA + s·(Gᵀ·S into rows [0, d_out) + Xᵀ·Q into rows
+// [0, d_in)), deterministic. (dX and Q come from the forward kernel with G in
+// X's place; see forward.cu.)
+//
+// backward_da_partial: block (band, split, part × rank half) owns BD rows of
+// dA and one token range. It streams BT-token tiles of G (part 0) or X (part
+// 1) through a cp.async pipeline, with the matching rows of S or Q converted
+// from f32 to the element type on the way into shared memory, and
+// accumulates the BD × rank tile on tensor cores. G and X are read once. Each
+// block writes its f32 partial to its own slot of the workspace: no atomics.
+//
+// backward_da_reduce: sums the partials of every split and both parts in a
+// fixed order, so dA's bits do not depend on scheduling.
+#include "common.cuh"
+
+namespace singlora {
+
+template <typename T, int RP> struct DaConfig {
+    static constexpr int BD = SINGLORA_DA_BD;
+    static constexpr int BT = 128 / (int)sizeof(T);
+    static constexpr int PAD = vec_elems<T>();
+    // A block covers at most 128 rank columns so the BD × columns f32 tile
+    // fits in 64 registers per thread; rank 256 runs as two column halves.
+    static constexpr int RPB = RP > 128 ? 128 : RP;
+    static constexpr int RSPLITS = RP / RPB;
+    static constexpr int WARPS_N = RPB >= 128 ? 2 : 1;
+    static constexpr int WARPS_M = kWarps / WARPS_N;
+    static constexpr int WTM = BD / WARPS_M, WTN = RPB / WARPS_N;
+    static constexpr int MT = WTM / 16, NT = WTN / 8;
+    static constexpr int STAGES = 3;
+    static constexpr int SRC_LD = BD + PAD;
+    static constexpr int SS_LD = RPB + PAD;
+    static constexpr int NG = kThreads / RPB;  // column-max row groups
+    static constexpr int SMEM_BYTES =
+        STAGES * (BT * SRC_LD + BT * SS_LD) * (int)sizeof(T) + (2 * RPB + NG * RPB) * 4;
+    static_assert(WTM % 16 == 0 && WTN % 16 == 0 && BT % 16 == 0, "warp tile");
+};
+
+template <typename T, int RP>
+__device__ __forceinline__ void da_partial_kernel(const singlora_da_params& p) {
+    using C = DaConfig<T, RP>;
+    constexpr int BD = C::BD, BT = C::BT, RPB = C::RPB, STAGES = C::STAGES;
+    extern __shared__ __align__(128) unsigned char smem[];
+    T* srcs = reinterpret_cast<T*>(smem);             // [STAGES][BT][SRC_LD]
+    T* sss = srcs + STAGES * BT * C::SRC_LD;          // [STAGES][BT][SS_LD]
+    float* col_scale = reinterpret_cast<float*>(sss + STAGES * BT * C::SS_LD);  // [RPB]
+    float* col_inv = col_scale + RPB;                 // [RPB]
+    float* red = col_inv + RPB;                       // [NG][RPB]
+
+    const int part = blockIdx.z % 2;
+    const int rcol0 = (blockIdx.z / 2) * RPB;
+    const int split = blockIdx.y;
+    const int64_t rows_limit = part == 0 ? p.d_out : p.d_in;
+    const int64_t band0 = (int64_t)blockIdx.x * BD;
+    if (band0 >= rows_limit) return;  // whole block: this part has no such rows
+
+    const T* src = reinterpret_cast<const T*>(part == 0 ? p.g : p.x);
+    const int64_t ld = part == 0 ? p.ld_g : p.ld_x;
+    const bool vec = (part == 0 ? p.g_vec : p.x_vec) != 0;
+    const float* ss = reinterpret_cast<const float*>(part == 0 ? p.s : p.q);
+    const int rank = p.rank;
+    const int rpad_local = min(RPB, p.rank_pad - rcol0);
+    const int64_t t_begin = (int64_t)split * p.tokens_per_split;
+    const int64_t t_end = min(p.tokens, t_begin + p.tokens_per_split);
+
+    // Per-column power-of-two scale of S or Q over this token range (f16
+    // only): brings the f32 values into f16 range; undone on write-out.
+    {
+        const int c = threadIdx.x % RPB, grp = threadIdx.x / RPB;
+        float mx = 0.0f;
+        if (Elem<T>::kNeedsScaling && rcol0 + c < rank) {
+            for (int64_t t = t_begin + grp; t < t_end; t += C::NG) mx = fmaxf(mx, fabsf(ss[t * rank + rcol0 + c]));
+        }
+        red[grp * RPB + c] = mx;
+        __syncthreads();
+        if (threadIdx.x < RPB) {
+            for (int gi = 1; gi < C::NG; ++gi) mx = fmaxf(mx, red[gi * RPB + c]);
+            const float sc = Elem<T>::kNeedsScaling ? pow2_scale_for(mx) : 1.0f;
+            col_scale[c] = sc;
+            col_inv[c] = 1.0f / sc;
+        }
+        __syncthreads();
+    }
+
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int wm = warp / C::WARPS_N, wn = warp % C::WARPS_N;
+    float acc[C::MT][C::NT][4];
+    zero_acc(acc);
+
+    const int k_tiles = (int)((t_end - t_begin + BT - 1) / BT);
+    auto load_stage = [&](int stage, int kt) {
+        const int64_t t0 = t_begin + (int64_t)kt * BT;
+        load_tile_async<T, BT, BD>(srcs + stage * BT * C::SRC_LD, C::SRC_LD, src, ld, t0, t_end, band0,
+                                   rows_limit, vec);
+        // S/Q are f32 (and L2-resident): converted here, synchronously.
+        T* d = sss + stage * BT * C::SS_LD;
+        for (int i = threadIdx.x; i < BT * RPB; i += kThreads) {
+            const int r = i / RPB, c = i % RPB;
+            const int64_t t = t0 + r;
+            const float v = (t < t_end && rcol0 + c < rank) ? ss[t * rank + rcol0 + c] * col_scale[c] : 0.0f;
+            d[r * C::SS_LD + c] = from_f32<T>(v);
+        }
+    };
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; ++s) {
+        if (s < k_tiles) load_stage(s, s);
+        cp_async_commit();
+    }
+    for (int kt = 0; kt < k_tiles; ++kt) {
+        cp_async_wait<STAGES - 2>();
+        __syncthreads();  // stage kt landed everywhere; stage kt-1 is free
+        const int next = kt + STAGES - 1;
+        if (next < k_tiles) load_stage(next % STAGES, next);
+        cp_async_commit();
+        const T* at = srcs + (kt % STAGES) * BT * C::SRC_LD;
+        const T* bt = sss + (kt % STAGES) * BT * C::SS_LD;
+#pragma unroll
+        for (int kk = 0; kk < BT; kk += 16) {
+            tile_mma_k16<T, C::MT, C::NT, false, false>(acc, at, C::SRC_LD, bt, C::SS_LD, wm * C::WTM,
+                                                        wn * C::WTN, kk, rpad_local);
+        }
+    }
+    cp_async_wait<0>();
+
+    // Write this block's partial (rows it owns, padded rank columns).
+    float* out = reinterpret_cast<float*>(p.partial) +
+                 ((int64_t)(part * p.splits + split) * p.d) * p.rank_pad + rcol0;
+    const int g = lane >> 2, t = lane & 3;
+#pragma unroll
+    for (int mt = 0; mt < C::MT; ++mt)
+#pragma unroll
+        for (int nt = 0; nt < C::NT; ++nt)
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const int64_t row = band0 + wm * C::WTM + mt * 16 + g + 8 * h;
+                const int c = wn * C::WTN + nt * 8 + 2 * t;
+                if (row >= rows_limit || c >= rpad_local) continue;
+                *reinterpret_cast<float2*>(out + row * p.rank_pad + c) =
+                    make_float2(acc[mt][nt][2 * h] * col_inv[c], acc[mt][nt][2 * h + 1] * col_inv[c + 1]);
+            }
+}
+
+}  // namespace singlora
+
+extern "C" __global__ void __launch_bounds__(singlora::kThreads) backward_da_reduce(const singlora_da_params p) {
+    const int64_t idx = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= (int64_t)p.d * p.rank) return;
+    const int64_t i = idx / p.rank;
+    const int j = (int)(idx % p.rank);
+    const float* part0 = reinterpret_cast<const float*>(p.partial);
+    const float* part1 = part0 + (int64_t)p.splits * p.d * p.rank_pad;
+    // Fixed order: part 0 splits ascending, then part 1 splits ascending.
+    float sum = 0.0f;
+    if (i < p.d_out)
+        for (int s = 0; s < p.splits; ++s) sum += part0[((int64_t)s * p.d + i) * p.rank_pad + j];
+    if (i < p.d_in)
+        for (int s = 0; s < p.splits; ++s) sum += part1[((int64_t)s * p.d + i) * p.rank_pad + j];
+    float* da = reinterpret_cast<float*>(p.da);
+    const float prev = p.da_beta != 0.0f ? p.da_beta * da[idx] : 0.0f;
+    da[idx] = prev + p.scale * sum;
+}
+SINGLORA_KERNEL_INFO(backward_da_reduce, 0, 0, 0, SINGLORA_MAX_RANK)
+
+#define SINGLORA_DA_PARTIAL(tname, T, RP)                                                              \
+    extern "C" __global__ void __launch_bounds__(singlora::kThreads)                                   \
+        backward_da_partial_##tname##_r##RP(const singlora_da_params p) {                              \
+        singlora::da_partial_kernel<T, RP>(p);                                                         \
+    }                                                                                                  \
+    SINGLORA_KERNEL_INFO(backward_da_partial_##tname##_r##RP, (singlora::DaConfig<T, RP>::SMEM_BYTES),   \
+                         (singlora::DaConfig<T, RP>::BD), (singlora::DaConfig<T, RP>::RPB), RP)
+
+#define SINGLORA_DA_PARTIAL_ALL_RANKS(tname, T) \
+    SINGLORA_DA_PARTIAL(tname, T, 32)           \
+    SINGLORA_DA_PARTIAL(tname, T, 64)           \
+    SINGLORA_DA_PARTIAL(tname, T, 128)          \
+    SINGLORA_DA_PARTIAL(tname, T, 256)
+
+SINGLORA_DA_PARTIAL_ALL_RANKS(f32, float)
+SINGLORA_DA_PARTIAL_ALL_RANKS(f16, __half)
+SINGLORA_DA_PARTIAL_ALL_RANKS(bf16, __nv_bfloat16)

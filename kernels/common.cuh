@@ -1,0 +1,246 @@
+// Device helpers shared by the kernels: element traits, cp.async, ldmatrix,
+// mma.sync, a warp-level 16-deep tile product, and tile loaders.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+#include "singlora.h"
+
+namespace singlora {
+
+constexpr int kThreads = SINGLORA_THREADS;
+constexpr int kWarps = kThreads / 32;
+
+// ---------------------------------------------------------------- elements --
+
+__device__ __forceinline__ float to_f32(float v) { return v; }
+__device__ __forceinline__ float to_f32(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T> __device__ __forceinline__ T from_f32(float v);
+template <> __device__ __forceinline__ float from_f32<float>(float v) { return v; }
+template <> __device__ __forceinline__ __half from_f32<__half>(float v) { return __float2half_rn(v); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) {
+    return __float2bfloat16_rn(v);
+}
+
+// f32 runs on CUDA cores (exact to the f32 bar; TF32 would not meet 1e-5),
+// f16 and bf16 on tensor cores. f16 operands made from f32 intermediates (S,
+// Q) are scaled by powers of two first: f16's range ends at 65504 and its
+// subnormals start at 6e-5, and S or Q may sit outside that.
+template <typename T> struct Elem {
+    static constexpr bool kTensorCore = true;
+    static constexpr bool kNeedsScaling = false;
+};
+template <> struct Elem<float> {
+    static constexpr bool kTensorCore = false;
+    static constexpr bool kNeedsScaling = false;
+};
+template <> struct Elem<__half> {
+    static constexpr bool kTensorCore = true;
+    static constexpr bool kNeedsScaling = true;
+};
+
+// Elements per 16-byte access; shared-memory rows are padded by this much so
+// that the 8 rows one ldmatrix (or 8 lanes) reads fall in distinct banks.
+template <typename T> __host__ __device__ constexpr int vec_elems() { return 16 / (int)sizeof(T); }
+
+// A power of two p with max_abs * p in [2^13, 2^14): exact to apply and to
+// undo, and leaves f16 headroom for rounding. 1 for 0, inf or NaN.
+__device__ __forceinline__ float pow2_scale_for(float max_abs) {
+    if (!(max_abs > 0.0f) || !isfinite(max_abs)) return 1.0f;
+    int e;
+    frexpf(max_abs, &e);  // max_abs = m * 2^e, m in [0.5, 1)
+    return ldexpf(1.0f, 14 - e);
+}
+
+// ---------------------------------------------------------------- cp.async --
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+    return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// .cg: stream through L2 only; X, G and Y are touched once per block.
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_addr(smem)), "l"(gmem));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N> __device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+// Copies the tile rows [row0, row0+ROWS) x cols [col0, col0+COLS) of a
+// row-major global matrix (nrows x ncols valid, row stride ld) into shared
+// memory (row stride sld), zero-filling what lies outside the matrix so that
+// padded rows and columns contribute nothing to a product. `vec` (uniform)
+// says the base pointer and ld allow 16-byte accesses; without it, and for a
+// chunk that straddles the last column, elements are copied one by one.
+template <typename T, int ROWS, int COLS>
+__device__ __forceinline__ void load_tile_async(T* __restrict__ s, int sld, const T* __restrict__ g,
+                                                int64_t ld, int64_t row0, int64_t nrows, int64_t col0,
+                                                int64_t ncols, bool vec) {
+    constexpr int V = vec_elems<T>();
+    static_assert(COLS % V == 0, "tile width must be whole 16-byte chunks");
+    constexpr int CPR = COLS / V;
+    constexpr int CHUNKS = ROWS * CPR;
+    for (int i = threadIdx.x; i < CHUNKS; i += kThreads) {
+        const int r = i / CPR;
+        const int c = (i % CPR) * V;
+        const int64_t gr = row0 + r;
+        const int64_t gc = col0 + c;
+        T* dst = s + r * sld + c;
+        if (vec && gr < nrows && gc + V <= ncols) {
+            cp_async16(dst, g + gr * ld + gc);
+        } else {
+#pragma unroll
+            for (int e = 0; e < V; ++e) {
+                dst[e] = (gr < nrows && gc + e < ncols) ? g[gr * ld + gc + e] : from_f32<T>(0.0f);
+            }
+        }
+    }
+}
+
+// ----------------------------------------------------------------- mma.sync --
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_addr(p)));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_addr(p)));
+}
+
+template <typename T> __device__ __forceinline__ void mma16816(float (&c)[4], const uint32_t (&a)[4],
+                                                               uint32_t b0, uint32_t b1);
+template <>
+__device__ __forceinline__ void mma16816<__nv_bfloat16>(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
+                                                        uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+template <>
+__device__ __forceinline__ void mma16816<__half>(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
+                                                 uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// One 16-deep step of a warp's MT x NT tile of 16x8 products:
+//   acc[mt][nt] += A(m0 + 16 mt .., k0 .. k0+16) * B(k0 .., n0 + 8 nt ..)
+// Operands live in shared memory in either orientation:
+//   A_K_CONTIG: A(m,k) at a[m*lda + k]; else at a[k*lda + m]
+//   B_K_CONTIG: B(k,n) at b[n*ldb + k]; else at b[k*ldb + n]
+// ldmatrix(.trans) turns either into the mma fragments, so no operand is
+// ever transposed in memory. Column pairs of n-tiles at or beyond n_limit
+// (the padded rank) are skipped: a warp-uniform branch.
+// The accumulator layout is mma.sync's: lane (g = lane/4, t = lane%4) holds
+// rows g and g+8, columns 2t and 2t+1 of each 16x8 tile, in c[0..3] as
+// (g,2t) (g,2t+1) (g+8,2t) (g+8,2t+1). The f32 variant computes exactly the
+// same elements with FMAs, so every epilogue is shared.
+template <typename T, int MT, int NT, bool A_K_CONTIG, bool B_K_CONTIG>
+__device__ __forceinline__ void warp_mma_k16(float (&acc)[MT][NT][4], const T* __restrict__ a, int lda,
+                                             const T* __restrict__ b, int ldb, int m0, int n0, int k0,
+                                             int n_limit) {
+    static_assert(NT % 2 == 0, "n-tiles are loaded in pairs");
+    const int lane = threadIdx.x & 31;
+    const int i = lane >> 3, r = lane & 7;
+    uint32_t af[MT][4];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+        const int m = m0 + mt * 16;
+        if (A_K_CONTIG) {
+            ldmatrix_x4(af[mt], a + (m + (lane & 15)) * lda + k0 + (lane >> 4) * 8);
+        } else {
+            ldmatrix_x4_trans(af[mt], a + (k0 + r + ((i >> 1) << 3)) * lda + m + ((i & 1) << 3));
+        }
+    }
+#pragma unroll
+    for (int np = 0; np < NT / 2; ++np) {
+        const int n = n0 + np * 16;
+        if (n >= n_limit) break;
+        uint32_t bf[4];
+        if (B_K_CONTIG) {
+            ldmatrix_x4(bf, b + (n + r + ((i >> 1) << 3)) * ldb + k0 + ((i & 1) << 3));
+        } else {
+            ldmatrix_x4_trans(bf, b + (k0 + r + ((i & 1) << 3)) * ldb + n + ((i >> 1) << 3));
+        }
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+            mma16816<T>(acc[mt][2 * np], af[mt], bf[0], bf[1]);
+            mma16816<T>(acc[mt][2 * np + 1], af[mt], bf[2], bf[3]);
+        }
+    }
+}
+
+template <int MT, int NT, bool A_K_CONTIG, bool B_K_CONTIG>
+__device__ __forceinline__ void warp_mma_k16_f32(float (&acc)[MT][NT][4], const float* __restrict__ a,
+                                                 int lda, const float* __restrict__ b, int ldb, int m0,
+                                                 int n0, int k0, int n_limit) {
+    const int lane = threadIdx.x & 31;
+    const int g = lane >> 2, t = lane & 3;
+#pragma unroll
+    for (int kk = 0; kk < 16; ++kk) {
+        const int k = k0 + kk;
+        float av[MT][2];
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const int m = m0 + mt * 16 + g + 8 * h;
+                av[mt][h] = A_K_CONTIG ? a[m * lda + k] : a[k * lda + m];
+            }
+        }
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+            const int nb = n0 + nt * 8;
+            if (nb >= n_limit) break;
+            const int n = nb + 2 * t;
+            const float b0 = B_K_CONTIG ? b[n * ldb + k] : b[k * ldb + n];
+            const float b1 = B_K_CONTIG ? b[(n + 1) * ldb + k] : b[k * ldb + n + 1];
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+                acc[mt][nt][0] = fmaf(av[mt][0], b0, acc[mt][nt][0]);
+                acc[mt][nt][1] = fmaf(av[mt][0], b1, acc[mt][nt][1]);
+                acc[mt][nt][2] = fmaf(av[mt][1], b0, acc[mt][nt][2]);
+                acc[mt][nt][3] = fmaf(av[mt][1], b1, acc[mt][nt][3]);
+            }
+        }
+    }
+}
+
+// Dispatch: tensor cores for 16-bit types, FMAs for f32.
+template <typename T, int MT, int NT, bool A_K_CONTIG, bool B_K_CONTIG>
+__device__ __forceinline__ void tile_mma_k16(float (&acc)[MT][NT][4], const T* a, int lda, const T* b,
+                                             int ldb, int m0, int n0, int k0, int n_limit) {
+    if constexpr (Elem<T>::kTensorCore) {
+        warp_mma_k16<T, MT, NT, A_K_CONTIG, B_K_CONTIG>(acc, a, lda, b, ldb, m0, n0, k0, n_limit);
+    } else {
+        warp_mma_k16_f32<MT, NT, A_K_CONTIG, B_K_CONTIG>(acc, a, lda, b, ldb, m0, n0, k0, n_limit);
+    }
+}
+
+template <int MT, int NT> __device__ __forceinline__ void zero_acc(float (&acc)[MT][NT][4]) {
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[mt][nt][e] = 0.0f;
+}
+
+}  // namespace singlora
+
+// Every kernel `name` publishes its launch shape as `name_info`.
+#define SINGLORA_KERNEL_INFO(name, smem, rows, cols, rank_cap) \
+    extern "C" __constant__ singlora_kernel_info name##_info = {(smem), (rows), (cols), (rank_cap)};

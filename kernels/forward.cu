@@ -1,0 +1,276 @@
+// forward: the fused shrink-expand.
+//
+//   s_out = in · A[:k_dim]                      (f32, tokens × rank)
+//   out   = beta·out + scale · s_out · A[:n_dim]ᵀ
+//
+// Forward: in = X, out = Y, s_out = S. Backward reuses it for dX with G in
+// X's place (k_dim = d_out, n_dim = d_in, s_out = Q).
+//
+// One block owns BM token rows. Shrink: it streams its rows of `in` in BK-wide
+// chunks through a STAGES-deep cp.async pipeline together with the matching
+// rows of A, accumulating the BM × rank tile of S in f32 registers (tensor
+// cores for f16/bf16). The tile goes through shared memory once: stored to
+// s_out (coalesced), and kept on chip in the element type as the left operand
+// of the expand. Expand: the block walks its output columns BN at a time,
+// double-buffering the next BN rows of A and (beta = 1) the next tile of
+// `out`, and writes each finished tile with 16-byte stores. No tokens × d
+// intermediate reaches device memory; `in` is read once and `out` read (beta
+// = 1) and written once.
+//
+// Few-token calls split the output columns over grid.y; each such block
+// recomputes its rows' S, which costs a re-read of a few rows of `in`.
+#include "common.cuh"
+
+namespace singlora {
+
+template <typename T, int RP> struct ForwardConfig {
+    static constexpr int BM = SINGLORA_FORWARD_BM;
+    // 128 bytes of a row per pipeline step / per expand step.
+    static constexpr int BK = 128 / (int)sizeof(T);
+    static constexpr int BN = 128 / (int)sizeof(T);
+    static constexpr int PAD = vec_elems<T>();
+    // Shrink warp grid over the BM × RP tile of S. Rank 256 takes 2 × 4
+    // (32 × 64 per warp) so an A fragment is reused over 8 n-tiles.
+    static constexpr int WARPS_N = RP >= 256 ? 4 : 2;
+    static constexpr int WARPS_M = kWarps / WARPS_N;
+    static constexpr int WTM = BM / WARPS_M, WTN = RP / WARPS_N;
+    static constexpr int MT = WTM / 16, NT = WTN / 8;
+    // Expand warp grid over the BM × BN output tile.
+    static constexpr int EWARPS_M = 4, EWARPS_N = 2;
+    static constexpr int EMT = BM / EWARPS_M / 16, ENT = BN / EWARPS_N / 8;
+    // Three stages keep two chunks in flight; with the smem below that is 3
+    // blocks per SM for ranks <= 64 (16-bit). f32 and big ranks use two so
+    // that two blocks still fit.
+    static constexpr int STAGES = (sizeof(T) == 4 || RP >= 256) ? 2 : 3;
+
+    static constexpr int X_LD = BK + PAD;
+    static constexpr int A_LD = RP + PAD;   // shrink A chunk [BK][A_LD] and expand A chunk [BN][A_LD]
+    static constexpr int SF_LD = RP + 4;    // f32 staging of S
+    static constexpr int ST_LD = sizeof(T) == 4 ? SF_LD : RP + PAD;
+    static constexpr int Y_LD = BN + PAD;
+
+    static constexpr int SHRINK_BYTES = STAGES * (BM * X_LD + BK * A_LD) * (int)sizeof(T);
+    static constexpr int EXPAND_BYTES = 2 * (BN * A_LD + BM * Y_LD) * (int)sizeof(T);
+    static constexpr int SF_BYTES = BM * SF_LD * 4;
+    static constexpr int R1_BYTES_ = SHRINK_BYTES > EXPAND_BYTES ? SHRINK_BYTES : EXPAND_BYTES;
+    // For 16-bit types the f32 staging of S aliases the pipeline buffers; for
+    // f32 it is the expand operand itself and lives in region 2.
+    static constexpr int R1_BYTES =
+        (sizeof(T) == 4 || R1_BYTES_ >= SF_BYTES) ? R1_BYTES_ : SF_BYTES;
+    static constexpr int ST_BYTES = BM * ST_LD * (int)sizeof(T);
+    static constexpr int SMEM_BYTES = R1_BYTES + ST_BYTES + BM * 4;
+
+    static_assert(WTM % 16 == 0 && WTN % 16 == 0, "shrink warp tile");
+    static_assert(EMT >= 1 && ENT % 2 == 0, "expand warp tile");
+    static_assert(BK % 16 == 0 && RP % 16 == 0, "k steps of 16");
+};
+
+template <typename T, int RP>
+__device__ __forceinline__ void forward_kernel(const singlora_forward_params& p) {
+    using C = ForwardConfig<T, RP>;
+    constexpr int BM = C::BM, BK = C::BK, BN = C::BN, STAGES = C::STAGES;
+    extern __shared__ __align__(128) unsigned char smem[];
+    T* xs = reinterpret_cast<T*>(smem);                       // [STAGES][BM][X_LD]
+    T* as = xs + STAGES * BM * C::X_LD;                       // [STAGES][BK][A_LD]
+    T* st = reinterpret_cast<T*>(smem + C::R1_BYTES);         // [BM][ST_LD]
+    float* row_inv = reinterpret_cast<float*>(smem + C::R1_BYTES + C::ST_BYTES);  // [BM]
+    float* sf = sizeof(T) == 4 ? reinterpret_cast<float*>(st) : reinterpret_cast<float*>(smem);
+
+    const T* in = reinterpret_cast<const T*>(p.in);
+    const T* a = reinterpret_cast<const T*>(p.a);
+    const int64_t row0 = (int64_t)blockIdx.x * BM;
+    const int rank = p.rank;
+    const int rpad = (rank + SINGLORA_RANK_ALIGN - 1) / SINGLORA_RANK_ALIGN * SINGLORA_RANK_ALIGN;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const bool in_vec = p.in_vec != 0, a_vec = p.a_vec != 0;
+
+    // ---- shrink: S = in[rows] · A[:k_dim] ------------------------------------
+    const int wm = warp / C::WARPS_N, wn = warp % C::WARPS_N;
+    float acc[C::MT][C::NT][4];
+    zero_acc(acc);
+    const int k_tiles = (p.k_dim + BK - 1) / BK;
+    auto load_stage = [&](int stage, int kt) {
+        load_tile_async<T, BM, BK>(xs + stage * BM * C::X_LD, C::X_LD, in, p.ld_in, row0, p.tokens,
+                                   (int64_t)kt * BK, p.k_dim, in_vec);
+        load_tile_async<T, BK, RP>(as + stage * BK * C::A_LD, C::A_LD, a, rank, (int64_t)kt * BK,
+                                   p.k_dim, 0, rank, a_vec);
+    };
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; ++s) {
+        if (s < k_tiles) load_stage(s, s);
+        cp_async_commit();
+    }
+    for (int kt = 0; kt < k_tiles; ++kt) {
+        cp_async_wait<STAGES - 2>();
+        // Also frees the stage refilled below: every warp finished reading it
+        // in the previous iteration.
+        __syncthreads();
+        const int next = kt + STAGES - 1;
+        if (next < k_tiles) load_stage(next % STAGES, next);
+        cp_async_commit();
+        const T* xt = xs + (kt % STAGES) * BM * C::X_LD;
+        const T* at = as + (kt % STAGES) * BK * C::A_LD;
+#pragma unroll
+        for (int kk = 0; kk < BK; kk += 16) {
+            tile_mma_k16<T, C::MT, C::NT, true, false>(acc, xt, C::X_LD, at, C::A_LD, wm * C::WTM,
+                                                       wn * C::WTN, kk, rpad);
+        }
+    }
+    cp_async_wait<0>();
+    __syncthreads();  // the pipeline buffers become the f32 staging of S
+
+    {
+        const int g = lane >> 2, t = lane & 3;
+#pragma unroll
+        for (int mt = 0; mt < C::MT; ++mt)
+#pragma unroll
+            for (int nt = 0; nt < C::NT; ++nt) {
+                const int r = wm * C::WTM + mt * 16 + g;
+                const int c = wn * C::WTN + nt * 8 + 2 * t;
+                *reinterpret_cast<float2*>(&sf[r * C::SF_LD + c]) = make_float2(acc[mt][nt][0], acc[mt][nt][1]);
+                *reinterpret_cast<float2*>(&sf[(r + 8) * C::SF_LD + c]) =
+                    make_float2(acc[mt][nt][2], acc[mt][nt][3]);
+            }
+    }
+    __syncthreads();
+
+    // Only the first column split stores S (every split computed the same).
+    if (p.s_out != 0 && blockIdx.y == 0) {
+        float* s_out = reinterpret_cast<float*>(p.s_out);
+        const int64_t rows = min((int64_t)BM, p.tokens - row0);
+        for (int i = threadIdx.x; i < rows * rank; i += kThreads) {
+            const int r = i / rank, c = i % rank;
+            s_out[(row0 + r) * rank + c] = sf[r * C::SF_LD + c];
+        }
+    }
+    if (p.out == 0) return;  // shrink only
+
+    if constexpr (sizeof(T) != 4) {
+        // Keep S on chip in T for the expand's tensor cores; f16 rows are
+        // scaled by a power of two into range, undone in the epilogue.
+        constexpr int TPR = kThreads / BM;  // threads per row
+        const int r = threadIdx.x / TPR, part = threadIdx.x % TPR;
+        float scale = 1.0f;
+        if constexpr (Elem<T>::kNeedsScaling) {
+            float mx = 0.0f;
+            for (int c = part; c < RP; c += TPR) mx = fmaxf(mx, fabsf(sf[r * C::SF_LD + c]));
+#pragma unroll
+            for (int o = TPR / 2; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+            scale = pow2_scale_for(mx);
+        }
+        for (int c = part; c < RP; c += TPR) st[r * C::ST_LD + c] = from_f32<T>(sf[r * C::SF_LD + c] * scale);
+        if (part == 0) row_inv[r] = 1.0f / scale;
+    } else {
+        for (int r = threadIdx.x; r < BM; r += kThreads) row_inv[r] = 1.0f;
+    }
+    __syncthreads();  // S tile ready; the pipeline buffers are free
+
+    // ---- expand: out[rows, cols] = beta·out + scale · S · A[cols]ᵀ ------------
+    T* aos = reinterpret_cast<T*>(smem);  // [2][BN][A_LD]
+    T* ys = aos + 2 * BN * C::A_LD;       // [2][BM][Y_LD]
+    T* out = reinterpret_cast<T*>(p.out);
+    const bool out_vec = p.out_vec != 0;
+    const bool accumulate = p.beta != 0.0f;
+    const int64_t col_begin = (int64_t)blockIdx.y * p.cols_per_block;
+    const int64_t col_end = min((int64_t)p.n_dim, col_begin + p.cols_per_block);
+    const int chunks = (int)((col_end - col_begin + BN - 1) / BN);
+    const int ewm = warp / C::EWARPS_N, ewn = warp % C::EWARPS_N;
+    const int em0 = ewm * C::EMT * 16, en0 = ewn * C::ENT * 8;
+
+    auto issue = [&](int buf, int j) {
+        const int64_t c0 = col_begin + (int64_t)j * BN;
+        load_tile_async<T, BN, RP>(aos + buf * BN * C::A_LD, C::A_LD, a, rank, c0, col_end, 0, rank, a_vec);
+        if (accumulate) {
+            load_tile_async<T, BM, BN>(ys + buf * BM * C::Y_LD, C::Y_LD, out, p.ld_out, row0, p.tokens, c0,
+                                       col_end, out_vec);
+        }
+    };
+    if (chunks > 0) issue(0, 0);
+    cp_async_commit();
+
+    const int g = lane >> 2, t = lane & 3;
+    float rs[C::EMT][2];  // scale / row scale of this thread's rows
+#pragma unroll
+    for (int mt = 0; mt < C::EMT; ++mt)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) rs[mt][h] = p.scale * row_inv[em0 + mt * 16 + g + 8 * h];
+
+    for (int j = 0; j < chunks; ++j) {
+        const int buf = j & 1;
+        // The other buffer was last read by chunk j-1, whose stores ended
+        // before the barrier that closed iteration j-1.
+        if (j + 1 < chunks) issue(buf ^ 1, j + 1);
+        cp_async_commit();
+        cp_async_wait<1>();
+        __syncthreads();
+
+        float eacc[C::EMT][C::ENT][4];
+        zero_acc(eacc);
+        const T* at = aos + buf * BN * C::A_LD;
+        for (int k0 = 0; k0 < rpad; k0 += 16) {
+            tile_mma_k16<T, C::EMT, C::ENT, true, true>(eacc, st, C::ST_LD, at, C::A_LD, em0, en0, k0, BN);
+        }
+
+        // Epilogue in place in the Y tile: each element has one owner.
+        T* yt = ys + buf * BM * C::Y_LD;
+#pragma unroll
+        for (int mt = 0; mt < C::EMT; ++mt)
+#pragma unroll
+            for (int nt = 0; nt < C::ENT; ++nt)
+#pragma unroll
+                for (int h = 0; h < 2; ++h) {
+                    const int r = em0 + mt * 16 + g + 8 * h;
+                    const int c = en0 + nt * 8 + 2 * t;
+                    T* y = yt + r * C::Y_LD + c;
+                    float v0 = eacc[mt][nt][2 * h] * rs[mt][h];
+                    float v1 = eacc[mt][nt][2 * h + 1] * rs[mt][h];
+                    if (accumulate) {
+                        v0 += to_f32(y[0]);
+                        v1 += to_f32(y[1]);
+                    }
+                    y[0] = from_f32<T>(v0);
+                    y[1] = from_f32<T>(v1);
+                }
+        __syncthreads();
+
+        // Coalesced write-out: consecutive threads cover consecutive 16 bytes.
+        {
+            constexpr int V = vec_elems<T>();
+            constexpr int CPR = BN / V;
+            const int64_t c0 = col_begin + (int64_t)j * BN;
+            for (int i = threadIdx.x; i < BM * CPR; i += kThreads) {
+                const int r = i / CPR, c = (i % CPR) * V;
+                const int64_t gr = row0 + r, gc = c0 + c;
+                if (gr >= p.tokens) continue;
+                const T* src = yt + r * C::Y_LD + c;
+                T* dst = out + gr * p.ld_out + gc;
+                if (out_vec && gc + V <= col_end) {
+                    *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
+                } else {
+                    for (int e = 0; e < V && gc + e < col_end; ++e) dst[e] = src[e];
+                }
+            }
+        }
+        __syncthreads();
+    }
+}
+
+}  // namespace singlora
+
+#define SINGLORA_FORWARD(tname, T, RP)                                                           \
+    extern "C" __global__ void __launch_bounds__(singlora::kThreads)                             \
+        forward_##tname##_r##RP(const singlora_forward_params p) {                               \
+        singlora::forward_kernel<T, RP>(p);                                                      \
+    }                                                                                            \
+    SINGLORA_KERNEL_INFO(forward_##tname##_r##RP, (singlora::ForwardConfig<T, RP>::SMEM_BYTES),    \
+                         (singlora::ForwardConfig<T, RP>::BM), (singlora::ForwardConfig<T, RP>::BN), RP)
+
+#define SINGLORA_FORWARD_ALL_RANKS(tname, T) \
+    SINGLORA_FORWARD(tname, T, 32)           \
+    SINGLORA_FORWARD(tname, T, 64)           \
+    SINGLORA_FORWARD(tname, T, 128)          \
+    SINGLORA_FORWARD(tname, T, 256)
+
+SINGLORA_FORWARD_ALL_RANKS(f32, float)
+SINGLORA_FORWARD_ALL_RANKS(f16, __half)
+SINGLORA_FORWARD_ALL_RANKS(bf16, __nv_bfloat16)

@@ -1,0 +1,125 @@
+/* The one header host and device share.
+ *
+ * The kernels include it, and build.rs runs bindgen over it to produce the
+ * Rust side (src/params.rs includes the result), so a launch-parameter struct
+ * or a tiling constant cannot disagree between the two.
+ *
+ * Plain C only: stdint types, device pointers as uint64_t (a CUdeviceptr),
+ * every struct passed to a kernel by value.
+ */
+#ifndef SINGLORA_H
+#define SINGLORA_H
+
+#include <stdint.h>
+
+/* Largest adapter rank the kernels accept. */
+#define SINGLORA_MAX_RANK 256
+/* Rank is padded (with zeros, on chip) to a multiple of this: the mma.sync
+ * m16n8k16 k extent, and two n8 tiles. */
+#define SINGLORA_RANK_ALIGN 16
+/* Kernels are instantiated for these rank capacities ("buckets"); a rank
+ * runs in the smallest bucket that holds it. Four buckets keep the build at
+ * a dozen instantiations per kernel family. */
+#define SINGLORA_NUM_RANK_BUCKETS 4
+#define SINGLORA_RANK_BUCKET_0 32
+#define SINGLORA_RANK_BUCKET_1 64
+#define SINGLORA_RANK_BUCKET_2 128
+#define SINGLORA_RANK_BUCKET_3 256
+
+/* Every kernel runs 256 threads (8 warps) per block. */
+#define SINGLORA_THREADS 256
+/* Token rows per block of the forward (shrink-expand) kernel: 64 rows give
+ * 256 blocks at 16k tokens, two to three per SM, while the L2 re-reads of A
+ * stay below the HBM traffic for ranks up to 64. */
+#define SINGLORA_FORWARD_BM 64
+/* Rows of dA (a band of d) per block of the dA partial kernel. */
+#define SINGLORA_DA_BD 128
+/* The dA partial kernel is split over token ranges so that about this many
+ * (band, split) blocks run per part; each split covers at least
+ * SINGLORA_DA_MIN_SPLIT_TOKENS tokens. The split count follows from Dims
+ * alone (never from the device), so the workspace size and the summation
+ * order, hence dA's bits, are the same on every GPU. */
+#define SINGLORA_DA_TARGET_BLOCKS 256
+#define SINGLORA_DA_MIN_SPLIT_TOKENS 256
+
+/* What a kernel tells the host about its own launch shape: every kernel
+ * `name` has a __constant__ `name_info` of this type, read once when the
+ * module is loaded, so tile sizes live only in the .cu files. */
+typedef struct singlora_kernel_info {
+    uint32_t smem_bytes;     /* dynamic shared memory per block */
+    uint32_t block_rows;     /* token rows (forward) or dA rows (dA) per block */
+    uint32_t block_cols;     /* output columns per expand step (forward) */
+    uint32_t rank_cap;       /* largest rank the instantiation holds */
+} singlora_kernel_info;
+
+/* Element type codes. */
+enum singlora_dtype {
+    SINGLORA_DTYPE_F32 = 0,
+    SINGLORA_DTYPE_F16 = 1,
+    SINGLORA_DTYPE_BF16 = 2
+};
+
+/* Fused shrink-expand over token rows:
+ *   s_out = in · A[:k_dim]                (tokens × rank, f32)
+ *   out   = beta·out + scale · s_out · A[:n_dim]ᵀ
+ * Forward: in = X, k_dim = d_in, n_dim = d_out, out = Y, s_out = S.
+ * Backward dX: in = G, k_dim = d_out, n_dim = d_in, out = dX, s_out = Q.
+ * out == 0 runs the shrink alone (S or Q without an expand). */
+typedef struct singlora_forward_params {
+    uint64_t in;             /* T, tokens × k_dim, row stride ld_in */
+    uint64_t a;              /* T, D × rank, contiguous */
+    uint64_t out;            /* T, tokens × n_dim, row stride ld_out; 0: none */
+    uint64_t s_out;          /* f32, tokens × rank, contiguous; 0: not stored */
+    int64_t tokens;
+    int64_t ld_in;           /* elements */
+    int64_t ld_out;          /* elements */
+    int32_t k_dim;
+    int32_t n_dim;
+    int32_t rank;
+    int32_t cols_per_block;  /* expand columns per block (grid.y splits n_dim) */
+    float scale;
+    float beta;              /* 0: overwrite out (never read), 1: add into it */
+    int32_t in_vec;          /* 1: in and ld_in allow 16-byte loads */
+    int32_t out_vec;         /* 1: out and ld_out allow 16-byte accesses */
+    int32_t a_vec;           /* 1: A rows allow 16-byte loads */
+    int32_t pad_;
+} singlora_forward_params;
+
+/* dA partials: part 0 is Gᵀ·S into rows [0, d_out), part 1 is Xᵀ·Q into rows
+ * [0, d_in). Block (band, split, part) writes its f32 partial for rows
+ * band·BD.. and tokens split·tokens_per_split.. into
+ * partial[((part·splits + split)·D + row)·rank_pad + col]. */
+typedef struct singlora_da_params {
+    uint64_t x;              /* T, tokens × d_in, row stride ld_x */
+    uint64_t g;              /* T, tokens × d_out, row stride ld_g */
+    uint64_t s;              /* f32, tokens × rank (saved S = X·A_in) */
+    uint64_t q;              /* f32, tokens × rank (Q = G·A_out) */
+    uint64_t partial;        /* f32 workspace, 2 × splits × D × rank_pad */
+    uint64_t da;             /* f32, D × rank */
+    int64_t tokens;
+    int64_t ld_x;
+    int64_t ld_g;
+    int64_t tokens_per_split;
+    int32_t d_in;
+    int32_t d_out;
+    int32_t d;               /* D = max(d_in, d_out) */
+    int32_t rank;
+    int32_t rank_pad;
+    int32_t splits;
+    float scale;
+    float da_beta;           /* 0: overwrite dA (never read), 1: accumulate */
+    int32_t x_vec;
+    int32_t g_vec;
+} singlora_da_params;
+
+/* The smoke kernel: every element of out (n elements of elem_bytes = 2 or 4)
+ * is set to the bit pattern `bits`. Proves the module loads and launches;
+ * tests also use it to poison outputs with NaN, for any dtype, before a launch. */
+typedef struct singlora_fill_params {
+    uint64_t out;
+    uint64_t n;
+    uint32_t bits;
+    int32_t elem_bytes;
+} singlora_fill_params;
+
+#endif /* SINGLORA_H */

@@ -1,0 +1,65 @@
+//! Typed errors. Every refusal names the argument, with what was expected and
+//! what was given; a refused call has touched no output.
+
+use cudarc::driver::DriverError;
+
+/// The crate's result type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything a call can refuse or fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// libcuda could not be loaded: no NVIDIA driver on this machine.
+    #[error("no CUDA driver: libcuda could not be loaded")]
+    NoDriver,
+    /// The driver is present but the requested device does not exist.
+    #[error("no CUDA device with ordinal {ordinal} ({count} present)")]
+    NoDevice { ordinal: usize, count: usize },
+    /// The device is older than compute capability 8.0 (the kernels use
+    /// bf16 mma.sync and cp.async).
+    #[error(
+        "device {ordinal} has compute capability {major}.{minor}; singlora needs 8.0 or newer"
+    )]
+    UnsupportedDevice {
+        ordinal: usize,
+        major: i32,
+        minor: i32,
+    },
+    /// A dimension is out of range.
+    #[error("invalid dimension `{name}`: expected {expected}, got {actual}")]
+    InvalidDim {
+        name: &'static str,
+        expected: String,
+        actual: u64,
+    },
+    /// A row stride is smaller than the row it must hold.
+    #[error("invalid row stride `{name}`: expected at least {min}, got {actual}")]
+    InvalidStride {
+        name: &'static str,
+        min: u64,
+        actual: u64,
+    },
+    /// A buffer is too short for the matrix the dimensions describe.
+    #[error("buffer `{name}` too small: needs {required} elements, has {actual}")]
+    BufferTooSmall {
+        name: &'static str,
+        required: u64,
+        actual: u64,
+    },
+    /// A size computation overflowed.
+    #[error("size overflow computing {what}")]
+    Overflow { what: &'static str },
+    /// A scalar argument is outside what the operation accepts.
+    #[error("invalid argument `{name}`: expected {expected}, got {actual}")]
+    InvalidArgument {
+        name: &'static str,
+        expected: &'static str,
+        actual: String,
+    },
+    /// The build embedded no kernels (a docs.rs build).
+    #[error("this build of singlora embeds no kernels (built under DOCS_RS)")]
+    NoKernels,
+    /// A CUDA driver call failed.
+    #[error("CUDA driver error: {0}")]
+    Driver(#[from] DriverError),
+}

@@ -1,0 +1,250 @@
+//! The f64 CPU reference every kernel is checked against.
+//!
+//! These functions compute exactly the operations of the design (§2), in f64,
+//! on contiguous row-major buffers, written for clarity rather than speed.
+//! The loops still run in a cache-friendly order (the innermost loop walks a
+//! contiguous row of `A`, of which there are `rank` elements), because tests
+//! call them with `d` up to 11008 and `tokens` up to ~100.
+//!
+//! Notation (see [`Dims`]): `X` is `tokens × d_in`, `Y` and `G` are
+//! `tokens × d_out`, `A` is `D × rank` with `D = max(d_in, d_out)`,
+//! `A_in = A[:d_in]` and `A_out = A[:d_out]` (the first rows of `A`, which
+//! are contiguous prefixes of the buffer). The update `ΔW = s · A_out A_inᵀ`
+//! (`d_out × d_in`) is never formed except by [`delta_w`], for tests.
+//!
+//! Every function validates the dimensions and the length of every slice
+//! (a slice may be longer than needed; only its prefix is used) before it
+//! touches any output, so a refused call has written nothing. Where a `beta`
+//! is 0 the old contents of that output are never read, so an output
+//! poisoned with NaN is overwritten cleanly.
+
+use crate::dims::{check_len, Dims};
+use crate::error::Result;
+
+/// `beta · old + new`, without reading `old` when `beta` is 0.
+#[inline]
+fn combine(beta: f64, old: f64, new: f64) -> f64 {
+    if beta == 0.0 {
+        new
+    } else {
+        beta * old + new
+    }
+}
+
+/// `M · A[:cols]` for a row-major `rows × cols` matrix `M`: the narrow
+/// `rows × rank` intermediate (S = X·A_in, or Q = G·A_out).
+fn shrink(m: &[f64], rows: usize, cols: usize, a: &[f64], rank: usize) -> Vec<f64> {
+    let mut out = vec![0.0; rows * rank];
+    for (m_row, out_row) in m[..rows * cols]
+        .chunks_exact(cols)
+        .zip(out.chunks_exact_mut(rank))
+    {
+        for (&mv, a_row) in m_row.iter().zip(a[..cols * rank].chunks_exact(rank)) {
+            for (o, &av) in out_row.iter_mut().zip(a_row) {
+                *o += mv * av;
+            }
+        }
+    }
+    out
+}
+
+/// `out = beta · out + scale · N · A[:cols]ᵀ` for the row-major
+/// `rows × rank` intermediate `N`; `out` is `rows × cols`.
+#[allow(clippy::too_many_arguments)]
+fn expand(
+    n: &[f64],
+    rows: usize,
+    cols: usize,
+    a: &[f64],
+    rank: usize,
+    scale: f64,
+    beta: f64,
+    out: &mut [f64],
+) {
+    for (n_row, out_row) in n[..rows * rank]
+        .chunks_exact(rank)
+        .zip(out[..rows * cols].chunks_exact_mut(cols))
+    {
+        for (o, a_row) in out_row.iter_mut().zip(a[..cols * rank].chunks_exact(rank)) {
+            let dot: f64 = n_row.iter().zip(a_row).map(|(&p, &q)| p * q).sum();
+            *o = combine(beta, *o, scale * dot);
+        }
+    }
+}
+
+/// Forward: `Y = beta · Y + scale · (X · A_in) · A_outᵀ`.
+///
+/// Returns `S = X · A_in` (`tokens × rank`, row-major), the intermediate the
+/// kernels save for backward. `x` needs `tokens·d_in` elements, `a` needs
+/// `D·rank`, `y` needs `tokens·d_out`; longer slices are accepted and only
+/// their prefix is used. With `beta == 0` the old `y` is never read.
+///
+/// # Errors
+/// [`Error::InvalidDim`](crate::Error::InvalidDim) /
+/// [`Error::Overflow`](crate::Error::Overflow) from [`Dims::validate`], or
+/// [`Error::BufferTooSmall`](crate::Error::BufferTooSmall) naming `"x"`,
+/// `"a"` or `"y"`. Nothing is written on error.
+pub fn forward(
+    dims: &Dims,
+    x: &[f64],
+    a: &[f64],
+    scale: f64,
+    beta: f64,
+    y: &mut [f64],
+) -> Result<Vec<f64>> {
+    dims.validate()?;
+    let Dims {
+        tokens,
+        d_in,
+        d_out,
+        rank,
+    } = *dims;
+    check_len("x", x.len(), tokens * d_in)?;
+    check_len("a", a.len(), dims.a_len())?;
+    check_len("y", y.len(), tokens * d_out)?;
+
+    let s = shrink(x, tokens, d_in, a, rank);
+    expand(&s, tokens, d_out, a, rank, scale, beta, y);
+    Ok(s)
+}
+
+/// Backward of [`forward`] for the upstream gradient `G = ∂L/∂Y`.
+///
+/// With `Q = G · A_out` and `S = X · A_in`:
+///
+/// * `dX = dx_beta · dX + scale · Q · A_inᵀ`
+/// * `dA = da_beta · dA + scale · (Gᵀ S placed in rows :d_out + Xᵀ Q placed
+///   in rows :d_in)`; rows covered by both ranges get both terms.
+///
+/// `x` and `dx` need `tokens·d_in` elements, `g` needs `tokens·d_out`, `a`
+/// and `da` need `D·rank`; longer slices are accepted and only their prefix
+/// is used. With a beta of 0 the old contents of that output are never read.
+///
+/// # Errors
+/// [`Error::InvalidDim`](crate::Error::InvalidDim) /
+/// [`Error::Overflow`](crate::Error::Overflow) from [`Dims::validate`], or
+/// [`Error::BufferTooSmall`](crate::Error::BufferTooSmall) naming `"x"`,
+/// `"a"`, `"g"`, `"dx"` or `"da"`. Nothing is written on error.
+#[allow(clippy::too_many_arguments)]
+pub fn backward(
+    dims: &Dims,
+    x: &[f64],
+    a: &[f64],
+    g: &[f64],
+    scale: f64,
+    dx_beta: f64,
+    dx: &mut [f64],
+    da_beta: f64,
+    da: &mut [f64],
+) -> Result<()> {
+    dims.validate()?;
+    let Dims {
+        tokens,
+        d_in,
+        d_out,
+        rank,
+    } = *dims;
+    check_len("x", x.len(), tokens * d_in)?;
+    check_len("a", a.len(), dims.a_len())?;
+    check_len("g", g.len(), tokens * d_out)?;
+    check_len("dx", dx.len(), tokens * d_in)?;
+    check_len("da", da.len(), dims.a_len())?;
+
+    let s = shrink(x, tokens, d_in, a, rank);
+    let q = shrink(g, tokens, d_out, a, rank);
+
+    // dX: the forward's shrink-expand with G in X's place and the roles of
+    // A_in and A_out swapped.
+    expand(&q, tokens, d_in, a, rank, scale, dx_beta, dx);
+
+    // dA = Gᵀ S (rows :d_out) + Xᵀ Q (rows :d_in), a sum of rank-1 updates,
+    // one per token, so every inner loop walks contiguous rows.
+    let mut acc = vec![0.0; dims.a_len()];
+    for t in 0..tokens {
+        let s_row = &s[t * rank..(t + 1) * rank];
+        let q_row = &q[t * rank..(t + 1) * rank];
+        let g_row = &g[t * d_out..(t + 1) * d_out];
+        let x_row = &x[t * d_in..(t + 1) * d_in];
+        for (&gv, acc_row) in g_row.iter().zip(acc.chunks_exact_mut(rank)) {
+            for (o, &sv) in acc_row.iter_mut().zip(s_row) {
+                *o += gv * sv;
+            }
+        }
+        for (&xv, acc_row) in x_row.iter().zip(acc.chunks_exact_mut(rank)) {
+            for (o, &qv) in acc_row.iter_mut().zip(q_row) {
+                *o += xv * qv;
+            }
+        }
+    }
+    for (o, &v) in da[..dims.a_len()].iter_mut().zip(&acc) {
+        *o = combine(da_beta, *o, scale * v);
+    }
+    Ok(())
+}
+
+/// The dense update `ΔW = scale · A_out · A_inᵀ` (`d_out × d_in`,
+/// row-major). For tests only: it is O(d_out·d_in) and the kernels never
+/// form it.
+///
+/// # Panics
+/// If `dims` is invalid or `a` has fewer than `D·rank` elements.
+pub fn delta_w(dims: &Dims, a: &[f64], scale: f64) -> Vec<f64> {
+    if let Err(e) = dims.validate() {
+        panic!("reference::delta_w: {e}");
+    }
+    let Dims {
+        d_in, d_out, rank, ..
+    } = *dims;
+    assert!(
+        a.len() >= dims.a_len(),
+        "reference::delta_w: `a` has {} elements, needs {}",
+        a.len(),
+        dims.a_len()
+    );
+    let a_in = &a[..d_in * rank];
+    let a_out = &a[..d_out * rank];
+    let mut w = vec![0.0; d_out * d_in];
+    for (w_row, ao_row) in w.chunks_exact_mut(d_in).zip(a_out.chunks_exact(rank)) {
+        for (o, ai_row) in w_row.iter_mut().zip(a_in.chunks_exact(rank)) {
+            let dot: f64 = ao_row.iter().zip(ai_row).map(|(&p, &q)| p * q).sum();
+            *o = scale * dot;
+        }
+    }
+    w
+}
+
+/// The relative L2 error `‖out − reference‖₂ / ‖reference‖₂`, the measure of
+/// every accuracy bar (design §3).
+///
+/// Built so that a broken output can never pass a tolerance check: it
+/// returns `f64::INFINITY` if the lengths differ, if any element of `out` (or
+/// of `reference`) is NaN or infinite, or if `reference` is all zero while
+/// `out` is not. It returns 0 when both are all zero (including both empty).
+pub fn relative_l2(out: &[f64], reference: &[f64]) -> f64 {
+    if out.len() != reference.len() {
+        return f64::INFINITY;
+    }
+    let mut diff2 = 0.0;
+    let mut ref2 = 0.0;
+    for (&o, &r) in out.iter().zip(reference) {
+        if !o.is_finite() || !r.is_finite() {
+            return f64::INFINITY;
+        }
+        diff2 += (o - r) * (o - r);
+        ref2 += r * r;
+    }
+    if diff2 == 0.0 {
+        0.0
+    } else if ref2 == 0.0 {
+        f64::INFINITY
+    } else {
+        let e = (diff2 / ref2).sqrt();
+        // Squares of huge finite values may overflow to infinity; never
+        // report that as a pass.
+        if e.is_nan() {
+            f64::INFINITY
+        } else {
+            e
+        }
+    }
+}

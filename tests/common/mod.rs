@@ -1,0 +1,106 @@
+//! The GPU test harness: a ready device or a one-line skip, random inputs,
+//! NaN poisoning, and relative-L2 comparison against the f64 reference.
+#![allow(dead_code)]
+
+use std::sync::Arc;
+
+use cudarc::driver::{CudaContext, CudaSlice, CudaStream};
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+use rand_distr::{Distribution, Normal};
+use singlora::{fill_bits, DType, Error, Kernels};
+
+pub struct Gpu {
+    pub ctx: Arc<CudaContext>,
+    pub stream: Arc<CudaStream>,
+}
+
+/// A ready GPU with the module loaded, or `None` after printing
+/// `skipped: no CUDA device (<reason>)`. With SINGLORA_REQUIRE_GPU=1 a
+/// missing device fails the test instead. Any other failure (a module that
+/// does not load, say) always fails.
+pub fn gpu() -> Option<Gpu> {
+    let require = std::env::var("SINGLORA_REQUIRE_GPU").is_ok_and(|v| v == "1");
+    match singlora::open_device(0) {
+        Ok(ctx) => {
+            Kernels::get(&ctx).expect("the singlora module must load on this GPU");
+            let stream = ctx.new_stream().expect("stream");
+            Some(Gpu { ctx, stream })
+        }
+        Err(e @ (Error::NoDriver | Error::NoDevice { .. } | Error::UnsupportedDevice { .. })) => {
+            assert!(!require, "SINGLORA_REQUIRE_GPU=1 but no usable GPU: {e}");
+            println!("skipped: no CUDA device ({e})");
+            None
+        }
+        Err(e) => panic!("opening the GPU failed: {e}"),
+    }
+}
+
+pub fn rng(seed: u64) -> StdRng {
+    StdRng::seed_from_u64(seed)
+}
+
+/// `n` draws of N(0, std²), never all zero.
+pub fn randn(rng: &mut StdRng, n: usize, std: f64) -> Vec<f64> {
+    let d = Normal::new(0.0, std).unwrap();
+    (0..n).map(|_| d.sample(rng)).collect()
+}
+
+/// Rounds to T and back, so the reference sees exactly the kernel's inputs.
+pub fn quantize<T: DType>(v: &[f64]) -> Vec<f64> {
+    v.iter().map(|&x| T::from_f64(x).to_f64()).collect()
+}
+
+pub fn upload<T: DType>(gpu: &Gpu, v: &[f64]) -> CudaSlice<T> {
+    let host: Vec<T> = v.iter().map(|&x| T::from_f64(x)).collect();
+    gpu.stream.clone_htod(&host).unwrap()
+}
+
+pub fn upload_f32(gpu: &Gpu, v: &[f64]) -> CudaSlice<f32> {
+    upload::<f32>(gpu, v)
+}
+
+pub fn download<T: DType>(gpu: &Gpu, d: &CudaSlice<T>) -> Vec<f64> {
+    let host: Vec<T> = gpu.stream.clone_dtoh(d).unwrap();
+    host.into_iter().map(|x| x.to_f64()).collect()
+}
+
+/// A device buffer of `n` NaNs.
+pub fn poisoned<T: DType>(gpu: &Gpu, n: usize) -> CudaSlice<T> {
+    let mut d = gpu.stream.alloc_zeros::<T>(n.max(1)).unwrap();
+    fill_bits(&gpu.stream, &mut d, T::NAN_BITS).unwrap();
+    d
+}
+
+/// Relative L2 error; NaN or a missing element never passes.
+pub fn rel_l2(out: &[f64], reference: &[f64]) -> f64 {
+    singlora::reference::relative_l2(out, reference)
+}
+
+/// Asserts the design page's bar for T, naming the output and the case.
+pub fn assert_close<T: DType>(what: &str, case: &str, out: &[f64], reference: &[f64]) {
+    let err = rel_l2(out, reference);
+    assert!(
+        err <= T::TOLERANCE,
+        "{what} ({} {case}): relative L2 error {err:e} exceeds {:e}",
+        T::NAME,
+        T::TOLERANCE
+    );
+}
+
+/// Rows of a strided (`rows × ld`) host matrix, cut to `cols`.
+pub fn unstride(v: &[f64], rows: usize, cols: usize, ld: usize) -> Vec<f64> {
+    (0..rows)
+        .flat_map(|r| v[r * ld..r * ld + cols].iter().copied())
+        .collect()
+}
+
+/// Places a contiguous `rows × cols` matrix into a `rows × ld` one whose
+/// gaps hold `fill`.
+pub fn restride(v: &[f64], rows: usize, cols: usize, ld: usize, fill: f64) -> Vec<f64> {
+    let mut out = vec![fill; if rows == 0 { 0 } else { (rows - 1) * ld + cols }];
+    for r in 0..rows {
+        out[r * ld..r * ld + cols].copy_from_slice(&v[r * cols..(r + 1) * cols]);
+    }
+    out
+}

@@ -1,0 +1,160 @@
+//! Kernel-quality gates readable without a GPU, over the fatbin build.rs made:
+//! zero spill bytes and zero stack frame for every kernel on every SASS arch
+//! (ptxas's report and cuobjdump -res-usage), and HMMA (tensor-core)
+//! instructions in the sm_90a SASS of every f16/bf16 forward and dA kernel.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use singlora::device::kernel_names;
+
+const FATBIN: &str = env!("SINGLORA_FATBIN_PATH");
+const REPORT: &str = env!("SINGLORA_PTXAS_REPORT_PATH");
+const ARCHS: &str = env!("SINGLORA_BUILT_ARCHS");
+
+fn sass_archs() -> Vec<String> {
+    ARCHS
+        .split(',')
+        .map(str::trim)
+        .filter(|a| a.starts_with("sm_"))
+        .map(String::from)
+        .collect()
+}
+
+/// cuobjdump: $SINGLORA_CUOBJDUMP, the one scripts/setup.sh installs, or PATH.
+fn cuobjdump() -> PathBuf {
+    if let Some(p) = std::env::var_os("SINGLORA_CUOBJDUMP") {
+        return PathBuf::from(p);
+    }
+    let local = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join(".toolchain/tools/nvidia/cu13/bin/cuobjdump");
+    if local.is_file() {
+        return local;
+    }
+    PathBuf::from("cuobjdump")
+}
+
+fn run_cuobjdump(args: &[&str]) -> String {
+    let tool = cuobjdump();
+    let out = Command::new(&tool)
+        .args(args)
+        .arg(FATBIN)
+        .output()
+        .unwrap_or_else(|e| {
+            panic!(
+                "could not run {} ({e}); run `bash scripts/setup.sh`, which installs it",
+                tool.display()
+            )
+        });
+    assert!(
+        out.status.success(),
+        "cuobjdump {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// (kernel, arch) → (stack, spill stores, spill loads) from ptxas -v.
+fn ptxas_properties() -> Vec<(String, String, [u64; 3])> {
+    let report = std::fs::read_to_string(REPORT).expect("ptxas report");
+    let mut rows = Vec::new();
+    let mut current: Option<(String, String)> = None;
+    for line in report.lines() {
+        if let Some(rest) = line.split("Compiling entry function '").nth(1) {
+            let mut parts = rest.split('\'');
+            let name = parts.next().unwrap().to_string();
+            let arch = parts.nth(1).unwrap_or("").to_string();
+            current = Some((name, arch));
+        } else if line.contains("bytes stack frame") {
+            let nums: Vec<u64> = line
+                .split(|c: char| !c.is_ascii_digit())
+                .filter(|s| !s.is_empty())
+                .map(|s| s.parse().unwrap())
+                .collect();
+            if let Some((name, arch)) = current.take() {
+                rows.push((name, arch, [nums[0], nums[1], nums[2]]));
+            }
+        }
+    }
+    rows
+}
+
+#[test]
+fn ptxas_reports_no_spills_and_no_stack_for_every_kernel() {
+    let rows = ptxas_properties();
+    for arch in sass_archs() {
+        for name in kernel_names() {
+            let row = rows
+                .iter()
+                .find(|(n, a, _)| *n == name && *a == arch)
+                .unwrap_or_else(|| panic!("ptxas report has no entry for {name} on {arch}"));
+            assert_eq!(
+                row.2,
+                [0, 0, 0],
+                "{name} on {arch}: stack frame, spill stores, spill loads"
+            );
+        }
+    }
+}
+
+#[test]
+fn res_usage_shows_no_stack_and_no_local_memory() {
+    for arch in sass_archs() {
+        let usage = run_cuobjdump(&["-res-usage", "-arch", &arch]);
+        let mut seen = 0;
+        let mut lines = usage.lines();
+        while let Some(line) = lines.next() {
+            let Some(name) = line
+                .trim()
+                .strip_prefix("Function ")
+                .map(|n| n.trim_end_matches(':'))
+            else {
+                continue;
+            };
+            let res = lines.next().unwrap_or("");
+            assert!(
+                res.contains("STACK:0 ") && res.contains("LOCAL:0 "),
+                "{name} on {arch}: {res}"
+            );
+            seen += 1;
+        }
+        assert_eq!(seen, kernel_names().len(), "{arch}: kernels in -res-usage");
+    }
+}
+
+#[test]
+fn sass_of_half_precision_kernels_uses_tensor_cores() {
+    let sass = run_cuobjdump(&["-sass", "-arch", "sm_90a"]);
+    // Split the listing into functions.
+    let mut functions: Vec<(String, String)> = Vec::new();
+    for line in sass.lines() {
+        if let Some(name) = line.trim().strip_prefix("Function : ") {
+            functions.push((name.trim().to_string(), String::new()));
+        } else if let Some((_, body)) = functions.last_mut() {
+            body.push_str(line);
+            body.push('\n');
+        }
+    }
+    let mut checked = 0;
+    for name in kernel_names() {
+        let half = name.contains("_f16_") || name.contains("_bf16_");
+        if !half {
+            continue;
+        }
+        let body = &functions
+            .iter()
+            .find(|(n, _)| *n == name)
+            .unwrap_or_else(|| panic!("{name} not in SASS"))
+            .1;
+        let hmma = body
+            .lines()
+            .filter(|l| l.contains("HMMA.16816.F32"))
+            .count();
+        assert!(hmma > 0, "{name}: no HMMA in its sm_90a SASS");
+        checked += 1;
+    }
+    assert_eq!(
+        checked, 16,
+        "f16/bf16 forward and dA kernels, 4 rank buckets each"
+    );
+}

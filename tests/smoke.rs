@@ -1,0 +1,54 @@
+//! The module loads and the smoke kernel (fill) runs; without a GPU the
+//! device checks give typed errors, never a panic.
+
+mod common;
+
+use common::*;
+use half::bf16;
+use singlora::{device::kernel_names, fill_bits, open_device, Error, Kernels};
+
+#[test]
+fn fill_writes_every_element() {
+    let Some(gpu) = gpu() else { return };
+    for n in [1usize, 255, 256, 257, 100_003] {
+        let mut d = gpu.stream.alloc_zeros::<f32>(n).unwrap();
+        fill_bits(&gpu.stream, &mut d, 2.5f32.to_bits()).unwrap();
+        assert!(download(&gpu, &d).iter().all(|&v| v == 2.5), "f32 n={n}");
+        let mut h = gpu.stream.alloc_zeros::<bf16>(n).unwrap();
+        fill_bits(&gpu.stream, &mut h, bf16::from_f32(-3.0).to_bits() as u32).unwrap();
+        assert!(download(&gpu, &h).iter().all(|&v| v == -3.0), "bf16 n={n}");
+    }
+}
+
+#[test]
+fn module_is_cached_per_context_and_has_every_kernel() {
+    let Some(gpu) = gpu() else { return };
+    let a = Kernels::get(&gpu.ctx).unwrap();
+    let b = Kernels::get(&gpu.ctx).unwrap();
+    assert!(std::sync::Arc::ptr_eq(&a, &b));
+    assert!(a.sm_count() > 0);
+    assert_eq!(kernel_names().len(), 26);
+}
+
+#[test]
+fn open_device_reports_typed_errors() {
+    match open_device(0) {
+        Ok(ctx) => {
+            // A device exists: an ordinal past the last one is NoDevice.
+            let count = cudarc::driver::CudaContext::device_count().unwrap() as usize;
+            let err = open_device(count).unwrap_err();
+            assert!(
+                matches!(err, Error::NoDevice { ordinal, count: c } if ordinal == count && c == count),
+                "{err}"
+            );
+            drop(ctx);
+        }
+        Err(e) => assert!(
+            matches!(
+                e,
+                Error::NoDriver | Error::NoDevice { .. } | Error::UnsupportedDevice { .. }
+            ),
+            "{e}"
+        ),
+    }
+}
