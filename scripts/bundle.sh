@@ -1,0 +1,112 @@
+#!/usr/bin/env bash
+# scripts/bundle.sh — build the GPU bundle in target/gpu-bundle/.
+#
+# The GPU host has no Rust toolchain and no network, so everything it runs is
+# prebuilt here: every test executable of `cargo test --release` (the lib's
+# unit tests as bin/test-lib, each tests/X.rs as bin/test-X) and the forward
+# and backward criterion benches (bin/bench-X), stripped, plus the host-side
+# driver scripts/gpu/run.sh (run there as `bash target/gpu-bundle/run.sh`) and
+# any scripts/gpu/*.py. MANIFEST.txt records the commit, date and binaries.
+# Left out: tests/kernel_quality.rs (see HOST_ONLY_TESTS below).
+# Fails if the bundle is over 60 MiB. target/ is git-ignored.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT="$(pwd)"
+
+bash scripts/setup.sh
+# shellcheck source=/dev/null
+source .toolchain/env.sh
+# Same settings as scripts/test.sh, so the two share build output.
+export CARGO_INCREMENTAL=0
+export SINGLORA_NVCC_THREADS="${SINGLORA_NVCC_THREADS:-2}"
+
+BUNDLE="$ROOT/target/gpu-bundle"
+LIMIT_MIB=60
+# Test targets that only make sense on the build machine: kernel_quality reads
+# the fatbin and ptxas report from target/release/build/ (env! paths) and runs
+# the local cuobjdump; none of that exists on the GPU host, and the test needs
+# no GPU (scripts/test.sh and CI run it).
+HOST_ONLY_TESTS="kernel_quality"
+tmp="$(mktemp -d)"
+trap 'rm -rf "$tmp"' EXIT
+
+echo "==> cargo test --release --no-run"
+cargo test --release --no-run --message-format=json >"$tmp/test.json"
+echo "==> cargo bench --no-run --bench forward --bench backward"
+cargo bench --no-run --bench forward --bench backward --message-format=json >"$tmp/bench.json"
+
+# "<stable name> <executable>" per line, for this package's targets only.
+python3 - "$ROOT/Cargo.toml" "$HOST_ONLY_TESTS" "$tmp/test.json" "$tmp/bench.json" >"$tmp/list" <<'PY'
+import json, sys
+manifest, host_only, *files = sys.argv[1:]
+host_only = set(host_only.split())
+seen = {}
+for path in files:
+    with open(path) as f:
+        for line in f:
+            line = line.strip()
+            if not line.startswith("{"):
+                continue
+            msg = json.loads(line)
+            if msg.get("reason") != "compiler-artifact" or not msg.get("executable"):
+                continue
+            if msg.get("manifest_path") != manifest:
+                continue
+            target, kinds = msg["target"], msg["target"]["kind"]
+            if "bench" in kinds:
+                name = "bench-" + target["name"]
+            elif msg["profile"]["test"]:
+                if "test" in kinds and target["name"] in host_only:
+                    print(f"bundle.sh: leaving out host-only test {target['name']}", file=sys.stderr)
+                    continue
+                name = "test-lib" if "lib" in kinds else "test-" + target["name"]
+            else:
+                continue  # examples, bins: not run on the GPU host
+            if seen.get(name, msg["executable"]) != msg["executable"]:
+                sys.exit(f"bundle.sh: two executables would be named {name}")
+            seen[name] = msg["executable"]
+for name, exe in sorted(seen.items()):
+    print(name, exe)
+PY
+[[ -s "$tmp/list" ]] || { echo "bundle.sh: ERROR: cargo reported no test or bench executables" >&2; exit 1; }
+
+rm -rf "$BUNDLE"
+mkdir -p "$BUNDLE/bin"
+have_strip=1
+command -v strip >/dev/null || { have_strip=0; echo "bundle.sh: warning: no strip, binaries left unstripped" >&2; }
+while read -r name exe; do
+    cp "$exe" "$BUNDLE/bin/$name"
+    if ((have_strip)); then strip "$BUNDLE/bin/$name"; fi
+done <"$tmp/list"
+
+cp scripts/gpu/run.sh "$BUNDLE/run.sh"
+chmod +x "$BUNDLE/run.sh"
+shopt -s nullglob
+for py in scripts/gpu/*.py; do cp "$py" "$BUNDLE/"; done
+shopt -u nullglob
+
+if commit="$(git rev-parse --short HEAD 2>/dev/null)"; then
+    # GIT_OPTIONAL_LOCKS=0: status must not rewrite the index (read-only use).
+    [[ -z "$(GIT_OPTIONAL_LOCKS=0 git status --porcelain 2>/dev/null)" ]] || commit="$commit-dirty"
+else
+    commit="no-commit"
+fi
+{
+    echo "singlora GPU bundle"
+    echo "commit: $commit"
+    echo "built:  $(date -u '+%Y-%m-%d %H:%M:%S UTC')"
+    echo "run:    bash target/gpu-bundle/run.sh   (results in \$OUT, default ./gpu-results)"
+    echo "binaries (bytes):"
+    for f in "$BUNDLE"/bin/*; do
+        printf '  %-24s %12d\n' "$(basename "$f")" "$(stat -c %s "$f")"
+    done
+} >"$BUNDLE/MANIFEST.txt"
+
+echo "==> target/gpu-bundle"
+cat "$BUNDLE/MANIFEST.txt"
+du -sh "$BUNDLE"
+size_kib="$(du -sk "$BUNDLE" | cut -f1)"
+if ((size_kib > LIMIT_MIB * 1024)); then
+    echo "bundle.sh: ERROR: the bundle is $((size_kib / 1024)) MiB, over the ${LIMIT_MIB} MiB limit" >&2
+    exit 1
+fi

@@ -1,0 +1,212 @@
+#!/usr/bin/env bash
+# scripts/gpu/run.sh — copied by scripts/bundle.sh to target/gpu-bundle/run.sh
+# and run ON the GPU host (no Rust toolchain, no network) from the bundle:
+#     bash target/gpu-bundle/run.sh
+# Runs, with time limits so the whole run stays under ~8 minutes:
+#   a. nvidia-smi                                        -> nvidia-smi.txt
+#   b. every bin/test-* with SINGLORA_REQUIRE_GPU=1      -> tests.log
+#      (a skipped GPU test is a failure here)
+#   c. (after the benchmarks, so a slow sanitizer cannot cost the table)
+#      compute-sanitizer memcheck/racecheck/initcheck over the `sanitizer_*`
+#      tests of bin/test-forward and bin/test-backward   -> sanitizer.log
+#   d. bin/bench-forward and bin/bench-backward (criterion, short)
+#                                                        -> bench.log, bench-table.md
+# and prints a summary LAST (also -> summary.txt). All files go flat into $OUT
+# (default ./gpu-results, relative to where it is started). Every step runs even
+# when an earlier one failed; the exit status is non-zero if anything failed.
+set -uo pipefail # no -e: a failing step must not stop the others
+
+OUT="${OUT:-gpu-results}"
+mkdir -p "$OUT" || exit 1
+OUT="$(cd "$OUT" && pwd)"
+cd "$(dirname "$0")" || exit 1
+BUNDLE="$(pwd)"
+
+TESTS_TOTAL_S=180
+SANITIZER_S=45
+BENCH_S=100
+
+for f in nvidia-smi.txt tests.log sanitizer.log bench.log bench-table.md summary.txt; do
+    rm -f "$OUT/$f"
+done
+scratch="$(mktemp -d)"
+trap 'rm -rf "$scratch"' EXIT
+started=$SECONDS
+
+summary=()   # "label|status"
+failed=0
+record() {   # <label> <PASS|FAIL...>
+    summary+=("$1|$2")
+    [[ "$2" == PASS* ]] || failed=1
+    printf '  %-40s %s\n' "$1" "$2"
+}
+status_of() { # <exit code> <log of the run> [need-tests]
+    local rc="$1" log="$2" need="${3:-}"
+    if ((rc == 124 || rc == 137)); then
+        echo "FAIL (timeout)"
+    elif ((rc != 0)); then
+        echo "FAIL (exit $rc)"
+    elif [[ -n "$need" ]] && grep -q 'running 0 tests' "$log" && ! grep -qE 'running [1-9][0-9]* tests?' "$log"; then
+        echo "FAIL (no tests ran)"
+    elif grep -q 'skipped: no CUDA device' "$log"; then
+        echo "FAIL (skipped: no CUDA device)"
+    else
+        echo "PASS"
+    fi
+}
+section() { echo; echo "=== $* ==="; }
+important() { # <log> <ERE>: matching lines, plus each panic with its message line
+    awk -v re="$2" '$0 ~ re { print; next } /panicked at/ { print; if ((getline l) > 0) print "    " l }' "$1"
+}
+
+# ------------------------------------------------------------ a. nvidia-smi
+section "nvidia-smi"
+if command -v nvidia-smi >/dev/null 2>&1; then
+    timeout 60 nvidia-smi >"$OUT/nvidia-smi.txt" 2>&1
+    rc=$?
+    {
+        echo
+        echo "# nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap"
+        timeout 30 nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap \
+            --format=csv,noheader 2>&1
+    } >>"$OUT/nvidia-smi.txt"
+    sed -n '/^# nvidia-smi --query/,$p' "$OUT/nvidia-smi.txt" | tail -n +2 | sed 's/^/GPU: /'
+    grep -m1 'Driver Version' "$OUT/nvidia-smi.txt"
+    if ((rc == 0)); then record "nvidia-smi" PASS; else record "nvidia-smi" "FAIL (exit $rc)"; fi
+else
+    echo "nvidia-smi not found on PATH" | tee "$OUT/nvidia-smi.txt"
+    record "nvidia-smi" "FAIL (not found)"
+fi
+
+# --------------------------------------------- libcublas for tests and benches
+# cudarc opens libcublas at run time; on the host it may live in a pip wheel.
+section "libcublas.so.13"
+cublas_dir=""
+if (ldconfig -p 2>/dev/null || true) | grep -q 'libcublas\.so\.13'; then
+    echo "libcublas.so.13 is in the ldconfig cache"
+else
+    cublas_dir="$(timeout 30 python3 - 2>/dev/null <<'PY'
+import glob, os
+try:
+    import nvidia.cublas as m
+    d = os.path.join(os.path.dirname(m.__file__), "lib")
+    if glob.glob(os.path.join(d, "libcublas.so.13*")):
+        print(d); raise SystemExit
+except ImportError:
+    pass
+try:
+    import nvidia
+    for root in nvidia.__path__:
+        for hit in glob.glob(os.path.join(root, "**", "libcublas.so.13*"), recursive=True):
+            print(os.path.dirname(hit)); raise SystemExit
+except ImportError:
+    pass
+PY
+    )"
+    if [[ -z "$cublas_dir" ]]; then
+        hit="$(timeout 60 find / \( -path /proc -o -path /sys -o -path /dev \) -prune -o \
+            -name 'libcublas.so.13*' -print 2>/dev/null | head -1)"
+        [[ -n "$hit" ]] && cublas_dir="$(dirname "$hit")"
+    fi
+    if [[ -n "$cublas_dir" ]]; then
+        export LD_LIBRARY_PATH="$cublas_dir${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+        echo "libcublas.so.13 in $cublas_dir (prepended to LD_LIBRARY_PATH)"
+    else
+        echo "libcublas.so.13 not found (cuBLAS-based benches may fail)"
+    fi
+fi
+
+# ------------------------------------------------------------------ b. tests
+section "tests (SINGLORA_REQUIRE_GPU=1, --test-threads=4, ${TESTS_TOTAL_S}s in all)"
+shopt -s nullglob
+test_bins=(bin/test-*)
+shopt -u nullglob
+if ((${#test_bins[@]} == 0)); then
+    echo "no bin/test-* in $BUNDLE" | tee -a "$OUT/tests.log"
+    record "tests" "FAIL (no test binaries)"
+fi
+deadline=$((SECONDS + TESTS_TOTAL_S))
+for bin in "${test_bins[@]}"; do
+    name="$(basename "$bin")"
+    left=$((deadline - SECONDS))
+    if ((left <= 0)); then
+        echo "### $name: not run, the ${TESTS_TOTAL_S}s test budget is spent" >>"$OUT/tests.log"
+        record "$name" "FAIL (no time left)"
+        continue
+    fi
+    log="$scratch/$name.log"
+    SINGLORA_REQUIRE_GPU=1 timeout --kill-after=10 "$left" "$bin" --test-threads=4 >"$log" 2>&1
+    rc=$?
+    { echo "### $name (exit $rc)"; cat "$log"; echo; } >>"$OUT/tests.log"
+    important "$log" '^test .* (FAILED|ignored)$|^test result:' | sed "s/^/[$name] /" | head -40
+    record "$name" "$(status_of "$rc" "$log")"
+done
+
+# -------------------------------------------------------------- d. benchmarks
+section "benchmarks (${BENCH_S}s each)"
+for name in bench-forward bench-backward; do
+    if [[ ! -x "bin/$name" ]]; then
+        echo "### $name: not in the bundle" >>"$OUT/bench.log"
+        record "$name" "FAIL (no bin/$name)"
+        continue
+    fi
+    log="$scratch/$name.log"
+    SINGLORA_REQUIRE_GPU=1 SINGLORA_BENCH_TABLE="$OUT/bench-table.md" \
+        CRITERION_HOME="$scratch/criterion" \
+        timeout --kill-after=10 "$BENCH_S" \
+        "bin/$name" --bench --warm-up-time 0.5 --measurement-time 1 >"$log" 2>&1
+    rc=$?
+    { echo "### $name (exit $rc)"; cat "$log"; echo; } >>"$OUT/bench.log"
+    grep -vE '^\s*$|^Benchmarking |Warming up|Collecting [0-9]+ samples|Analyzing|outliers among|\(.*%\) (low|high) (mild|severe)' "$log" |
+        sed "s/^/[$name] /" | head -60
+    record "$name" "$(status_of "$rc" "$log")"
+done
+
+# ------------------------------------------------------- c. compute-sanitizer
+section "compute-sanitizer (sanitizer_* tests, ${SANITIZER_S}s each)"
+sanitizer="$(command -v compute-sanitizer 2>/dev/null)"
+if [[ -z "$sanitizer" ]]; then
+    # shellcheck disable=SC2012 # cuda-X.Y folder names, sorted by version
+    for c in /usr/local/cuda/bin/compute-sanitizer $(ls -d /usr/local/cuda-*/bin 2>/dev/null | sort -rV | sed 's|$|/compute-sanitizer|'); do
+        if [[ -x "$c" ]]; then sanitizer="$c"; break; fi
+    done
+fi
+[[ -n "$sanitizer" ]] && echo "compute-sanitizer: $sanitizer" | tee -a "$OUT/sanitizer.log"
+for tool in memcheck racecheck initcheck; do
+    for name in test-forward test-backward; do
+        label="sanitizer $tool $name"
+        if [[ -z "$sanitizer" ]]; then
+            echo "### $label: compute-sanitizer not found" >>"$OUT/sanitizer.log"
+            record "$label" "FAIL (compute-sanitizer not found)"
+            continue
+        fi
+        if [[ ! -x "bin/$name" ]]; then
+            echo "### $label: bin/$name is not in the bundle" >>"$OUT/sanitizer.log"
+            record "$label" "FAIL (no bin/$name)"
+            continue
+        fi
+        log="$scratch/san.log"
+        SINGLORA_REQUIRE_GPU=1 timeout --kill-after=10 "$SANITIZER_S" \
+            "$sanitizer" --tool "$tool" --error-exitcode 1 "bin/$name" sanitizer_ >"$log" 2>&1
+        rc=$?
+        { echo "### $label (exit $rc)"; cat "$log"; echo; } >>"$OUT/sanitizer.log"
+        important "$log" 'ERROR SUMMARY|RACECHECK SUMMARY|^test result:|^========= [A-Z]' |
+            sed "s/^/[$tool $name] /" | head -30
+        record "$label" "$(status_of "$rc" "$log" need-tests)"
+    done
+done
+
+# ----------------------------------------------------------------- e. summary
+{
+    echo
+    echo "=================== SUMMARY ($((SECONDS - started)) s) ==================="
+    for row in "${summary[@]}"; do
+        printf '%-44s %s\n' "${row%%|*}" "${row#*|}"
+    done
+    if ((failed)); then echo "RESULT: FAIL"; else echo "RESULT: PASS"; fi
+    if [[ -s "$OUT/bench-table.md" ]]; then
+        echo
+        cat "$OUT/bench-table.md"
+    fi
+} | tee "$OUT/summary.txt"
+exit "$failed"

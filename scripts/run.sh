@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# scripts/run.sh — the README's main-job command: the forward and backward
+# benchmarks (criterion). Installs any missing toolchain piece first, since
+# building the benches compiles the kernels with nvcc. Without a GPU the
+# benches print a skip line and exit 0. Extra arguments go to `cargo bench`,
+# e.g. `bash scripts/run.sh -- --measurement-time 2`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+bash scripts/setup.sh
+# shellcheck source=/dev/null
+source .toolchain/env.sh
+
+# Same settings as scripts/test.sh and bundle.sh, so they share build output.
+export CARGO_INCREMENTAL=0
+export SINGLORA_NVCC_THREADS="${SINGLORA_NVCC_THREADS:-2}"
+
+cargo bench --bench forward --bench backward "$@"

@@ -1,0 +1,230 @@
+#!/usr/bin/env bash
+# scripts/setup.sh — make sure the tools the build and the tests need exist.
+#
+# build.rs compiles kernels/*.cu with nvcc and runs bindgen (which needs
+# libclang); the kernel-quality tests read the fatbin with cuobjdump. None of
+# these is assumed to be installed system-wide (CI has no CUDA and no
+# libclang.so), so anything missing is installed with pip, without root, into
+# the git-ignored project folder .toolchain/:
+#   .toolchain/py     pinned CUDA 13.0 compiler wheels + libclang 18.1.1
+#                     (build.rs looks here last, after $NVCC, $CUDA_HOME,
+#                     $CUDA_PATH and PATH)
+#   .toolchain/tools  cuobjdump + nvdisasm 13.2.51 (no 13.0 release exists;
+#                     13.2 reads 13.0 fatbins)
+# The versions are pinned exactly: an unpinned nvidia-nvvm resolves to a newer
+# release whose PTX the 13.0 ptxas rejects.
+#
+# Idempotent: something already found is left alone, so a second run installs
+# nothing. Finally writes .toolchain/env.sh, which the other scripts source.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT="$(pwd)"
+
+TC="$ROOT/.toolchain"
+PY_TARGET="$TC/py"
+TOOLS_TARGET="$TC/tools"
+LOCAL_NVCC="$PY_TARGET/nvidia/cu13/bin/nvcc"
+LOCAL_LIBCLANG_DIR="$PY_TARGET/clang/native"
+LOCAL_CUOBJDUMP="$TOOLS_TARGET/nvidia/cu13/bin/cuobjdump"
+NVCC_MARKER="$PY_TARGET/.singlora-nvcc-verified"
+
+CUDA_WHEELS=(
+    nvidia-cuda-nvcc==13.0.88
+    nvidia-cuda-crt==13.0.88
+    nvidia-cuda-runtime==13.0.96
+    nvidia-nvvm==13.0.88
+    'nvidia-cuda-cccl>=13.0,<13.1'
+)
+LIBCLANG_WHEEL=libclang==18.1.1
+TOOLS_WHEELS=(nvidia-cuda-cuobjdump==13.2.51 nvidia-cuda-nvdisasm==13.2.51)
+
+die() {
+    echo "setup.sh: ERROR: $*" >&2
+    exit 1
+}
+
+pip_install() { # <target dir> <requirement>...
+    local target="$1"
+    shift
+    python3 -m pip --version >/dev/null 2>&1 ||
+        die "python3 -m pip is not available; it is needed to install: $*"
+    mkdir -p "$target"
+    # --upgrade: pip --target otherwise skips top-level folders that already
+    # exist (e.g. a half-installed nvidia/), leaving a broken toolchain.
+    PIP_ROOT_USER_ACTION=ignore python3 -m pip install --no-deps --disable-pip-version-check -q --upgrade \
+        --target "$target" "$@" ||
+        die "pip could not install $* into $target"
+}
+
+# ---------------------------------------------------------------- nvcc
+# Same search order as build.rs::find_nvcc.
+find_nvcc() {
+    if [[ -n "${NVCC:-}" ]]; then
+        [[ -f "$NVCC" ]] || die "NVCC=$NVCC is set but is not a file (build.rs would fail too)"
+        echo "$NVCC"
+        return
+    fi
+    local var root
+    for var in CUDA_HOME CUDA_PATH; do
+        root="${!var:-}"
+        if [[ -n "$root" && -f "$root/bin/nvcc" ]]; then
+            echo "$root/bin/nvcc"
+            return
+        fi
+    done
+    local IFS=:
+    for root in $PATH; do
+        if [[ -n "$root" && -f "$root/nvcc" ]]; then
+            echo "$root/nvcc"
+            return
+        fi
+    done
+    if [[ -f "$LOCAL_NVCC" ]]; then
+        echo "$LOCAL_NVCC"
+    fi
+}
+
+# Checks the local toolchain: version 13.0, then (once, remembered in a marker)
+# a tiny kernel compiled to sm_80 SASS, which exercises cicc (nvvm), ptxas,
+# the runtime/crt headers and the host compiler together.
+verify_local_nvcc() {
+    local version
+    version="$("$LOCAL_NVCC" --version 2>&1)" ||
+        die "$LOCAL_NVCC does not run:
+$version
+Remove .toolchain/py and run scripts/setup.sh again."
+    grep -q 'release 13\.0' <<<"$version" ||
+        die "$LOCAL_NVCC is not CUDA 13.0:
+$version
+Remove .toolchain/py and run scripts/setup.sh again."
+    local want
+    want="$(grep 'release' <<<"$version")"
+    if [[ -f "$NVCC_MARKER" && "$(cat "$NVCC_MARKER")" == "$want" ]]; then
+        return
+    fi
+    local tmp
+    tmp="$(mktemp -d)"
+    cat >"$tmp/smoke.cu" <<'EOF'
+#include <cuda_fp16.h>
+#include <cuda_bf16.h>
+extern "C" __global__ void smoke(__half *y, const __nv_bfloat16 *x, int n) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) y[i] = __float2half(__bfloat162float(x[i]) * 2.0f);
+}
+EOF
+    local log
+    if ! log="$("$LOCAL_NVCC" -cubin -arch=sm_80 -o "$tmp/smoke.cubin" "$tmp/smoke.cu" 2>&1)"; then
+        rm -rf "$tmp"
+        die "the local CUDA toolchain cannot compile a test kernel (mismatched wheel versions?):
+$log
+Remove .toolchain/py and run scripts/setup.sh again."
+    fi
+    rm -rf "$tmp"
+    echo "$want" >"$NVCC_MARKER"
+}
+
+# ---------------------------------------------------------------- libclang
+# A system libclang that clang-sys (bindgen) finds by itself: ldconfig's cache
+# or the usual LLVM folders. libclang-cpp is a different library.
+find_system_libclang() {
+    local hit
+    hit="$( (ldconfig -p 2>/dev/null || true) |
+        awk '$1 ~ /^libclang(-[0-9][0-9.]*)?\.so(\.[0-9]+)*$/ { print $NF; exit }')"
+    if [[ -n "$hit" ]]; then
+        echo "$hit"
+        return
+    fi
+    local f
+    for f in /usr/lib/llvm-*/lib/libclang.so* /usr/lib/llvm-*/lib/libclang-[0-9]*.so* \
+        /usr/local/llvm*/lib*/libclang.so* /usr/local/lib*/libclang.so* \
+        /usr/lib*/libclang.so* /usr/lib*/*/libclang.so* /usr/lib*/*/libclang-[0-9]*.so*; do
+        if [[ -f "$f" ]]; then
+            echo "$f"
+            return
+        fi
+    done
+}
+
+# ---------------------------------------------------------------- decide
+need_py=()
+
+nvcc="$(find_nvcc)"
+if [[ -n "$nvcc" ]]; then
+    nvcc_state=found
+else
+    nvcc_state=install
+    need_py+=("${CUDA_WHEELS[@]}")
+fi
+
+libclang_state=
+if [[ -n "${LIBCLANG_PATH:-}" ]]; then
+    libclang_state="found libclang via LIBCLANG_PATH=$LIBCLANG_PATH"
+elif [[ -f "$LOCAL_LIBCLANG_DIR/libclang.so" ]]; then
+    # build.rs prefers the local one over a system one, so check it first.
+    libclang_state="found libclang at $LOCAL_LIBCLANG_DIR/libclang.so"
+else
+    sys_libclang="$(find_system_libclang)"
+    if [[ -n "$sys_libclang" ]]; then
+        libclang_state="found libclang at $sys_libclang"
+    else
+        need_py+=("$LIBCLANG_WHEEL")
+    fi
+fi
+
+# One pip call for everything bound for .toolchain/py.
+if ((${#need_py[@]})); then
+    pip_install "$PY_TARGET" "${need_py[@]}"
+    rm -f "$NVCC_MARKER"
+fi
+
+# ---------------------------------------------------------------- report
+if [[ "$nvcc_state" == install ]]; then
+    [[ -f "$LOCAL_NVCC" ]] || die "pip finished but $LOCAL_NVCC does not exist"
+    nvcc="$LOCAL_NVCC"
+    verify_local_nvcc
+    echo "installed nvcc (CUDA 13.0.88 wheels) at $nvcc"
+else
+    if [[ "$nvcc" == "$LOCAL_NVCC" ]]; then
+        verify_local_nvcc
+    elif ! "$nvcc" --version >/dev/null 2>&1; then
+        die "$nvcc (found first, as build.rs would) does not run"
+    fi
+    echo "found nvcc at $nvcc ($("$nvcc" --version 2>&1 | grep -o 'release [0-9.]*' || echo 'unknown version'))"
+fi
+
+if [[ -z "$libclang_state" ]]; then
+    [[ -f "$LOCAL_LIBCLANG_DIR/libclang.so" ]] ||
+        die "pip finished but $LOCAL_LIBCLANG_DIR/libclang.so does not exist"
+    echo "installed libclang 18.1.1 at $LOCAL_LIBCLANG_DIR/libclang.so"
+else
+    echo "$libclang_state"
+fi
+
+# ---------------------------------------------------------------- cuobjdump
+if cuobjdump="$(command -v cuobjdump)"; then
+    echo "found cuobjdump at $cuobjdump"
+elif [[ -x "$LOCAL_CUOBJDUMP" ]]; then
+    cuobjdump="$LOCAL_CUOBJDUMP"
+    echo "found cuobjdump at $cuobjdump"
+else
+    pip_install "$TOOLS_TARGET" "${TOOLS_WHEELS[@]}"
+    [[ -x "$LOCAL_CUOBJDUMP" ]] || die "pip finished but $LOCAL_CUOBJDUMP does not exist"
+    cuobjdump="$LOCAL_CUOBJDUMP"
+    echo "installed cuobjdump + nvdisasm 13.2.51 at $(dirname "$cuobjdump")"
+fi
+"$cuobjdump" --version >/dev/null 2>&1 || die "$cuobjdump does not run"
+
+# ---------------------------------------------------------------- env.sh
+# Deliberately no LIBCLANG_PATH, PATH or NVCC here: build.rs already finds the
+# local toolchain itself, and it declares rerun-if-env-changed on those
+# variables, so exporting them would make builds from these scripts and plain
+# `cargo` builds invalidate each other (a full nvcc recompile each switch).
+mkdir -p "$TC"
+tmp_env="$(mktemp "$TC/env.sh.XXXXXX")"
+{
+    echo "# Generated by scripts/setup.sh; sourced by the other scripts. Do not edit."
+    # shellcheck disable=SC2016 # the ${...:-} is meant for env.sh, not here
+    printf 'export SINGLORA_CUOBJDUMP="${SINGLORA_CUOBJDUMP:-%s}"\n' "$cuobjdump"
+} >"$tmp_env"
+chmod 644 "$tmp_env"
+mv -f "$tmp_env" "$TC/env.sh"
