@@ -53,7 +53,9 @@ __device__ __forceinline__ float pow2_scale_for(float max_abs) {
     if (!(max_abs > 0.0f) || !isfinite(max_abs)) return 1.0f;
     int e;
     frexpf(max_abs, &e);  // max_abs = m * 2^e, m in [0.5, 1)
-    return ldexpf(1.0f, 14 - e);
+    // Capped at 2^126 so that the scale of a tiny (< 2^-112) maximum stays
+    // finite: 0 * inf would turn the row's zeros into NaN.
+    return ldexpf(1.0f, min(14 - e, 126));
 }
 
 // ---------------------------------------------------------------- cp.async --
@@ -66,9 +68,9 @@ __device__ __forceinline__ uint32_t smem_addr(const void* p) {
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_addr(smem)), "l"(gmem));
 }
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
 template <int N> __device__ __forceinline__ void cp_async_wait() {
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
 
 // Copies the tile rows [row0, row0+ROWS) x cols [col0, col0+COLS) of a

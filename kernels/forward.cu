@@ -88,7 +88,7 @@ __device__ __forceinline__ void forward_kernel(const singlora_forward_params& p)
     const int wm = warp / C::WARPS_N, wn = warp % C::WARPS_N;
     float acc[C::MT][C::NT][4];
     zero_acc(acc);
-    const int k_tiles = (p.k_dim + BK - 1) / BK;
+    const int k_tiles = (int)(((int64_t)p.k_dim + BK - 1) / BK);  // k_dim may be near INT_MAX
     auto load_stage = [&](int stage, int kt) {
         load_tile_async<T, BM, BK>(xs + stage * BM * C::X_LD, C::X_LD, in, p.ld_in, row0, p.tokens,
                                    (int64_t)kt * BK, p.k_dim, in_vec);

@@ -168,6 +168,7 @@ pub fn backward<T: DType>(
     };
     let (da_ptr, _da_rec) = da.device_ptr_mut(stream);
     let (ws_ptr, _ws_rec) = workspace_buf.device_ptr_mut(stream);
+    check_workspace_ptr(ws_ptr)?;
     let raw = RawBackward {
         x: x_ptr,
         ld_x,
@@ -231,6 +232,7 @@ pub unsafe fn backward_raw<T: DType>(
         args.da_beta,
         args.saved_s != 0,
     )?;
+    check_workspace_ptr(args.workspace)?;
     let kernels = Kernels::for_stream(stream)?;
     args.launch::<T>(stream, &kernels, dims, &ws)
 }
@@ -295,6 +297,19 @@ fn check_backward_args(
     workspace(dims, saved_s)
 }
 
+/// The dA partials are written as f32 pairs and the workspace segments are
+/// 256-byte multiples: a 16-byte aligned workspace keeps every access aligned.
+fn check_workspace_ptr(ptr: u64) -> Result<()> {
+    if ptr % 16 != 0 {
+        return Err(Error::InvalidArgument {
+            name: "workspace",
+            expected: "a 16-byte aligned device pointer",
+            actual: format!("{ptr:#x}"),
+        });
+    }
+    Ok(())
+}
+
 impl RawBackward {
     unsafe fn launch<T: DType>(
         &self,
@@ -303,6 +318,11 @@ impl RawBackward {
         dims: &Dims,
         ws: &Workspace,
     ) -> Result<()> {
+        // Look every kernel up first: a device that cannot run one of them
+        // refuses the call before any output is touched.
+        kernels.kernel(&kernel_name::<T>("forward", dims.rank))?;
+        let partial = kernels.kernel(&kernel_name::<T>("backward_da_partial", dims.rank))?;
+        let reduce = kernels.kernel("backward_da_reduce")?;
         let f32_at = |offset: usize| self.workspace + (offset * 4) as u64;
         let q = f32_at(ws.q);
         let s = match ws.s {
@@ -368,7 +388,6 @@ impl RawBackward {
             x_vec: vec_ok::<T>(self.x, self.ld_x),
             g_vec: vec_ok::<T>(self.g, self.ld_g),
         };
-        let partial = kernels.kernel(&kernel_name::<T>("backward_da_partial", dims.rank));
         let bands = dims.d().div_ceil(partial.info.block_rows as usize) as u32;
         let rank_splits = partial.info.rank_cap / partial.info.block_cols;
         launch(
@@ -377,7 +396,6 @@ impl RawBackward {
             (bands, ws.splits as u32, 2 * rank_splits),
             &params,
         )?;
-        let reduce = kernels.kernel("backward_da_reduce");
         let blocks = u32::try_from(dims.a_len().div_ceil(THREADS as usize)).map_err(|_| {
             Error::Overflow {
                 what: "dA reduce grid",

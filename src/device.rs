@@ -96,6 +96,9 @@ fn check_capability(ctx: &CudaContext) -> Result<()> {
 pub(crate) struct Kernel {
     pub(crate) func: CudaFunction,
     pub(crate) info: singlora_kernel_info,
+    /// The device grants the kernel's shared memory (sm_86/sm_89 grant
+    /// 99 KiB per block, less than the rank > 64 tiles take).
+    fits: bool,
 }
 
 /// The module loaded into one CUDA context, with every kernel resolved.
@@ -136,6 +139,9 @@ impl Kernels {
         // cuModuleLoadData takes a fatbin as well as PTX text.
         let module = ctx.load_module(Ptx::from_binary(FATBIN.to_vec()))?;
         let stream = ctx.default_stream();
+        let smem_max = ctx
+            .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)?
+            as u32;
         let mut kernels = HashMap::new();
         for name in kernel_names() {
             let func = module.load_function(&name)?;
@@ -150,13 +156,14 @@ impl Kernels {
             // `raw` holds exactly its bytes.
             let info: singlora_kernel_info =
                 unsafe { std::ptr::read_unaligned(raw.as_ptr().cast()) };
-            if info.smem_bytes > 48 * 1024 {
+            let fits = info.smem_bytes <= smem_max;
+            if fits && info.smem_bytes > 48 * 1024 {
                 func.set_attribute(
                     CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                     info.smem_bytes as i32,
                 )?;
             }
-            kernels.insert(name, Kernel { func, info });
+            kernels.insert(name, Kernel { func, info, fits });
         }
         let sm_count =
             ctx.attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as u32;
@@ -173,10 +180,21 @@ impl Kernels {
         Self::get(stream.context())
     }
 
-    pub(crate) fn kernel(&self, name: &str) -> &Kernel {
+    /// A kernel by name, or a typed error when this device cannot run it.
+    pub(crate) fn kernel(&self, name: &str) -> Result<&Kernel> {
         // Names come from kernel_name(), which only forms names of the list
         // that load() resolved.
-        &self.kernels[name]
+        let kernel = &self.kernels[name];
+        if !kernel.fits {
+            let (major, minor) = self.ctx.compute_capability()?;
+            return Err(Error::SharedMemoryTooSmall {
+                kernel: name.to_string(),
+                needed: kernel.info.smem_bytes,
+                major,
+                minor,
+            });
+        }
+        Ok(kernel)
     }
 
     /// Streaming multiprocessors of the device (sizes few-token grids).

@@ -25,6 +25,15 @@ pub enum Error {
         major: i32,
         minor: i32,
     },
+    /// The kernel for this element type and rank needs more shared memory
+    /// per block than the device grants (sm_86 and sm_89 run ranks up to 64).
+    #[error("kernel {kernel} needs {needed} bytes of shared memory per block, more than this compute capability {major}.{minor} device grants")]
+    SharedMemoryTooSmall {
+        kernel: String,
+        needed: u32,
+        major: i32,
+        minor: i32,
+    },
     /// A dimension is out of range.
     #[error("invalid dimension `{name}`: expected {expected}, got {actual}")]
     InvalidDim {

@@ -32,5 +32,5 @@ pub fn fill_bits<T: DType>(
     // SAFETY: `ptr` addresses `n` elements of size_of::<T>() bytes on this
     // stream's context (borrowed mutably until the launch is enqueued), and
     // the kernel writes exactly elements 0..n.
-    unsafe { launch(stream, kernels.kernel("fill"), (blocks, 1, 1), &params) }
+    unsafe { launch(stream, kernels.kernel("fill")?, (blocks, 1, 1), &params) }
 }

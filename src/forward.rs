@@ -195,7 +195,7 @@ impl ShrinkExpand {
         stream: &Arc<CudaStream>,
         kernels: &Kernels,
     ) -> Result<()> {
-        let kernel = kernels.kernel(&kernel_name::<T>("forward", self.rank));
+        let kernel = kernels.kernel(&kernel_name::<T>("forward", self.rank))?;
         let bm = kernel.info.block_rows as usize;
         let bn = kernel.info.block_cols as usize;
         let row_blocks = self.tokens.div_ceil(bm);
