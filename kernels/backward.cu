@@ -88,30 +88,55 @@ __device__ __forceinline__ void da_partial_kernel(const singlora_da_params& p) {
     zero_acc(acc);
 
     const int k_tiles = (int)((t_end - t_begin + BT - 1) / BT);
-    auto load_stage = [&](int stage, int kt) {
+    // S/Q are f32 (and L2-resident): each thread fetches its share of a tile
+    // into registers one pipeline step ahead, and converts it into the stage
+    // at the next step, so the loads overlap the previous tile's mma.
+    constexpr int SS_PER_THREAD = BT * RPB / kThreads;
+    static_assert(BT * RPB % kThreads == 0, "S/Q tile split");
+    float ssr[SS_PER_THREAD];
+    auto fetch_ss = [&](int kt) {
         const int64_t t0 = t_begin + (int64_t)kt * BT;
-        load_tile_async<T, BT, BD>(srcs + stage * BT * C::SRC_LD, C::SRC_LD, src, ld, t0, t_end, band0,
-                                   rows_limit, vec);
-        // S/Q are f32 (and L2-resident): converted here, synchronously.
-        T* d = sss + stage * BT * C::SS_LD;
-        for (int i = threadIdx.x; i < BT * RPB; i += kThreads) {
+#pragma unroll
+        for (int e = 0; e < SS_PER_THREAD; ++e) {
+            const int i = threadIdx.x + e * kThreads;
             const int r = i / RPB, c = i % RPB;
             const int64_t t = t0 + r;
-            const float v = (t < t_end && rcol0 + c < rank) ? ss[t * rank + rcol0 + c] * col_scale[c] : 0.0f;
-            d[r * C::SS_LD + c] = from_f32<T>(v);
+            ssr[e] = (kt < k_tiles && t < t_end && rcol0 + c < rank) ? ss[t * rank + rcol0 + c] : 0.0f;
         }
+    };
+    auto store_ss = [&](int stage) {
+        T* d = sss + stage * BT * C::SS_LD;
+#pragma unroll
+        for (int e = 0; e < SS_PER_THREAD; ++e) {
+            const int i = threadIdx.x + e * kThreads;
+            const int r = i / RPB, c = i % RPB;
+            d[r * C::SS_LD + c] = from_f32<T>(ssr[e] * col_scale[c]);
+        }
+    };
+    auto load_src = [&](int stage, int kt) {
+        load_tile_async<T, BT, BD>(srcs + stage * BT * C::SRC_LD, C::SRC_LD, src, ld,
+                                   t_begin + (int64_t)kt * BT, t_end, band0, rows_limit, vec);
     };
 #pragma unroll
     for (int s = 0; s < STAGES - 1; ++s) {
-        if (s < k_tiles) load_stage(s, s);
+        if (s < k_tiles) {
+            load_src(s, s);
+            fetch_ss(s);
+            store_ss(s);
+        }
         cp_async_commit();
     }
+    fetch_ss(STAGES - 1);
     for (int kt = 0; kt < k_tiles; ++kt) {
         cp_async_wait<STAGES - 2>();
         __syncthreads();  // stage kt landed everywhere; stage kt-1 is free
         const int next = kt + STAGES - 1;
-        if (next < k_tiles) load_stage(next % STAGES, next);
+        if (next < k_tiles) {
+            load_src(next % STAGES, next);
+            store_ss(next % STAGES);
+        }
         cp_async_commit();
+        fetch_ss(next + 1);
         const T* at = srcs + (kt % STAGES) * BT * C::SRC_LD;
         const T* bt = sss + (kt % STAGES) * BT * C::SS_LD;
 #pragma unroll

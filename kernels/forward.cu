@@ -11,9 +11,10 @@
 // rows of A, accumulating the BM × rank tile of S in f32 registers (tensor
 // cores for f16/bf16). The tile goes through shared memory once: stored to
 // s_out (coalesced), and kept on chip in the element type as the left operand
-// of the expand. Expand: the block walks its output columns BN at a time,
-// double-buffering the next BN rows of A and (beta = 1) the next tile of
-// `out`, and writes each finished tile with 16-byte stores. No tokens × d
+// of the expand. Expand: the block walks its output columns BN at a time
+// through a pipeline of the same depth, prefetching the next BN rows of A and
+// (beta = 1) the next tiles of `out`, and writes each finished tile with
+// 16-byte stores. No tokens × d
 // intermediate reaches device memory; `in` is read once and `out` read (beta
 // = 1) and written once.
 //
@@ -38,10 +39,13 @@ template <typename T, int RP> struct ForwardConfig {
     // Expand warp grid over the BM × BN output tile.
     static constexpr int EWARPS_M = 4, EWARPS_N = 2;
     static constexpr int EMT = BM / EWARPS_M / 16, ENT = BN / EWARPS_N / 8;
-    // Three stages keep two chunks in flight; with the smem below that is 3
-    // blocks per SM for ranks <= 64 (16-bit). f32 and big ranks use two so
-    // that two blocks still fit.
-    static constexpr int STAGES = (sizeof(T) == 4 || RP >= 256) ? 2 : 3;
+    // Pipeline depth of both phases (shrink: X and A chunks; expand: A and Y
+    // tiles). The first H200 run, with 3 shrink stages and a 2-deep expand,
+    // reached only ~52 % of the copy bandwidth: too few bytes in flight.
+    // Four stages keep three 8 KiB tiles in flight per block for ranks <= 64
+    // (83 KB of smem at rank 64: two blocks per SM; 63 KB at rank 32: three).
+    // Big ranks and f32 use fewer so that two blocks still fit.
+    static constexpr int STAGES = sizeof(T) == 4 || RP >= 256 ? 2 : RP >= 128 ? 3 : 4;
 
     static constexpr int X_LD = BK + PAD;
     static constexpr int A_LD = RP + PAD;   // shrink A chunk [BK][A_LD] and expand A chunk [BN][A_LD]
@@ -50,7 +54,7 @@ template <typename T, int RP> struct ForwardConfig {
     static constexpr int Y_LD = BN + PAD;
 
     static constexpr int SHRINK_BYTES = STAGES * (BM * X_LD + BK * A_LD) * (int)sizeof(T);
-    static constexpr int EXPAND_BYTES = 2 * (BN * A_LD + BM * Y_LD) * (int)sizeof(T);
+    static constexpr int EXPAND_BYTES = STAGES * (BN * A_LD + BM * Y_LD) * (int)sizeof(T);
     static constexpr int SF_BYTES = BM * SF_LD * 4;
     static constexpr int R1_BYTES_ = SHRINK_BYTES > EXPAND_BYTES ? SHRINK_BYTES : EXPAND_BYTES;
     // For 16-bit types the f32 staging of S aliases the pipeline buffers; for
@@ -166,8 +170,8 @@ __device__ __forceinline__ void forward_kernel(const singlora_forward_params& p)
     __syncthreads();  // S tile ready; the pipeline buffers are free
 
     // ---- expand: out[rows, cols] = beta·out + scale · S · A[cols]ᵀ ------------
-    T* aos = reinterpret_cast<T*>(smem);  // [2][BN][A_LD]
-    T* ys = aos + 2 * BN * C::A_LD;       // [2][BM][Y_LD]
+    T* aos = reinterpret_cast<T*>(smem);  // [STAGES][BN][A_LD]
+    T* ys = aos + STAGES * BN * C::A_LD;  // [STAGES][BM][Y_LD]
     T* out = reinterpret_cast<T*>(p.out);
     const bool out_vec = p.out_vec != 0;
     const bool accumulate = p.beta != 0.0f;
@@ -185,8 +189,11 @@ __device__ __forceinline__ void forward_kernel(const singlora_forward_params& p)
                                        col_end, out_vec);
         }
     };
-    if (chunks > 0) issue(0, 0);
-    cp_async_commit();
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; ++s) {
+        if (s < chunks) issue(s, s);
+        cp_async_commit();
+    }
 
     const int g = lane >> 2, t = lane & 3;
     float rs[C::EMT][2];  // scale / row scale of this thread's rows
@@ -196,13 +203,13 @@ __device__ __forceinline__ void forward_kernel(const singlora_forward_params& p)
         for (int h = 0; h < 2; ++h) rs[mt][h] = p.scale * row_inv[em0 + mt * 16 + g + 8 * h];
 
     for (int j = 0; j < chunks; ++j) {
-        const int buf = j & 1;
-        // The other buffer was last read by chunk j-1, whose stores ended
-        // before the barrier that closed iteration j-1.
-        if (j + 1 < chunks) issue(buf ^ 1, j + 1);
-        cp_async_commit();
-        cp_async_wait<1>();
+        const int buf = j % STAGES;
+        cp_async_wait<STAGES - 2>();
+        // Chunk j landed for everyone, and the buffer refilled below (chunk
+        // j-1's) was written out before this barrier.
         __syncthreads();
+        if (j + STAGES - 1 < chunks) issue((j + STAGES - 1) % STAGES, j + STAGES - 1);
+        cp_async_commit();
 
         float eacc[C::EMT][C::ENT][4];
         zero_acc(eacc);
@@ -251,7 +258,6 @@ __device__ __forceinline__ void forward_kernel(const singlora_forward_params& p)
                 }
             }
         }
-        __syncthreads();
     }
 }
 

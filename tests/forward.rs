@@ -387,3 +387,34 @@ fn check_forward_refuses_invalid_dims_and_overflow() {
         "{e}"
     );
 }
+
+/// Not a check: a fixed workload for `ncu` in the GPU run (SINGLORA_NCU=1):
+/// bf16 forward at decode size (16 tokens) and at 16384 tokens, rank 16.
+#[test]
+#[ignore = "profiling workload, run by scripts/gpu/run.sh under ncu"]
+fn profile_forward_bf16() {
+    let Some(gpu) = gpu() else { return };
+    for tokens in [16usize, 16384] {
+        let dims = Dims::new(tokens, 4096, 4096, 16).unwrap();
+        let mut r = rng(1);
+        let xd = upload::<bf16>(&gpu, &randn(&mut r, tokens * 4096, 1.0));
+        let ad = upload::<bf16>(&gpu, &randn(&mut r, dims.a_len(), 0.02));
+        let mut yd = upload::<bf16>(&gpu, &randn(&mut r, tokens * 4096, 1.0));
+        for _ in 0..3 {
+            forward(
+                &gpu.stream,
+                &dims,
+                &xd,
+                4096,
+                &ad,
+                &mut yd,
+                4096,
+                None,
+                0.5,
+                1.0,
+            )
+            .unwrap();
+        }
+        gpu.stream.synchronize().unwrap();
+    }
+}

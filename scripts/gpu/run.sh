@@ -26,7 +26,7 @@ TESTS_TOTAL_S=180
 SANITIZER_S=45
 BENCH_S=100
 
-for f in nvidia-smi.txt tests.log sanitizer.log bench.log bench-table.md summary.txt; do
+for f in nvidia-smi.txt tests.log sanitizer.log bench.log bench-table.md summary.txt ncu.txt; do
     rm -f "$OUT/$f"
 done
 scratch="$(mktemp -d)"
@@ -161,6 +161,26 @@ for name in bench-forward bench-backward; do
         sed "s/^/[$name] /" | head -60
     record "$name" "$(status_of "$rc" "$log")"
 done
+
+# ------------------------------------------------- optional: ncu profile
+# SINGLORA_NCU=1: Nsight Compute over the `profile_*` workloads of
+# bin/test-forward (the third launch of each shape) -> ncu.txt.
+if [[ "${SINGLORA_NCU:-0}" == 1 ]]; then
+    section "ncu (profile_* workloads)"
+    ncu_bin="$(command -v ncu 2>/dev/null || ls /usr/local/cuda/bin/ncu 2>/dev/null)"
+    if [[ -n "$ncu_bin" ]]; then
+        timeout --kill-after=10 120 "$ncu_bin" --clock-control none --kernel-name regex:forward \
+            --launch-skip 2 --launch-count 4 \
+            --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy \
+            --section LaunchStats --section WarpStateStats --section SchedulerStats \
+            bin/test-forward --ignored --exact profile_forward_bf16 >"$OUT/ncu.txt" 2>&1
+        rc=$?
+        grep -E "forward_|Duration|DRAM Throughput|Memory Throughput|Achieved Occupancy|Stall|Registers Per|Block Limit|Grid Size|Warp Cycles Per Issued" "$OUT/ncu.txt" | head -80
+        record "ncu" "$(if ((rc == 0)); then echo PASS; else echo "FAIL (exit $rc)"; fi)"
+    else
+        record "ncu" "FAIL (not found)"
+    fi
+fi
 
 # ------------------------------------------------------- c. compute-sanitizer
 section "compute-sanitizer (sanitizer_* tests, ${SANITIZER_S}s each)"
