@@ -170,6 +170,9 @@ fn compile_kernels(
     cmd.arg("-fatbin")
         .arg("-O3")
         .arg("-lineinfo")
+        // Every test and bench binary embeds the fatbin, and the GPU bundle
+        // carrying them must stay under 60 MiB.
+        .arg("--compress-mode=size")
         .arg("-std=c++17")
         .arg("--threads")
         .arg(&threads)
