@@ -177,11 +177,6 @@ fn compile_kernels(
         .arg("--threads")
         .arg(&threads)
         .arg("-Xptxas=-v")
-        // At the default level (5) ptxas spilled a few bytes in two of the
-        // f32 (CUDA-core) kernels at 56-100 registers; level 0 spills nothing
-        // anywhere and uses no more registers in any kernel (measured on the
-        // 13.0 ptxas). The kernel-quality test holds every kernel to zero.
-        .arg("-Xptxas=--register-usage-level=0")
         .arg("-ccbin")
         .arg(&host_cxx)
         .arg("-I")

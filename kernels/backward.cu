@@ -28,6 +28,9 @@ template <typename T, int RP> struct DaConfig {
     static constexpr int WTM = BD / WARPS_M, WTN = RPB / WARPS_N;
     static constexpr int MT = WTM / 16, NT = WTN / 8;
     static constexpr int STAGES = 3;
+    // Blocks per SM the registers must allow (see forward.cu): two up to
+    // rank 64; the 128-column tiles need more than 128 registers.
+    static constexpr int MIN_BLOCKS = RPB >= 128 ? 1 : 2;
     static constexpr int SRC_LD = BD + PAD;
     static constexpr int SS_LD = RPB + PAD;
     static constexpr int NG = kThreads / RPB;  // column-max row groups
@@ -94,28 +97,34 @@ __device__ __forceinline__ void da_partial_kernel(const singlora_da_params& p) {
     constexpr int SS_PER_THREAD = BT * RPB / kThreads;
     static_assert(BT * RPB % kThreads == 0, "S/Q tile split");
     float ssr[SS_PER_THREAD];
+    // This thread's elements sit at rows ss_r + e·SS_RSTEP, column ss_c of
+    // every tile (SS_PER_THREAD of them), so only the tile origin moves.
+    constexpr int SS_RSTEP = kThreads / RPB;
+    const int ss_r = threadIdx.x / RPB, ss_c = threadIdx.x % RPB;
+    const bool ss_col_ok = rcol0 + ss_c < rank;
+    const float* ss_thread = ss + (t_begin + ss_r) * rank + rcol0 + ss_c;
     auto fetch_ss = [&](int kt) {
-        const int64_t t0 = t_begin + (int64_t)kt * BT;
+        const int rows_valid = (int)min((int64_t)BT, t_end - t_begin - (int64_t)kt * BT);
+        const float* base = ss_thread + (int64_t)kt * BT * rank;
 #pragma unroll
         for (int e = 0; e < SS_PER_THREAD; ++e) {
-            const int i = threadIdx.x + e * kThreads;
-            const int r = i / RPB, c = i % RPB;
-            const int64_t t = t0 + r;
-            ssr[e] = (kt < k_tiles && t < t_end && rcol0 + c < rank) ? ss[t * rank + rcol0 + c] : 0.0f;
+            const int r = ss_r + e * SS_RSTEP;
+            ssr[e] = (ss_col_ok && r < rows_valid) ? base[(int64_t)e * SS_RSTEP * rank] : 0.0f;
         }
     };
+    const float my_col_scale = col_scale[ss_c];
     auto store_ss = [&](int stage) {
-        T* d = sss + stage * BT * C::SS_LD;
+        T* d = sss + stage * BT * C::SS_LD + ss_r * C::SS_LD + ss_c;
 #pragma unroll
-        for (int e = 0; e < SS_PER_THREAD; ++e) {
-            const int i = threadIdx.x + e * kThreads;
-            const int r = i / RPB, c = i % RPB;
-            d[r * C::SS_LD + c] = from_f32<T>(ssr[e] * col_scale[c]);
-        }
+        for (int e = 0; e < SS_PER_THREAD; ++e) d[e * SS_RSTEP * C::SS_LD] = from_f32<T>(ssr[e] * my_col_scale);
     };
+    const TileCopy<T, BT, BD> src_copy(ld);
+    const T* src_tile = src + t_begin * ld + band0;
+    const int cols_valid = (int)min((int64_t)BD, rows_limit - band0);
     auto load_src = [&](int stage, int kt) {
-        load_tile_async<T, BT, BD>(srcs + stage * BT * C::SRC_LD, C::SRC_LD, src, ld,
-                                   t_begin + (int64_t)kt * BT, t_end, band0, rows_limit, vec);
+        const int rows_valid = (int)min((int64_t)BT, t_end - t_begin - (int64_t)kt * BT);
+        src_copy.copy(srcs + stage * BT * C::SRC_LD, C::SRC_LD, src_tile + (int64_t)kt * BT * ld, rows_valid,
+                      cols_valid, vec);
     };
 #pragma unroll
     for (int s = 0; s < STAGES - 1; ++s) {
@@ -167,7 +176,7 @@ __device__ __forceinline__ void da_partial_kernel(const singlora_da_params& p) {
 
 }  // namespace singlora
 
-extern "C" __global__ void __launch_bounds__(singlora::kThreads) backward_da_reduce(const singlora_da_params p) {
+extern "C" __global__ void __launch_bounds__(singlora::kThreads, 1) backward_da_reduce(const singlora_da_params p) {
     const int64_t idx = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (idx >= (int64_t)p.d * p.rank) return;
     const int64_t i = idx / p.rank;
@@ -187,7 +196,8 @@ extern "C" __global__ void __launch_bounds__(singlora::kThreads) backward_da_red
 SINGLORA_KERNEL_INFO(backward_da_reduce, 0, 0, 0, SINGLORA_MAX_RANK)
 
 #define SINGLORA_DA_PARTIAL(tname, T, RP)                                                              \
-    extern "C" __global__ void __launch_bounds__(singlora::kThreads)                                   \
+    extern "C" __global__ void __launch_bounds__(singlora::kThreads,                                   \
+                                                 (singlora::DaConfig<T, RP>::MIN_BLOCKS))              \
         backward_da_partial_##tname##_r##RP(const singlora_da_params p) {                              \
         singlora::da_partial_kernel<T, RP>(p);                                                         \
     }                                                                                                  \

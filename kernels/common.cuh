@@ -73,35 +73,80 @@ template <int N> __device__ __forceinline__ void cp_async_wait() {
     asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
 
-// Copies the tile rows [row0, row0+ROWS) x cols [col0, col0+COLS) of a
-// row-major global matrix (nrows x ncols valid, row stride ld) into shared
-// memory (row stride sld), zero-filling what lies outside the matrix so that
-// padded rows and columns contribute nothing to a product. `vec` (uniform)
-// says the base pointer and ld allow 16-byte accesses; without it, and for a
-// chunk that straddles the last column, elements are copied one by one.
-template <typename T, int ROWS, int COLS>
-__device__ __forceinline__ void load_tile_async(T* __restrict__ s, int sld, const T* __restrict__ g,
-                                                int64_t ld, int64_t row0, int64_t nrows, int64_t col0,
-                                                int64_t ncols, bool vec) {
-    constexpr int V = vec_elems<T>();
-    static_assert(COLS % V == 0, "tile width must be whole 16-byte chunks");
-    constexpr int CPR = COLS / V;
-    constexpr int CHUNKS = ROWS * CPR;
-    for (int i = threadIdx.x; i < CHUNKS; i += kThreads) {
-        const int r = i / CPR;
-        const int c = (i % CPR) * V;
-        const int64_t gr = row0 + r;
-        const int64_t gc = col0 + c;
-        T* dst = s + r * sld + c;
-        if (vec && gr < nrows && gc + V <= ncols) {
-            cp_async16(dst, g + gr * ld + gc);
-        } else {
+__device__ __forceinline__ void zero16(void* smem) { *reinterpret_cast<uint4*>(smem) = make_uint4(0, 0, 0, 0); }
+
+// One thread's share of copying a ROWS x COLS tile of a row-major global
+// matrix into shared memory, in 16-byte chunks. The thread's chunks sit at
+// the same tile positions for every tile of a loop, so their offsets are
+// computed once (the first H200 profile showed the kernels issue-bound, with
+// per-chunk index arithmetic a large part of the instructions).
+//
+// copy() fills the whole tile on every call: chunks inside the valid extent
+// (rows x cols, tile-relative) by cp.async (16-byte path) or element by
+// element (a chunk that straddles the last column, or no 16-byte alignment:
+// `vec` false), and everything outside with zeros, so padded rows and columns
+// contribute nothing to a product.
+template <typename T, int ROWS, int COLS> struct TileCopy {
+    static constexpr int V = vec_elems<T>();
+    static constexpr int CPR = COLS / V;           // chunks per row
+    static constexpr int RSTEP = kThreads / CPR;   // rows apart of a thread's chunks
+    static constexpr int PASSES = ROWS / RSTEP;
+    static_assert(COLS % V == 0 && kThreads % CPR == 0 && ROWS % RSTEP == 0, "tile shape");
+
+    int r0, c;         // first row and column (elements) of this thread's chunks
+    int64_t goff;      // r0 * ld + c
+    int64_t gstep;     // RSTEP * ld
+
+    __device__ __forceinline__ explicit TileCopy(int64_t ld)
+        : r0(threadIdx.x / CPR), c((threadIdx.x % CPR) * V), goff(r0 * ld + c), gstep(RSTEP * ld) {}
+
+    // g: the global address of the tile's element (0, 0).
+    __device__ __forceinline__ void copy(T* __restrict__ s, int sld, const T* __restrict__ g, int rows,
+                                         int cols, bool vec) const {
 #pragma unroll
-            for (int e = 0; e < V; ++e) {
-                dst[e] = (gr < nrows && gc + e < ncols) ? g[gr * ld + gc + e] : from_f32<T>(0.0f);
+        for (int p = 0; p < PASSES; ++p) {
+            const int r = r0 + p * RSTEP;
+            T* dst = s + r * sld + c;
+            const T* src = g + goff + p * gstep;
+            if (r >= rows || c >= cols) {
+                zero16(dst);
+            } else if (vec && c + V <= cols) {
+                cp_async16(dst, src);
+            } else {
+#pragma unroll
+                for (int e = 0; e < V; ++e) dst[e] = c + e < cols ? src[e] : from_f32<T>(0.0f);
             }
         }
     }
+
+    // The reverse: shared tile -> global, rows x cols valid (others skipped).
+    __device__ __forceinline__ void store(T* __restrict__ g, const T* __restrict__ s, int sld, int rows, int cols,
+                                          bool vec) const {
+#pragma unroll
+        for (int p = 0; p < PASSES; ++p) {
+            const int r = r0 + p * RSTEP;
+            if (r >= rows || c >= cols) continue;
+            const T* src = s + r * sld + c;
+            T* dst = g + goff + p * gstep;
+            if (vec && c + V <= cols) {
+                *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
+            } else {
+                for (int e = 0; e < V && c + e < cols; ++e) dst[e] = src[e];
+            }
+        }
+    }
+};
+
+// Two adjacent elements, as f32 (one 32- or 64-bit shared access).
+__device__ __forceinline__ float2 load2(const float* p) { return *reinterpret_cast<const float2*>(p); }
+__device__ __forceinline__ float2 load2(const __half* p) { return __half22float2(*reinterpret_cast<const __half2*>(p)); }
+__device__ __forceinline__ float2 load2(const __nv_bfloat16* p) {
+    return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(p));
+}
+__device__ __forceinline__ void store2(float* p, float2 v) { *reinterpret_cast<float2*>(p) = v; }
+__device__ __forceinline__ void store2(__half* p, float2 v) { *reinterpret_cast<__half2*>(p) = __float22half2_rn(v); }
+__device__ __forceinline__ void store2(__nv_bfloat16* p, float2 v) {
+    *reinterpret_cast<__nv_bfloat162*>(p) = __float22bfloat162_rn(v);
 }
 
 // ----------------------------------------------------------------- mma.sync --

@@ -3,7 +3,7 @@
 // through it, whatever the element type.
 #include "common.cuh"
 
-extern "C" __global__ void __launch_bounds__(singlora::kThreads) fill(const singlora_fill_params p) {
+extern "C" __global__ void __launch_bounds__(singlora::kThreads, 1) fill(const singlora_fill_params p) {
     const uint64_t stride = (uint64_t)gridDim.x * blockDim.x;
     for (uint64_t i = (uint64_t)blockIdx.x * blockDim.x + threadIdx.x; i < p.n; i += stride) {
         if (p.elem_bytes == 2) {

@@ -46,6 +46,10 @@ template <typename T, int RP> struct ForwardConfig {
     // (83 KB of smem at rank 64: two blocks per SM; 63 KB at rank 32: three).
     // Big ranks and f32 use fewer so that two blocks still fit.
     static constexpr int STAGES = sizeof(T) == 4 || RP >= 256 ? 2 : RP >= 128 ? 3 : 4;
+    // Blocks per SM the registers must allow (the smem allows 2-3): without a
+    // minimum, ptxas spilled a few bytes in some instantiations (measured with
+    // the 13.0 ptxas); two blocks cap it at 128 registers, where none spill.
+    static constexpr int MIN_BLOCKS = 2;
 
     static constexpr int X_LD = BK + PAD;
     static constexpr int A_LD = RP + PAD;   // shrink A chunk [BK][A_LD] and expand A chunk [BN][A_LD]
@@ -87,18 +91,26 @@ __device__ __forceinline__ void forward_kernel(const singlora_forward_params& p)
     const int rpad = (rank + SINGLORA_RANK_ALIGN - 1) / SINGLORA_RANK_ALIGN * SINGLORA_RANK_ALIGN;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const bool in_vec = p.in_vec != 0, a_vec = p.a_vec != 0;
+    // Token rows of this block (fewer than BM only in the last block, or at
+    // decode sizes).
+    const int rows = (int)min((int64_t)BM, p.tokens - row0);
 
     // ---- shrink: S = in[rows] · A[:k_dim] ------------------------------------
     const int wm = warp / C::WARPS_N, wn = warp % C::WARPS_N;
     float acc[C::MT][C::NT][4];
     zero_acc(acc);
     const int k_tiles = (int)(((int64_t)p.k_dim + BK - 1) / BK);  // k_dim may be near INT_MAX
+    const TileCopy<T, BM, BK> x_copy(p.ld_in);
+    const TileCopy<T, BK, RP> a_copy(rank);
+    const T* x_tile = in + row0 * p.ld_in;
     auto load_stage = [&](int stage, int kt) {
-        load_tile_async<T, BM, BK>(xs + stage * BM * C::X_LD, C::X_LD, in, p.ld_in, row0, p.tokens,
-                                   (int64_t)kt * BK, p.k_dim, in_vec);
-        load_tile_async<T, BK, RP>(as + stage * BK * C::A_LD, C::A_LD, a, rank, (int64_t)kt * BK,
-                                   p.k_dim, 0, rank, a_vec);
+        const int64_t k0 = (int64_t)kt * BK;
+        const int k_valid = (int)min((int64_t)BK, p.k_dim - k0);
+        x_copy.copy(xs + stage * BM * C::X_LD, C::X_LD, x_tile + k0, rows, k_valid, in_vec);
+        a_copy.copy(as + stage * BK * C::A_LD, C::A_LD, a + k0 * rank, k_valid, rank, a_vec);
     };
+    // Warps whose rows are all padding (few tokens) skip the tensor-core work.
+    const bool shrink_rows = wm * C::WTM < rows;
 #pragma unroll
     for (int s = 0; s < STAGES - 1; ++s) {
         if (s < k_tiles) load_stage(s, s);
@@ -114,10 +126,12 @@ __device__ __forceinline__ void forward_kernel(const singlora_forward_params& p)
         cp_async_commit();
         const T* xt = xs + (kt % STAGES) * BM * C::X_LD;
         const T* at = as + (kt % STAGES) * BK * C::A_LD;
+        if (shrink_rows) {
 #pragma unroll
-        for (int kk = 0; kk < BK; kk += 16) {
-            tile_mma_k16<T, C::MT, C::NT, true, false>(acc, xt, C::X_LD, at, C::A_LD, wm * C::WTM,
-                                                       wn * C::WTN, kk, rpad);
+            for (int kk = 0; kk < BK; kk += 16) {
+                tile_mma_k16<T, C::MT, C::NT, true, false>(acc, xt, C::X_LD, at, C::A_LD, wm * C::WTM,
+                                                           wn * C::WTN, kk, rpad);
+            }
         }
     }
     cp_async_wait<0>();
@@ -141,7 +155,6 @@ __device__ __forceinline__ void forward_kernel(const singlora_forward_params& p)
     // Only the first column split stores S (every split computed the same).
     if (p.s_out != 0 && blockIdx.y == 0) {
         float* s_out = reinterpret_cast<float*>(p.s_out);
-        const int64_t rows = min((int64_t)BM, p.tokens - row0);
         for (int i = threadIdx.x; i < rows * rank; i += kThreads) {
             const int r = i / rank, c = i % rank;
             s_out[(row0 + r) * rank + c] = sf[r * C::SF_LD + c];
@@ -181,14 +194,16 @@ __device__ __forceinline__ void forward_kernel(const singlora_forward_params& p)
     const int ewm = warp / C::EWARPS_N, ewn = warp % C::EWARPS_N;
     const int em0 = ewm * C::EMT * 16, en0 = ewn * C::ENT * 8;
 
+    const TileCopy<T, BN, RP> ao_copy(rank);
+    const TileCopy<T, BM, BN> y_copy(p.ld_out);
+    T* y_tile = out + row0 * p.ld_out;
+    auto cols_of = [&](int j) { return (int)min((int64_t)BN, col_end - col_begin - (int64_t)j * BN); };
     auto issue = [&](int buf, int j) {
         const int64_t c0 = col_begin + (int64_t)j * BN;
-        load_tile_async<T, BN, RP>(aos + buf * BN * C::A_LD, C::A_LD, a, rank, c0, col_end, 0, rank, a_vec);
-        if (accumulate) {
-            load_tile_async<T, BM, BN>(ys + buf * BM * C::Y_LD, C::Y_LD, out, p.ld_out, row0, p.tokens, c0,
-                                       col_end, out_vec);
-        }
+        ao_copy.copy(aos + buf * BN * C::A_LD, C::A_LD, a + c0 * rank, cols_of(j), rank, a_vec);
+        if (accumulate) y_copy.copy(ys + buf * BM * C::Y_LD, C::Y_LD, y_tile + c0, rows, cols_of(j), out_vec);
     };
+    const bool expand_rows = em0 < rows;
 #pragma unroll
     for (int s = 0; s < STAGES - 1; ++s) {
         if (s < chunks) issue(s, s);
@@ -211,60 +226,42 @@ __device__ __forceinline__ void forward_kernel(const singlora_forward_params& p)
         if (j + STAGES - 1 < chunks) issue((j + STAGES - 1) % STAGES, j + STAGES - 1);
         cp_async_commit();
 
-        float eacc[C::EMT][C::ENT][4];
-        zero_acc(eacc);
-        const T* at = aos + buf * BN * C::A_LD;
-        for (int k0 = 0; k0 < rpad; k0 += 16) {
-            tile_mma_k16<T, C::EMT, C::ENT, true, true>(eacc, st, C::ST_LD, at, C::A_LD, em0, en0, k0, BN);
-        }
-
-        // Epilogue in place in the Y tile: each element has one owner.
         T* yt = ys + buf * BM * C::Y_LD;
-#pragma unroll
-        for (int mt = 0; mt < C::EMT; ++mt)
-#pragma unroll
-            for (int nt = 0; nt < C::ENT; ++nt)
-#pragma unroll
-                for (int h = 0; h < 2; ++h) {
-                    const int r = em0 + mt * 16 + g + 8 * h;
-                    const int c = en0 + nt * 8 + 2 * t;
-                    T* y = yt + r * C::Y_LD + c;
-                    float v0 = eacc[mt][nt][2 * h] * rs[mt][h];
-                    float v1 = eacc[mt][nt][2 * h + 1] * rs[mt][h];
-                    if (accumulate) {
-                        v0 += to_f32(y[0]);
-                        v1 += to_f32(y[1]);
-                    }
-                    y[0] = from_f32<T>(v0);
-                    y[1] = from_f32<T>(v1);
-                }
-        __syncthreads();
-
-        // Coalesced write-out: consecutive threads cover consecutive 16 bytes.
-        {
-            constexpr int V = vec_elems<T>();
-            constexpr int CPR = BN / V;
-            const int64_t c0 = col_begin + (int64_t)j * BN;
-            for (int i = threadIdx.x; i < BM * CPR; i += kThreads) {
-                const int r = i / CPR, c = (i % CPR) * V;
-                const int64_t gr = row0 + r, gc = c0 + c;
-                if (gr >= p.tokens) continue;
-                const T* src = yt + r * C::Y_LD + c;
-                T* dst = out + gr * p.ld_out + gc;
-                if (out_vec && gc + V <= col_end) {
-                    *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
-                } else {
-                    for (int e = 0; e < V && gc + e < col_end; ++e) dst[e] = src[e];
-                }
+        if (expand_rows) {
+            float eacc[C::EMT][C::ENT][4];
+            zero_acc(eacc);
+            const T* at = aos + buf * BN * C::A_LD;
+            for (int k0 = 0; k0 < rpad; k0 += 16) {
+                tile_mma_k16<T, C::EMT, C::ENT, true, true>(eacc, st, C::ST_LD, at, C::A_LD, em0, en0, k0, BN);
             }
+            // Epilogue in place in the Y tile: each element pair has one owner.
+#pragma unroll
+            for (int mt = 0; mt < C::EMT; ++mt)
+#pragma unroll
+                for (int nt = 0; nt < C::ENT; ++nt)
+#pragma unroll
+                    for (int h = 0; h < 2; ++h) {
+                        T* y = yt + (em0 + mt * 16 + g + 8 * h) * C::Y_LD + en0 + nt * 8 + 2 * t;
+                        float2 v = make_float2(eacc[mt][nt][2 * h] * rs[mt][h], eacc[mt][nt][2 * h + 1] * rs[mt][h]);
+                        if (accumulate) {
+                            const float2 old = load2(y);
+                            v.x += old.x;
+                            v.y += old.y;
+                        }
+                        store2(y, v);
+                    }
         }
+        __syncthreads();
+        // Coalesced write-out: consecutive threads cover consecutive 16 bytes.
+        y_copy.store(y_tile + col_begin + (int64_t)j * BN, yt, C::Y_LD, rows, cols_of(j), out_vec);
     }
 }
 
 }  // namespace singlora
 
 #define SINGLORA_FORWARD(tname, T, RP)                                                           \
-    extern "C" __global__ void __launch_bounds__(singlora::kThreads)                             \
+    extern "C" __global__ void __launch_bounds__(singlora::kThreads,                             \
+                                                 (singlora::ForwardConfig<T, RP>::MIN_BLOCKS))   \
         forward_##tname##_r##RP(const singlora_forward_params p) {                               \
         singlora::forward_kernel<T, RP>(p);                                                      \
     }                                                                                            \
