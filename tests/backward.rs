@@ -524,3 +524,44 @@ fn workspace_is_linear_in_tokens_and_d() {
         );
     }
 }
+
+/// Not a check: a fixed workload for `ncu` in the GPU run (SINGLORA_NCU=1):
+/// bf16 backward at 16384 tokens, d = 4096, rank 16, with a saved S.
+#[test]
+#[ignore = "profiling workload, run by scripts/gpu/run.sh under ncu"]
+fn profile_backward_bf16() {
+    let Some(gpu) = gpu() else { return };
+    let dims = Dims::new(16384, 4096, 4096, 16).unwrap();
+    let mut r = rng(1);
+    let xd = upload::<bf16>(&gpu, &randn(&mut r, 16384 * 4096, 1.0));
+    let gd = upload::<bf16>(&gpu, &randn(&mut r, 16384 * 4096, 1.0));
+    let ad = upload::<bf16>(&gpu, &randn(&mut r, dims.a_len(), 0.02));
+    let sd = upload_f32(&gpu, &randn(&mut r, dims.s_len(), 1.0));
+    let mut dxd = poisoned::<bf16>(&gpu, 16384 * 4096);
+    let mut dad = poisoned::<f32>(&gpu, dims.a_len());
+    let mut ws = poisoned::<f32>(&gpu, backward_workspace_len(&dims, true).unwrap());
+    for _ in 0..2 {
+        let dx = DxOut {
+            dx: &mut dxd,
+            ld_dx: 4096,
+            beta: 0.0,
+        };
+        backward(
+            &gpu.stream,
+            &dims,
+            &xd,
+            4096,
+            &gd,
+            4096,
+            &ad,
+            Some(&sd),
+            0.5,
+            Some(dx),
+            &mut dad,
+            0.0,
+            &mut ws,
+        )
+        .unwrap();
+    }
+    gpu.stream.synchronize().unwrap();
+}

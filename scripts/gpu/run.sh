@@ -164,18 +164,23 @@ done
 
 # ------------------------------------------------- optional: ncu profile
 # SINGLORA_NCU=1: Nsight Compute over the `profile_*` workloads of
-# bin/test-forward (the third launch of each shape) -> ncu.txt.
+# bin/test-forward and bin/test-backward -> ncu.txt.
 if [[ "${SINGLORA_NCU:-0}" == 1 ]]; then
     section "ncu (profile_* workloads)"
     ncu_bin="$(command -v ncu 2>/dev/null || ls /usr/local/cuda/bin/ncu 2>/dev/null)"
     if [[ -n "$ncu_bin" ]]; then
-        timeout --kill-after=10 120 "$ncu_bin" --clock-control none --kernel-name regex:forward \
+        ncu_args=(--clock-control none --section SpeedOfLight --section MemoryWorkloadAnalysis
+            --section Occupancy --section LaunchStats --section WarpStateStats --section SchedulerStats)
+        # Decode (16 tokens) and 16384 tokens: the third launch of each.
+        timeout --kill-after=10 120 "$ncu_bin" "${ncu_args[@]}" --kernel-name regex:forward \
             --launch-skip 2 --launch-count 4 \
-            --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy \
-            --section LaunchStats --section WarpStateStats --section SchedulerStats \
             bin/test-forward --ignored --exact profile_forward_bf16 >"$OUT/ncu.txt" 2>&1
         rc=$?
-        grep -E "forward_|Duration|DRAM Throughput|Memory Throughput|Achieved Occupancy|Stall|Registers Per|Block Limit|Grid Size|Warp Cycles Per Issued" "$OUT/ncu.txt" | head -80
+        # The second backward: its dX/Q launch, dA partials and reduction.
+        timeout --kill-after=10 120 "$ncu_bin" "${ncu_args[@]}" --launch-skip 3 --launch-count 3 \
+            bin/test-backward --ignored --exact profile_backward_bf16 >>"$OUT/ncu.txt" 2>&1
+        rc=$((rc | $?))
+        grep -E "forward_|backward_|Duration|DRAM Throughput|Memory Throughput|Achieved Occupancy|Stall|Registers Per|Block Limit|Grid Size|Warp Cycles Per Issued" "$OUT/ncu.txt" | head -80
         record "ncu" "$(if ((rc == 0)); then echo PASS; else echo "FAIL (exit $rc)"; fi)"
     else
         record "ncu" "FAIL (not found)"
