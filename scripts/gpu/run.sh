@@ -177,7 +177,7 @@ if [[ "${SINGLORA_NCU:-0}" == 1 ]]; then
             bin/test-forward --ignored --exact profile_forward_bf16 >"$OUT/ncu.txt" 2>&1
         rc=$?
         # The second backward: its dX/Q launch, dA partials and reduction.
-        timeout --kill-after=10 120 "$ncu_bin" "${ncu_args[@]}" --launch-skip 3 --launch-count 3 \
+        timeout --kill-after=10 120 "$ncu_bin" "${ncu_args[@]}" --kernel-name "regex:forward|backward" --launch-skip 3 --launch-count 3 \
             bin/test-backward --ignored --exact profile_backward_bf16 >>"$OUT/ncu.txt" 2>&1
         rc=$((rc | $?))
         grep -E "forward_|backward_|Duration|DRAM Throughput|Memory Throughput|Achieved Occupancy|Stall|Registers Per|Block Limit|Grid Size|Warp Cycles Per Issued" "$OUT/ncu.txt" | head -80
