@@ -19,7 +19,13 @@
 // = 1) and written once.
 //
 // Few-token calls split the output columns over grid.y; each such block
-// recomputes its rows' S, which costs a re-read of a few rows of `in`.
+// recomputes its rows' S, which costs a re-read of a few rows of `in`. On
+// sm_90 the decode variant (CL > 1) also splits that recomputation: the CL
+// blocks of a cluster each reduce 1/CL of d_in, then add the CL partial S
+// tiles read from each other's shared memory (in rank order, so every block
+// gets the same bits) before expanding their own columns.
+#include <cooperative_groups.h>
+
 #include "common.cuh"
 
 namespace singlora {
@@ -73,7 +79,7 @@ template <typename T, int RP> struct ForwardConfig {
     static_assert(BK % 16 == 0 && RP % 16 == 0, "k steps of 16");
 };
 
-template <typename T, int RP>
+template <typename T, int RP, int CL>
 __device__ __forceinline__ void forward_kernel(const singlora_forward_params& p) {
     using C = ForwardConfig<T, RP>;
     constexpr int BM = C::BM, BK = C::BK, BN = C::BN, STAGES = C::STAGES;
@@ -86,7 +92,9 @@ __device__ __forceinline__ void forward_kernel(const singlora_forward_params& p)
 
     const T* in = reinterpret_cast<const T*>(p.in);
     const T* a = reinterpret_cast<const T*>(p.a);
-    const int64_t row0 = (int64_t)blockIdx.x * BM;
+    // Normal grid: (row blocks, column splits). Decode grid: (CL, column
+    // groups), one row block.
+    const int64_t row0 = CL == 1 ? (int64_t)blockIdx.x * BM : 0;
     const int rank = p.rank;
     const int rpad = (rank + SINGLORA_RANK_ALIGN - 1) / SINGLORA_RANK_ALIGN * SINGLORA_RANK_ALIGN;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -99,12 +107,18 @@ __device__ __forceinline__ void forward_kernel(const singlora_forward_params& p)
     const int wm = warp / C::WARPS_N, wn = warp % C::WARPS_N;
     float acc[C::MT][C::NT][4];
     zero_acc(acc);
-    const int k_tiles = (int)(((int64_t)p.k_dim + BK - 1) / BK);  // k_dim may be near INT_MAX
+    int kt_begin = 0;
+    int k_tiles = (int)(((int64_t)p.k_dim + BK - 1) / BK);  // k_dim may be near INT_MAX
+    if constexpr (CL > 1) {
+        const int per = (k_tiles + CL - 1) / CL;
+        kt_begin = min(k_tiles, (int)blockIdx.x * per);
+        k_tiles = min(k_tiles, kt_begin + per) - kt_begin;
+    }
     const TileCopy<T, BM, BK> x_copy(p.ld_in);
     const TileCopy<T, BK, RP> a_copy(rank);
     const T* x_tile = in + row0 * p.ld_in;
     auto load_stage = [&](int stage, int kt) {
-        const int64_t k0 = (int64_t)kt * BK;
+        const int64_t k0 = (int64_t)(kt_begin + kt) * BK;
         const int k_valid = (int)min((int64_t)BK, p.k_dim - k0);
         x_copy.copy(xs + stage * BM * C::X_LD, C::X_LD, x_tile + k0, rows, k_valid, in_vec);
         a_copy.copy(as + stage * BK * C::A_LD, C::A_LD, a + k0 * rank, k_valid, rank, a_vec);
@@ -152,8 +166,38 @@ __device__ __forceinline__ void forward_kernel(const singlora_forward_params& p)
     }
     __syncthreads();
 
+    if constexpr (CL > 1) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+        // Sum the cluster's partial S tiles, rank 0 first in every block.
+        namespace cg = cooperative_groups;
+        cg::cluster_group cluster = cg::this_cluster();
+        constexpr int PER = BM * RP / kThreads;
+        float sum[PER];
+        cluster.sync();  // every partial tile is complete
+#pragma unroll
+        for (int e = 0; e < PER; ++e) sum[e] = 0.0f;
+        for (int q = 0; q < CL; ++q) {
+            const float* part = cluster.map_shared_rank(sf, q);
+#pragma unroll
+            for (int e = 0; e < PER; ++e) {
+                const int i = threadIdx.x + e * kThreads;
+                sum[e] += part[(i / RP) * C::SF_LD + i % RP];
+            }
+        }
+        cluster.sync();  // nobody reads a partial tile any more
+#pragma unroll
+        for (int e = 0; e < PER; ++e) {
+            const int i = threadIdx.x + e * kThreads;
+            sf[(i / RP) * C::SF_LD + i % RP] = sum[e];
+        }
+        __syncthreads();
+#else
+        __trap();  // the host launches the cluster variant on sm_90 only
+#endif
+    }
+
     // Only the first column split stores S (every split computed the same).
-    if (p.s_out != 0 && blockIdx.y == 0) {
+    if (p.s_out != 0 && blockIdx.y == 0 && (CL == 1 || blockIdx.x == 0)) {
         float* s_out = reinterpret_cast<float*>(p.s_out);
         for (int i = threadIdx.x; i < rows * rank; i += kThreads) {
             const int r = i / rank, c = i % rank;
@@ -188,7 +232,8 @@ __device__ __forceinline__ void forward_kernel(const singlora_forward_params& p)
     T* out = reinterpret_cast<T*>(p.out);
     const bool out_vec = p.out_vec != 0;
     const bool accumulate = p.beta != 0.0f;
-    const int64_t col_begin = (int64_t)blockIdx.y * p.cols_per_block;
+    const int64_t col_block = CL == 1 ? blockIdx.y : (int64_t)blockIdx.y * CL + blockIdx.x;
+    const int64_t col_begin = col_block * p.cols_per_block;
     const int64_t col_end = min((int64_t)p.n_dim, col_begin + p.cols_per_block);
     const int chunks = (int)((col_end - col_begin + BN - 1) / BN);
     const int ewm = warp / C::EWARPS_N, ewn = warp % C::EWARPS_N;
@@ -263,16 +308,33 @@ __device__ __forceinline__ void forward_kernel(const singlora_forward_params& p)
     extern "C" __global__ void __launch_bounds__(singlora::kThreads,                             \
                                                  (singlora::ForwardConfig<T, RP>::MIN_BLOCKS))   \
         forward_##tname##_r##RP(const singlora_forward_params p) {                               \
-        singlora::forward_kernel<T, RP>(p);                                                      \
+        singlora::forward_kernel<T, RP, 1>(p);                                                   \
     }                                                                                            \
-    SINGLORA_KERNEL_INFO(forward_##tname##_r##RP, (singlora::ForwardConfig<T, RP>::SMEM_BYTES),    \
+    SINGLORA_KERNEL_INFO(forward_##tname##_r##RP, (singlora::ForwardConfig<T, RP>::SMEM_BYTES),  \
+                         (singlora::ForwardConfig<T, RP>::BM), (singlora::ForwardConfig<T, RP>::BN), RP)
+
+// The cluster shape exists from sm_90 on; older targets compile a stub.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+#define SINGLORA_DECODE_CLUSTER_DIMS
+#else
+#define SINGLORA_DECODE_CLUSTER_DIMS __cluster_dims__(SINGLORA_DECODE_CLUSTER, 1, 1)
+#endif
+
+#define SINGLORA_FORWARD_DECODE(tname, T, RP)                                                           \
+    extern "C" __global__ void __launch_bounds__(singlora::kThreads, 1) SINGLORA_DECODE_CLUSTER_DIMS    \
+        forward_decode_##tname##_r##RP(const singlora_forward_params p) {                               \
+        singlora::forward_kernel<T, RP, SINGLORA_DECODE_CLUSTER>(p);                                    \
+    }                                                                                                   \
+    SINGLORA_KERNEL_INFO(forward_decode_##tname##_r##RP, (singlora::ForwardConfig<T, RP>::SMEM_BYTES),  \
                          (singlora::ForwardConfig<T, RP>::BM), (singlora::ForwardConfig<T, RP>::BN), RP)
 
 #define SINGLORA_FORWARD_ALL_RANKS(tname, T) \
     SINGLORA_FORWARD(tname, T, 32)           \
     SINGLORA_FORWARD(tname, T, 64)           \
     SINGLORA_FORWARD(tname, T, 128)          \
-    SINGLORA_FORWARD(tname, T, 256)
+    SINGLORA_FORWARD(tname, T, 256)          \
+    SINGLORA_FORWARD_DECODE(tname, T, 32)    \
+    SINGLORA_FORWARD_DECODE(tname, T, 64)
 
 SINGLORA_FORWARD_ALL_RANKS(f32, float)
 SINGLORA_FORWARD_ALL_RANKS(f16, __half)

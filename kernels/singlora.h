@@ -32,6 +32,13 @@
  * 256 blocks at 16k tokens, two to three per SM, while the L2 re-reads of A
  * stay below the HBM traffic for ranks up to 64. */
 #define SINGLORA_FORWARD_BM 64
+/* Decode-size forward on sm_90 (tokens <= SINGLORA_FORWARD_BM, rank <= 64):
+ * a thread-block cluster of this many blocks splits the shrink's reduction
+ * over d_in and sums the partial S tiles through distributed shared memory,
+ * in a fixed order. */
+#define SINGLORA_DECODE_CLUSTER 8
+#define SINGLORA_DECODE_MAX_RANK 64
+
 /* Rows of dA (a band of d) per block of the dA partial kernel. */
 #define SINGLORA_DA_BD 128
 /* The dA partial kernel is split over token ranges so that about this many

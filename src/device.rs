@@ -13,8 +13,8 @@ use cudarc::nvrtc::Ptx;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::params::{
-    singlora_kernel_info, SINGLORA_RANK_BUCKET_0, SINGLORA_RANK_BUCKET_1, SINGLORA_RANK_BUCKET_2,
-    SINGLORA_RANK_BUCKET_3, SINGLORA_THREADS,
+    singlora_kernel_info, SINGLORA_DECODE_MAX_RANK, SINGLORA_RANK_BUCKET_0, SINGLORA_RANK_BUCKET_1,
+    SINGLORA_RANK_BUCKET_2, SINGLORA_RANK_BUCKET_3, SINGLORA_THREADS,
 };
 
 /// Every kernels/*.cu, compiled by build.rs: SASS for sm_80 and sm_90a and
@@ -47,6 +47,9 @@ pub fn kernel_names() -> Vec<String> {
         for r in RANK_BUCKETS {
             names.push(format!("forward_{t}_r{r}"));
             names.push(format!("backward_da_partial_{t}_r{r}"));
+            if r <= SINGLORA_DECODE_MAX_RANK as usize {
+                names.push(format!("forward_decode_{t}_r{r}"));
+            }
         }
     }
     names
@@ -112,6 +115,7 @@ pub struct Kernels {
     _module: Arc<CudaModule>,
     kernels: HashMap<String, Kernel>,
     sm_count: u32,
+    cc_major: i32,
 }
 
 fn cache() -> &'static Mutex<Vec<Arc<Kernels>>> {
@@ -167,11 +171,14 @@ impl Kernels {
         }
         let sm_count =
             ctx.attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as u32;
+        let cc_major =
+            ctx.attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?;
         Ok(Self {
             ctx: ctx.clone(),
             _module: module,
             kernels,
             sm_count,
+            cc_major,
         })
     }
 
@@ -200,6 +207,13 @@ impl Kernels {
     /// Streaming multiprocessors of the device (sizes few-token grids).
     pub fn sm_count(&self) -> u32 {
         self.sm_count
+    }
+
+    /// The module runs its sm_90a SASS (compute capability 9.0): the
+    /// cluster-based decode kernels exist only there (newer GPUs JIT the
+    /// compute_80 PTX, whose decode kernels are stubs).
+    pub(crate) fn has_clusters(&self) -> bool {
+        self.cc_major == 9
     }
 
     /// The context this module lives in.

@@ -12,7 +12,7 @@ use crate::device::{kernel_name, launch, Kernels};
 use crate::dims::{check_beta, check_len, check_matrix, check_scale, Dims};
 use crate::dtype::DType;
 use crate::error::Result;
-use crate::params::singlora_forward_params;
+use crate::params::{singlora_forward_params, SINGLORA_DECODE_CLUSTER, SINGLORA_DECODE_MAX_RANK};
 
 /// Runs the adapter forward on `stream`:
 ///
@@ -195,21 +195,40 @@ impl ShrinkExpand {
         stream: &Arc<CudaStream>,
         kernels: &Kernels,
     ) -> Result<()> {
-        let kernel = kernels.kernel(&kernel_name::<T>("forward", self.rank))?;
-        let bm = kernel.info.block_rows as usize;
-        let bn = kernel.info.block_cols as usize;
-        let row_blocks = self.tokens.div_ceil(bm);
-        let col_chunks = self.n_dim.div_ceil(bn);
-        // Few token rows cannot fill the GPU: split the output columns over
-        // blocks that each recompute their rows' S (a re-read of few rows).
         let sm = kernels.sm_count() as usize;
-        let splits = if self.out == 0 || row_blocks >= sm {
-            1
+        let normal = kernels.kernel(&kernel_name::<T>("forward", self.rank))?;
+        let bm = normal.info.block_rows as usize;
+        let bn = normal.info.block_cols as usize;
+        let col_chunks = self.n_dim.div_ceil(bn);
+        let cl = SINGLORA_DECODE_CLUSTER as usize;
+        // Decode sizes on sm_90: one row block, its S reduction split over a
+        // cluster, column groups of `cl` blocks (about two blocks per SM).
+        let decode = self.out != 0
+            && self.tokens <= bm
+            && self.rank <= SINGLORA_DECODE_MAX_RANK as usize
+            && kernels.has_clusters();
+        let (kernel, grid, cols_per_block) = if decode {
+            let kernel = kernels.kernel(&kernel_name::<T>("forward_decode", self.rank))?;
+            let groups = col_chunks.div_ceil(cl).min((2 * sm).div_ceil(cl)).max(1);
+            let cols_per_block = col_chunks.div_ceil(groups * cl) * bn;
+            let groups = self.n_dim.div_ceil(cols_per_block * cl);
+            (kernel, (cl as u32, groups as u32, 1), cols_per_block)
         } else {
-            col_chunks.min(sm.div_ceil(row_blocks))
+            let row_blocks = self.tokens.div_ceil(bm);
+            // Few token rows cannot fill the GPU: split the output columns over
+            // blocks that each recompute their rows' S (a re-read of few rows).
+            let splits = if self.out == 0 || row_blocks >= sm {
+                1
+            } else {
+                col_chunks.min(sm.div_ceil(row_blocks))
+            };
+            let cols_per_block = col_chunks.div_ceil(splits) * bn;
+            let splits = self.n_dim.div_ceil(cols_per_block);
+            let grid_x = u32::try_from(row_blocks).map_err(|_| crate::Error::Overflow {
+                what: "forward grid (tokens / 64)",
+            })?;
+            (normal, (grid_x, splits as u32, 1), cols_per_block)
         };
-        let cols_per_block = col_chunks.div_ceil(splits) * bn;
-        let splits = self.n_dim.div_ceil(cols_per_block);
         let params = singlora_forward_params {
             in_: self.input,
             a: self.a,
@@ -229,9 +248,6 @@ impl ShrinkExpand {
             a_vec: vec_ok::<T>(self.a, self.rank),
             pad_: 0,
         };
-        let grid_x = u32::try_from(row_blocks).map_err(|_| crate::Error::Overflow {
-            what: "forward grid (tokens / 64)",
-        })?;
-        launch(stream, kernel, (grid_x, splits as u32, 1), &params)
+        launch(stream, kernel, grid, &params)
     }
 }
