@@ -34,9 +34,11 @@ echo "==> cargo test --release --no-run"
 cargo test --release --no-run --message-format=json >"$tmp/test.json"
 echo "==> cargo bench --no-run --bench forward --bench backward"
 cargo bench --no-run --bench forward --bench backward --message-format=json >"$tmp/bench.json"
+echo "==> cargo build --release --examples"
+cargo build --release --examples --message-format=json >"$tmp/examples.json"
 
 # "<stable name> <executable>" per line, for this package's targets only.
-python3 - "$ROOT/Cargo.toml" "$HOST_ONLY_TESTS" "$tmp/test.json" "$tmp/bench.json" >"$tmp/list" <<'PY'
+python3 - "$ROOT/Cargo.toml" "$HOST_ONLY_TESTS" "$tmp/test.json" "$tmp/bench.json" "$tmp/examples.json" >"$tmp/list" <<'PY'
 import json, sys
 manifest, host_only, *files = sys.argv[1:]
 host_only = set(host_only.split())
@@ -60,8 +62,10 @@ for path in files:
                     print(f"bundle.sh: leaving out host-only test {target['name']}", file=sys.stderr)
                     continue
                 name = "test-lib" if "lib" in kinds else "test-" + target["name"]
+            elif "example" in kinds:
+                name = "example-" + target["name"]
             else:
-                continue  # examples, bins: not run on the GPU host
+                continue  # bins: not run on the GPU host
             if seen.get(name, msg["executable"]) != msg["executable"]:
                 sys.exit(f"bundle.sh: two executables would be named {name}")
             seen[name] = msg["executable"]

@@ -142,6 +142,20 @@ for bin in "${test_bins[@]}"; do
     record "$name" "$(status_of "$rc" "$log")"
 done
 
+# ---------------------------------------------------------------- examples
+section "examples"
+shopt -s nullglob
+for bin in bin/example-*; do
+    name="$(basename "$bin")"
+    log="$scratch/$name.log"
+    timeout --kill-after=10 60 "$bin" >"$log" 2>&1
+    rc=$?
+    { echo "### $name (exit $rc)"; cat "$log"; echo; } >>"$OUT/tests.log"
+    sed "s/^/[$name] /" "$log" | head -20
+    if ((rc == 0)) && ! grep -q '^no GPU' "$log"; then record "$name" PASS; else record "$name" "FAIL (exit $rc)"; fi
+done
+shopt -u nullglob
+
 # -------------------------------------------------------------- d. benchmarks
 section "benchmarks (${BENCH_S}s each)"
 for name in bench-forward bench-backward; do
