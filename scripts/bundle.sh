@@ -13,12 +13,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT="$(pwd)"
 
-bash scripts/setup.sh
-# shellcheck source=/dev/null
-source .toolchain/env.sh
-# Same settings as scripts/test.sh, so the two share build output.
-export CARGO_INCREMENTAL=0
-export SINGLORA_NVCC_THREADS="${SINGLORA_NVCC_THREADS:-2}"
+# shellcheck source=scripts/prelude.sh
+source scripts/prelude.sh
 
 BUNDLE="$ROOT/target/gpu-bundle"
 LIMIT_MIB=60

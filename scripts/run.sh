@@ -7,12 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-bash scripts/setup.sh
-# shellcheck source=/dev/null
-source .toolchain/env.sh
-
-# Same settings as scripts/test.sh and bundle.sh, so they share build output.
-export CARGO_INCREMENTAL=0
-export SINGLORA_NVCC_THREADS="${SINGLORA_NVCC_THREADS:-2}"
+# shellcheck source=scripts/prelude.sh
+source scripts/prelude.sh
 
 cargo bench --bench forward --bench backward "$@"

@@ -17,14 +17,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-bash scripts/setup.sh
-# shellcheck source=/dev/null
-source .toolchain/env.sh
-
-# Lean builds for CI's 2 cores. (build.rs reruns when SINGLORA_NVCC_THREADS
-# changes, so builds with and without it set do not share kernel output.)
-export CARGO_INCREMENTAL=0
-export SINGLORA_NVCC_THREADS="${SINGLORA_NVCC_THREADS:-2}"
+# shellcheck source=scripts/prelude.sh
+source scripts/prelude.sh
 
 echo "==> cargo fmt --check"
 cargo fmt --check

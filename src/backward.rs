@@ -114,7 +114,9 @@ pub struct DxOut<'a, T> {
 /// * `da` (`D × rank` f32) ← `da_beta·da + scale·(Gᵀ·S + Xᵀ·Q)`, with
 ///   `da_beta` 0 (overwrite, never read) or 1 (gradient accumulation).
 ///   Bitwise reproducible: no atomics, a fixed summation order.
-/// * `workspace`: at least [`backward_workspace_len`] f32 elements.
+/// * `workspace`: at least [`backward_workspace_len`] f32 elements,
+///   16-byte aligned. Once the call's work completes, its first
+///   `tokens × rank` elements hold Q = G·A[:d_out] (row-major f32).
 ///
 /// Every argument is checked before anything is enqueued; a refused call
 /// leaves every output untouched. The call only enqueues work.

@@ -52,10 +52,6 @@ pub fn forward<T: DType>(
         scale,
         beta,
     )?;
-    let kernels = Kernels::for_stream(stream)?;
-    if dims.tokens == 0 {
-        return Ok(());
-    }
     let (x_ptr, _x_rec) = x.device_ptr(stream);
     let (a_ptr, _a_rec) = a.device_ptr(stream);
     let (y_ptr, _y_rec) = y.device_ptr_mut(stream);
@@ -66,24 +62,15 @@ pub fn forward<T: DType>(
         }
         None => (0, None),
     };
-    let op = ShrinkExpand {
-        input: x_ptr,
-        ld_in: ld_x,
-        k_dim: dims.d_in,
-        a: a_ptr,
-        out: y_ptr,
-        ld_out: ld_y,
-        n_dim: dims.d_out,
-        s_out: s_ptr,
-        tokens: dims.tokens,
-        rank: dims.rank,
-        scale,
-        beta,
-    };
     // SAFETY: the lengths checked above cover every element the kernel
     // touches for these dims and strides; the pointers come from borrows that
-    // live until the launch is enqueued and cudarc orders them on `stream`.
-    unsafe { op.launch::<T>(stream, &kernels) }
+    // live (with cudarc's event records) until the launch is enqueued, and
+    // the borrow rules keep y and s apart from x and a.
+    unsafe {
+        forward_raw::<T>(
+            stream, dims, x_ptr, ld_x, a_ptr, y_ptr, ld_y, s_ptr, scale, beta,
+        )
+    }
 }
 
 /// The same forward on raw device pointers, for frameworks that own their
