@@ -194,6 +194,16 @@ if [[ "${SINGLORA_NCU:-0}" == 1 ]]; then
         timeout --kill-after=10 120 "$ncu_bin" "${ncu_args[@]}" --kernel-name "regex:forward|backward" --launch-skip 3 --launch-count 3 \
             bin/test-backward --ignored --exact profile_backward_bf16 >>"$OUT/ncu.txt" 2>&1
         rc=$((rc | $?))
+        # Stall reasons of the 16384-token forward (the launch after the
+        # decode one); a failure here only costs this detail.
+        reasons=barrier,long_scoreboard,short_scoreboard,mio_throttle,lg_throttle,wait,math_pipe_throttle,not_selected,drain,dispatch_stall,no_instruction,membar,imc_miss,tex_throttle,branch_resolving,selected
+        metrics="$(echo "$reasons" | tr ',' '\n' | sed 's/.*/smsp__average_warps_issue_stalled_&_per_issue_active.ratio/' | paste -sd,)"
+        metrics="$metrics,dram__bytes_read.sum,dram__bytes_write.sum,lts__t_bytes.sum,smsp__inst_executed.sum,sm__throughput.avg.pct_of_peak_sustained_elapsed"
+        echo "### stall reasons" >>"$OUT/ncu.txt"
+        timeout --kill-after=10 60 "$ncu_bin" --clock-control none --kernel-name regex:forward --launch-skip 3 --launch-count 1 \
+            --metrics "$metrics" bin/test-forward --ignored --exact profile_forward_bf16 >>"$OUT/ncu.txt" 2>&1 ||
+            echo "(stall metrics unavailable)" >>"$OUT/ncu.txt"
+        sed -n '/### stall reasons/,$p' "$OUT/ncu.txt" | grep -E "stalled|bytes|inst_executed|throughput|forward_" | head -30
         grep -E "forward_|backward_|Duration|DRAM Throughput|Memory Throughput|Achieved Occupancy|Stall|Registers Per|Block Limit|Grid Size|Warp Cycles Per Issued" "$OUT/ncu.txt" | head -80
         record "ncu" "$(if ((rc == 0)); then echo PASS; else echo "FAIL (exit $rc)"; fi)"
     else
