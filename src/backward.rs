@@ -91,7 +91,8 @@ fn workspace(dims: &Dims, saved_s: bool) -> Result<Workspace> {
 /// S when no saved S is passed (tokens × rank), and the dA partials
 /// (2 × splits × D × rank rounded up to 16, splits ≤ 256 / ⌈D/128⌉ and
 /// ≤ ⌈tokens/256⌉). That is O(tokens·rank + splits·D·rank), never O(d²):
-/// for d = 4096, rank 64, 16384 tokens it is 8 MiB + 16 MiB.
+/// for d = 4096, rank 64, 16384 tokens it is 4 MiB for Q (8 MiB with S) plus
+/// 16 MiB of partials.
 pub fn backward_workspace_len(dims: &Dims, saved_s: bool) -> Result<usize> {
     Ok(workspace(dims, saved_s)?.len)
 }

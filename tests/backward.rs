@@ -457,14 +457,7 @@ fn check_backward_names_every_bad_argument() {
     ];
     for (l, scale, da_beta, want) in bad {
         let err = check_backward(&d, &l, scale, da_beta).unwrap_err();
-        let name = match &err {
-            Error::BufferTooSmall { name, .. }
-            | Error::InvalidStride { name, .. }
-            | Error::InvalidArgument { name, .. }
-            | Error::InvalidDim { name, .. } => *name,
-            other => panic!("unexpected error {other}"),
-        };
-        assert_eq!(name, want, "{err}");
+        assert_eq!(argument_named(&err), want, "{err}");
     }
     // Without a saved S the workspace must also hold S.
     let e = check_backward(

@@ -320,14 +320,7 @@ fn check_forward_names_every_bad_argument() {
         ),
     ];
     for (err, want) in cases {
-        let name = match &err {
-            Error::BufferTooSmall { name, .. }
-            | Error::InvalidStride { name, .. }
-            | Error::InvalidArgument { name, .. }
-            | Error::InvalidDim { name, .. } => *name,
-            other => panic!("unexpected error {other}"),
-        };
-        assert_eq!(name, want, "{err}");
+        assert_eq!(argument_named(&err), want, "{err}");
     }
     let e = check_forward(&d, 479, 48, a, 320, 32, None, 0.5, 1.0).unwrap_err();
     assert!(

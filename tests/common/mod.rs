@@ -104,3 +104,14 @@ pub fn restride(v: &[f64], rows: usize, cols: usize, ld: usize, fill: f64) -> Ve
     }
     out
 }
+
+/// The argument a refusal names; any other error fails the test.
+pub fn argument_named(err: &Error) -> &'static str {
+    match err {
+        Error::BufferTooSmall { name, .. }
+        | Error::InvalidStride { name, .. }
+        | Error::InvalidArgument { name, .. }
+        | Error::InvalidDim { name, .. } => name,
+        other => panic!("unexpected error {other}"),
+    }
+}
