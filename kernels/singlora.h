@@ -129,4 +129,73 @@ typedef struct singlora_fill_params {
     int32_t elem_bytes;
 } singlora_fill_params;
 
+/* Tile of the merge kernel: a block folds a MERGE_BM × MERGE_BN tile of W,
+ * each thread 4 rows × 8 columns (8 columns = one 16-byte bf16/f16 access),
+ * reading the A rows it needs through shared memory in MERGE_BK-rank chunks. */
+#define SINGLORA_MERGE_BM 64
+#define SINGLORA_MERGE_BN 128
+#define SINGLORA_MERGE_BK 32
+
+/* merge / unmerge: W = W + scale · A[:d_out] · A[:d_in]ᵀ in place (unmerge
+ * passes -scale). The product is summed in f32 over rank in a fixed order
+ * and rounded once (to f32) before the one rounding of the add, so merge
+ * then unmerge differ from W by at most that rounding. */
+typedef struct singlora_merge_params {
+    uint64_t w;              /* T, d_out × d_in, row stride ld_w */
+    uint64_t a;              /* T, D × rank, contiguous */
+    int64_t ld_w;            /* elements */
+    int32_t d_in;
+    int32_t d_out;
+    int32_t rank;
+    float scale;
+    int32_t w_pair;          /* 1: w and ld_w allow 2-element accesses */
+    int32_t pad_;
+} singlora_merge_params;
+
+/* AdamW over the n elements of A (PyTorch's torch.optim.AdamW semantics):
+ *   p  = p · (1 - lr·weight_decay)
+ *   m  = beta1·m + (1 - beta1)·g,   v = beta2·v + (1 - beta2)·g²,  g = grad_scale·grad
+ *   p  = p - lr · (m / bias1) / (sqrt(v / bias2) + eps)
+ * p is the f32 master copy when `master` is set (A then receives p rounded
+ * to T), else A itself read as f32. bias1 = 1 - beta1^t and bias2 =
+ * 1 - beta2^t are computed on the host in f64 for step t. */
+typedef struct singlora_adamw_params {
+    uint64_t a;              /* T, n */
+    uint64_t master;         /* f32, n; 0: A is its own master */
+    uint64_t grad;           /* f32, n (dA) */
+    uint64_t m;              /* f32, n */
+    uint64_t v;              /* f32, n */
+    uint64_t n;
+    float lr;
+    float beta1;
+    float beta2;
+    float eps;
+    float weight_decay;
+    float grad_scale;
+    float bias1;
+    float bias2;
+} singlora_adamw_params;
+
+/* Blocks of the mse_grad kernel (grid-stride; each block writes one partial
+ * sum, which the host adds in a fixed order). */
+#define SINGLORA_MSE_BLOCKS 512
+
+/* Mean squared error of a prediction, and its gradient:
+ *   grad = (2 / count) · (pred - target)      (T, same strides as pred)
+ *   partial[block] = Σ over the block's elements of (pred - target)²  (f32)
+ * over a rows × cols matrix (row strides ld); count = rows · cols. */
+typedef struct singlora_mse_params {
+    uint64_t pred;           /* T */
+    uint64_t target;         /* T */
+    uint64_t grad;           /* T; 0: not written */
+    uint64_t partial;        /* f32, SINGLORA_MSE_BLOCKS */
+    int64_t rows;
+    int64_t cols;
+    int64_t ld_pred;
+    int64_t ld_target;
+    int64_t ld_grad;
+    float grad_factor;       /* 2 / count, computed on the host */
+    int32_t pad_;
+} singlora_mse_params;
+
 #endif /* SINGLORA_H */

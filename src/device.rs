@@ -44,6 +44,9 @@ pub(crate) const THREADS: u32 = SINGLORA_THREADS;
 pub fn kernel_names() -> Vec<String> {
     let mut names = vec!["fill".to_string(), "backward_da_reduce".to_string()];
     for t in ["f32", "f16", "bf16"] {
+        for family in ["merge", "adamw", "mse"] {
+            names.push(format!("{family}_{t}"));
+        }
         for r in RANK_BUCKETS {
             names.push(format!("forward_{t}_r{r}"));
             names.push(format!("backward_da_partial_{t}_r{r}"));
@@ -58,6 +61,12 @@ pub fn kernel_names() -> Vec<String> {
 /// The name of a family's instantiation for an element type and rank.
 pub(crate) fn kernel_name<T: DType>(family: &str, rank: usize) -> String {
     format!("{family}_{}_r{}", T::NAME, rank_bucket(rank))
+}
+
+/// The name of a family's instantiation for an element type (families with
+/// one kernel per type: merge, adamw, mse).
+pub(crate) fn typed_kernel_name<T: DType>(family: &str) -> String {
+    format!("{family}_{}", T::NAME)
 }
 
 /// Opens device `ordinal` (its primary context) after checking, in this

@@ -68,6 +68,9 @@ pub enum Error {
     /// The build embedded no kernels (a docs.rs build).
     #[error("this build of singlora embeds no kernels (built under DOCS_RS)")]
     NoKernels,
+    /// A cuBLAS call failed (the frozen base GEMMs of [`crate::SingLoraLinear`]).
+    #[error("cuBLAS error: {0}")]
+    Cublas(#[from] cudarc::cublas::result::CublasError),
     /// A CUDA driver call failed.
     #[error("CUDA driver error: {0}")]
     Driver(#[from] DriverError),

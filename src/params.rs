@@ -10,3 +10,6 @@ include!(concat!(env!("OUT_DIR"), "/params.rs"));
 unsafe impl cudarc::driver::DeviceRepr for singlora_forward_params {}
 unsafe impl cudarc::driver::DeviceRepr for singlora_da_params {}
 unsafe impl cudarc::driver::DeviceRepr for singlora_fill_params {}
+unsafe impl cudarc::driver::DeviceRepr for singlora_merge_params {}
+unsafe impl cudarc::driver::DeviceRepr for singlora_adamw_params {}
+unsafe impl cudarc::driver::DeviceRepr for singlora_mse_params {}

@@ -213,6 +213,85 @@ pub fn delta_w(dims: &Dims, a: &[f64], scale: f64) -> Vec<f64> {
     w
 }
 
+/// Merge: `W = W + scale · A_out · A_inᵀ` in place, for a row-major
+/// `d_out × d_in` weight with row stride `ld_w` (unmerge is `-scale`).
+/// `dims.tokens` is not used.
+///
+/// # Errors
+/// [`Error::InvalidDim`](crate::Error::InvalidDim) from [`Dims::validate`],
+/// [`Error::InvalidStride`](crate::Error::InvalidStride) naming `"ld_w"`, or
+/// [`Error::BufferTooSmall`](crate::Error::BufferTooSmall) naming `"w"` or
+/// `"a"`. Nothing is written on error.
+pub fn merge(dims: &Dims, w: &mut [f64], ld_w: usize, a: &[f64], scale: f64) -> Result<()> {
+    crate::merge::check_merge(dims, w.len(), ld_w, a.len(), 0.0)?;
+    let Dims {
+        d_in, d_out, rank, ..
+    } = *dims;
+    for (r, ao_row) in a[..d_out * rank].chunks_exact(rank).enumerate() {
+        let w_row = &mut w[r * ld_w..r * ld_w + d_in];
+        for (o, ai_row) in w_row.iter_mut().zip(a[..d_in * rank].chunks_exact(rank)) {
+            let dot: f64 = ao_row.iter().zip(ai_row).map(|(&p, &q)| p * q).sum();
+            *o += scale * dot;
+        }
+    }
+    Ok(())
+}
+
+/// One AdamW step (1-based `step`) in f64 over `p` with gradient
+/// `grad_scale · grad`, in the order of [`crate::AdamW`]'s kernel (PyTorch's
+/// `torch.optim.AdamW`): decay, moments, bias-corrected update.
+///
+/// # Errors
+/// [`Error::InvalidArgument`](crate::Error::InvalidArgument) for a bad
+/// hyper-parameter or `step == 0`;
+/// [`Error::BufferTooSmall`](crate::Error::BufferTooSmall) naming `"grad"`,
+/// `"m"` or `"v"` when shorter than `p`. Nothing is written on error.
+pub fn adamw(
+    cfg: &crate::AdamW,
+    step: u64,
+    p: &mut [f64],
+    grad: &[f64],
+    grad_scale: f64,
+    m: &mut [f64],
+    v: &mut [f64],
+) -> Result<()> {
+    let (bias1, bias2) = cfg.bias_corrections(step)?;
+    check_len("grad", grad.len(), p.len())?;
+    check_len("m", m.len(), p.len())?;
+    check_len("v", v.len(), p.len())?;
+    let (lr, b1, b2) = (cfg.lr as f64, cfg.beta1 as f64, cfg.beta2 as f64);
+    let (eps, wd) = (cfg.eps as f64, cfg.weight_decay as f64);
+    for i in 0..p.len() {
+        let g = grad_scale * grad[i];
+        p[i] *= 1.0 - lr * wd;
+        m[i] = b1 * m[i] + (1.0 - b1) * g;
+        v[i] = b2 * v[i] + (1.0 - b2) * g * g;
+        p[i] -= lr * (m[i] / bias1) / ((v[i] / bias2).sqrt() + eps);
+    }
+    Ok(())
+}
+
+/// Mean squared error of `pred` against `target` (equal lengths) and its
+/// gradient `2/n · (pred − target)`.
+///
+/// # Errors
+/// [`Error::BufferTooSmall`](crate::Error::BufferTooSmall) naming `"target"`
+/// when it is shorter than `pred`.
+pub fn mse(pred: &[f64], target: &[f64]) -> Result<(f64, Vec<f64>)> {
+    check_len("target", target.len(), pred.len())?;
+    let n = pred.len().max(1) as f64;
+    let mut loss = 0.0;
+    let grad = pred
+        .iter()
+        .zip(target)
+        .map(|(&p, &t)| {
+            loss += (p - t) * (p - t);
+            2.0 / n * (p - t)
+        })
+        .collect();
+    Ok((loss / n, grad))
+}
+
 /// The relative L2 error `‖out − reference‖₂ / ‖reference‖₂`, the measure of
 /// every accuracy bar (design §3).
 ///

@@ -27,7 +27,7 @@ fn module_is_cached_per_context_and_has_every_kernel() {
     let b = Kernels::get(&gpu.ctx).unwrap();
     assert!(std::sync::Arc::ptr_eq(&a, &b));
     assert!(a.sm_count() > 0);
-    assert_eq!(kernel_names().len(), 32);
+    assert_eq!(kernel_names().len(), 41);
 }
 
 #[test]

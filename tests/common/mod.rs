@@ -115,3 +115,34 @@ pub fn argument_named(err: &Error) -> &'static str {
         other => panic!("unexpected error {other}"),
     }
 }
+
+/// One unit in the last place of T at magnitude `x` (subnormals included):
+/// the spacing of T's values around `x`.
+pub fn ulp<T: DType>(x: f64) -> f64 {
+    // (mantissa bits, smallest normal exponent)
+    let (mant, min_exp) = match T::NAME {
+        "f32" => (23, -126),
+        "f16" => (10, -14),
+        "bf16" => (7, -126),
+        other => panic!("no ulp for {other}"),
+    };
+    let e = if x == 0.0 {
+        min_exp
+    } else {
+        (x.abs().log2().floor() as i32).max(min_exp)
+    };
+    2f64.powi(e - mant)
+}
+
+/// Asserts `got` is within `tol[i]` of `want[i]` for every element, naming
+/// the first that is not (NaN never passes).
+pub fn assert_each_within(what: &str, got: &[f64], want: &[f64], tol: impl Fn(usize) -> f64) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        let t = tol(i);
+        assert!(
+            (g - w).abs() <= t,
+            "{what}: element {i} is {g:e}, expected {w:e} within {t:e}"
+        );
+    }
+}

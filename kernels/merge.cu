@@ -1,0 +1,106 @@
+// merge: W = W + scale · A[:d_out] · A[:d_in]ᵀ in place (unmerge: -scale).
+// The one operation that touches a d_out × d_in matrix, because it is the
+// weight: every element of W is read once and written once.
+//
+// A block owns a BM × BN tile of W; thread (ty, tx) owns rows ty·4.. and
+// columns tx·8.. of it (4 × 8 f32 accumulators), so a warp's loads and stores
+// cover 128 contiguous elements of two rows. The rank is reduced in BK
+// chunks of A_out and A_in rows staged in shared memory as f32, with FMAs on
+// CUDA cores: the product has only rank ≤ 256 terms, W's traffic dominates,
+// and f32 FMAs in a fixed order make the product bit-identical between merge
+// and unmerge (their only difference is the sign of scale, which is exact).
+#include "common.cuh"
+
+namespace singlora {
+
+constexpr int kMergeBM = SINGLORA_MERGE_BM;
+constexpr int kMergeBN = SINGLORA_MERGE_BN;
+constexpr int kMergeBK = SINGLORA_MERGE_BK;
+// Rows of the staged chunks are padded by 4 floats: the transposing stores
+// hit 4-way instead of 32-way bank conflicts, and rows stay 16-byte aligned
+// for the float4 reads of the inner loop.
+constexpr int kMergeLdo = kMergeBM + 4;
+constexpr int kMergeLdi = kMergeBN + 4;
+static_assert(kMergeBM / 4 * (kMergeBN / 8) == kThreads, "one 4x8 patch per thread");
+
+template <typename T>
+__device__ __forceinline__ void merge_kernel(const singlora_merge_params& p) {
+    __shared__ __align__(16) float a_out[kMergeBK][kMergeLdo];
+    __shared__ __align__(16) float a_in[kMergeBK][kMergeLdi];
+
+    const T* a = reinterpret_cast<const T*>(p.a);
+    T* w = reinterpret_cast<T*>(p.w);
+    const int tx = threadIdx.x % (kMergeBN / 8), ty = threadIdx.x / (kMergeBN / 8);
+    const int row0 = blockIdx.y * kMergeBM, col0 = blockIdx.x * kMergeBN;
+    const int rank = p.rank;
+
+    float acc[4][8];
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 8; ++j) acc[i][j] = 0.0f;
+
+    for (int k0 = 0; k0 < rank; k0 += kMergeBK) {
+        // Consecutive threads read consecutive rank entries of one A row
+        // (A is row-major D × rank); zeros pad rows and ranks out of range.
+        for (int e = threadIdx.x; e < kMergeBM * kMergeBK; e += kThreads) {
+            const int m = e / kMergeBK, k = e % kMergeBK;
+            const int row = row0 + m;
+            a_out[k][m] = (row < p.d_out && k0 + k < rank) ? to_f32(a[(int64_t)row * rank + k0 + k]) : 0.0f;
+        }
+        for (int e = threadIdx.x; e < kMergeBN * kMergeBK; e += kThreads) {
+            const int n = e / kMergeBK, k = e % kMergeBK;
+            const int col = col0 + n;
+            a_in[k][n] = (col < p.d_in && k0 + k < rank) ? to_f32(a[(int64_t)col * rank + k0 + k]) : 0.0f;
+        }
+        __syncthreads();
+#pragma unroll 8
+        for (int k = 0; k < kMergeBK; ++k) {
+            const float4 o = *reinterpret_cast<const float4*>(&a_out[k][ty * 4]);
+            const float4 i0 = *reinterpret_cast<const float4*>(&a_in[k][tx * 8]);
+            const float4 i1 = *reinterpret_cast<const float4*>(&a_in[k][tx * 8 + 4]);
+            const float ov[4] = {o.x, o.y, o.z, o.w};
+            const float iv[8] = {i0.x, i0.y, i0.z, i0.w, i1.x, i1.y, i1.z, i1.w};
+#pragma unroll
+            for (int i = 0; i < 4; ++i)
+#pragma unroll
+                for (int j = 0; j < 8; ++j) acc[i][j] = fmaf(ov[i], iv[j], acc[i][j]);
+        }
+        // The next chunk overwrites what slower warps may still be reading.
+        __syncthreads();
+    }
+
+    // Explicit roundings (no contraction into an FMA with W): the update is
+    // rounded to f32 once, identically for merge and unmerge, then added.
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const int row = row0 + ty * 4 + i;
+        if (row >= p.d_out) break;
+        T* wr = w + (int64_t)row * p.ld_w;
+#pragma unroll
+        for (int j = 0; j < 8; j += 2) {
+            const int col = col0 + tx * 8 + j;
+            const float d0 = __fmul_rn(p.scale, acc[i][j]);
+            const float d1 = __fmul_rn(p.scale, acc[i][j + 1]);
+            if (p.w_pair && col + 1 < p.d_in) {
+                const float2 v = load2(wr + col);
+                store2(wr + col, make_float2(__fadd_rn(v.x, d0), __fadd_rn(v.y, d1)));
+            } else {
+                if (col < p.d_in) wr[col] = from_f32<T>(__fadd_rn(to_f32(wr[col]), d0));
+                if (col + 1 < p.d_in) wr[col + 1] = from_f32<T>(__fadd_rn(to_f32(wr[col + 1]), d1));
+            }
+        }
+    }
+}
+
+}  // namespace singlora
+
+#define SINGLORA_MERGE(tname, T)                                                                          \
+    extern "C" __global__ void __launch_bounds__(singlora::kThreads) merge_##tname(const singlora_merge_params p) { \
+        singlora::merge_kernel<T>(p);                                                                     \
+    }                                                                                                     \
+    SINGLORA_KERNEL_INFO(merge_##tname, 0, SINGLORA_MERGE_BM, SINGLORA_MERGE_BN, SINGLORA_MAX_RANK)
+
+SINGLORA_MERGE(f32, float)
+SINGLORA_MERGE(f16, __half)
+SINGLORA_MERGE(bf16, __nv_bfloat16)

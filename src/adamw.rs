@@ -1,0 +1,152 @@
+//! adamw: the launcher of kernels/adamw.cu, one fused AdamW step over A.
+
+use std::sync::Arc;
+
+use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut};
+
+use crate::device::{launch, typed_kernel_name, Kernels, THREADS};
+use crate::dims::check_len;
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+use crate::params::singlora_adamw_params;
+
+/// AdamW hyper-parameters (PyTorch's `torch.optim.AdamW` defaults).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdamW {
+    pub lr: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    pub weight_decay: f32,
+}
+
+impl Default for AdamW {
+    fn default() -> Self {
+        Self {
+            lr: 1e-3,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 1e-2,
+        }
+    }
+}
+
+impl AdamW {
+    /// Checks every hyper-parameter and the step (1-based) and returns the
+    /// bias corrections `(1 − beta1^t, 1 − beta2^t)`, computed in f64.
+    pub fn bias_corrections(&self, step: u64) -> Result<(f64, f64)> {
+        let bad = |name: &'static str, expected: &'static str, v: f32| Error::InvalidArgument {
+            name,
+            expected,
+            actual: v.to_string(),
+        };
+        if !(self.lr.is_finite() && self.lr >= 0.0) {
+            return Err(bad("lr", "a finite number >= 0", self.lr));
+        }
+        for (name, b) in [("beta1", self.beta1), ("beta2", self.beta2)] {
+            if !(0.0..1.0).contains(&b) {
+                return Err(bad(name, "a number in [0, 1)", b));
+            }
+        }
+        if !(self.eps.is_finite() && self.eps > 0.0) {
+            return Err(bad("eps", "a finite number > 0", self.eps));
+        }
+        if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
+            return Err(bad(
+                "weight_decay",
+                "a finite number >= 0",
+                self.weight_decay,
+            ));
+        }
+        if step == 0 {
+            return Err(Error::InvalidArgument {
+                name: "step",
+                expected: "the 1-based optimizer step (>= 1)",
+                actual: "0".into(),
+            });
+        }
+        let t = step.min(i32::MAX as u64) as i32;
+        Ok((
+            1.0 - (self.beta1 as f64).powi(t),
+            1.0 - (self.beta2 as f64).powi(t),
+        ))
+    }
+}
+
+/// The f32 optimizer state of one parameter: moments, and a master copy when
+/// the parameter is 16-bit.
+pub struct AdamWState<'a> {
+    pub m: &'a mut dyn DevicePtrMut<f32>,
+    pub v: &'a mut dyn DevicePtrMut<f32>,
+    /// f32 master weights (A receives them rounded); `None`: A is updated
+    /// in its own type (exact for f32).
+    pub master: Option<&'a mut dyn DevicePtrMut<f32>>,
+}
+
+/// One AdamW step (`step` is 1-based) over the `a.len()` elements of `a`,
+/// with gradient `grad_scale · grad` (e.g. 1 / micro-batches). Every argument
+/// is checked before anything is enqueued; a refused call leaves `a` and the
+/// state untouched.
+pub fn adamw<T: DType>(
+    stream: &Arc<CudaStream>,
+    cfg: &AdamW,
+    step: u64,
+    a: &mut impl DevicePtrMut<T>,
+    grad: &impl DevicePtr<f32>,
+    grad_scale: f32,
+    state: AdamWState<'_>,
+) -> Result<()> {
+    let n = a.len();
+    let (bias1, bias2) = cfg.bias_corrections(step)?;
+    if !grad_scale.is_finite() {
+        return Err(Error::InvalidArgument {
+            name: "grad_scale",
+            expected: "a finite number",
+            actual: grad_scale.to_string(),
+        });
+    }
+    check_len("grad", grad.len(), n)?;
+    check_len("m", state.m.len(), n)?;
+    check_len("v", state.v.len(), n)?;
+    if let Some(master) = &state.master {
+        check_len("master", master.len(), n)?;
+    }
+    let kernels = Kernels::for_stream(stream)?;
+    let kernel = kernels.kernel(&typed_kernel_name::<T>("adamw"))?;
+    if n == 0 {
+        return Ok(());
+    }
+    let (a_ptr, _a_rec) = a.device_ptr_mut(stream);
+    let (g_ptr, _g_rec) = grad.device_ptr(stream);
+    let (m_ptr, _m_rec) = state.m.device_ptr_mut(stream);
+    let (v_ptr, _v_rec) = state.v.device_ptr_mut(stream);
+    let (master_ptr, _master_rec) = match state.master {
+        Some(p) => {
+            let (ptr, rec) = p.device_ptr_mut(stream);
+            (ptr, Some(rec))
+        }
+        None => (0, None),
+    };
+    let params = singlora_adamw_params {
+        a: a_ptr,
+        master: master_ptr,
+        grad: g_ptr,
+        m: m_ptr,
+        v: v_ptr,
+        n: n as u64,
+        lr: cfg.lr,
+        beta1: cfg.beta1,
+        beta2: cfg.beta2,
+        eps: cfg.eps,
+        weight_decay: cfg.weight_decay,
+        grad_scale,
+        bias1: bias1 as f32,
+        bias2: bias2 as f32,
+    };
+    let blocks = n.div_ceil(THREADS as usize).min(4096) as u32;
+    // SAFETY: a, grad, m, v (and master) hold at least n elements (checked
+    // above) on this stream's context; the kernel touches elements 0..n; the
+    // outputs are distinct mutable borrows, alive until the launch is enqueued.
+    unsafe { launch(stream, kernel, (blocks, 1, 1), &params) }
+}

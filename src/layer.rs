@@ -1,0 +1,506 @@
+//! SingLoraLinear: the layer frameworks link, built on the launchers.
+//!
+//! It owns the adapter `A` (`D × rank`, `T`), its f32 gradient and AdamW
+//! state, the ramp and the optimizer-step counter, and optionally the frozen
+//! base weight `W0` (`d_out × d_in`, `T`, PyTorch `nn.Linear` orientation).
+//! Every buffer is a `CudaSlice` freed with the layer. All work is enqueued
+//! on the layer's stream; several layers may share one stream.
+
+use std::sync::Arc;
+
+use cudarc::cublas::{sys::cublasOperation_t, CudaBlas, Gemm, GemmConfig};
+use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
+
+use crate::adamw::{adamw, AdamW, AdamWState};
+use crate::backward::{backward, backward_workspace_len, DxOut};
+use crate::dims::{check_len, Dims};
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+use crate::forward::forward;
+use crate::merge::{merge, unmerge};
+use crate::ramp::Ramp;
+
+/// What [`SingLoraLinear::forward`] saves for [`SingLoraLinear::backward`].
+pub struct ForwardCtx {
+    tokens: usize,
+    scale: f32,
+    /// `S = X·A_in` (`tokens × rank`, f32); `None` when the adapter was
+    /// merged into `W0` (the forward ran no adapter).
+    s: Option<CudaSlice<f32>>,
+}
+
+impl ForwardCtx {
+    /// Token rows of the forward.
+    pub fn tokens(&self) -> usize {
+        self.tokens
+    }
+
+    /// The scale the forward used (the backward uses the same).
+    pub fn scale(&self) -> f32 {
+        self.scale
+    }
+
+    /// The saved `S`, if the adapter ran.
+    pub fn s(&self) -> Option<&CudaSlice<f32>> {
+        self.s.as_ref()
+    }
+}
+
+/// The frozen base weight and the cuBLAS handle that applies it.
+struct Frozen<T> {
+    w0: CudaSlice<T>,
+    blas: CudaBlas,
+    /// `Some(scale)` while the adapter is folded into `w0` with that scale.
+    merged: Option<f32>,
+}
+
+/// A SingLoRA linear layer: `y = x·W0ᵀ + s·(x·A[:d_in])·A[:d_out]ᵀ` with
+/// `s = (alpha / rank)·u(step)`.
+///
+/// ```no_run
+/// # fn main() -> singlora::Result<()> {
+/// use half::bf16;
+/// use singlora::{open_device, AdamW, SingLoraLinear};
+///
+/// let ctx = open_device(0)?;
+/// let stream = ctx.default_stream();
+/// let (tokens, d_in, d_out) = (16, 4096, 4096);
+/// let w0 = stream.alloc_zeros::<bf16>(d_out * d_in)?; // the frozen weight
+/// let mut layer = SingLoraLinear::<bf16>::new(&stream, d_in, d_out, 16, 16.0, 100, 42)?
+///     .with_frozen(w0)?;
+/// let x = stream.alloc_zeros::<bf16>(tokens * d_in)?;
+/// let mut y = stream.alloc_zeros::<bf16>(tokens * d_out)?;
+/// let saved = layer.forward(tokens, &x, &mut y)?;         // y = x·W0ᵀ + adapter
+/// let g = stream.alloc_zeros::<bf16>(tokens * d_out)?;     // ∂L/∂y
+/// layer.backward(&saved, &x, &g, None, false)?;           // dA into layer.grad()
+/// layer.adamw_step(&AdamW::default(), 1.0)?;              // A updated, step += 1
+/// # Ok(()) }
+/// ```
+pub struct SingLoraLinear<T: DType> {
+    stream: Arc<CudaStream>,
+    dims: Dims,
+    ramp: Ramp,
+    step: u64,
+    a: CudaSlice<T>,
+    /// f32 master weights for 16-bit `T` (AdamW updates these and rounds).
+    master: Option<CudaSlice<f32>>,
+    grad: CudaSlice<f32>,
+    m: CudaSlice<f32>,
+    v: CudaSlice<f32>,
+    workspace: Option<CudaSlice<f32>>,
+    frozen: Option<Frozen<T>>,
+}
+
+impl<T: DType> SingLoraLinear<T>
+where
+    CudaBlas: Gemm<T>,
+{
+    /// A layer for `d_in → d_out` with adapter `rank`, `alpha` and a ramp of
+    /// `warmup_steps` optimizer steps (0: no ramp), on `stream`.
+    ///
+    /// `A` is initialised like `torch.nn.init.kaiming_uniform_(a=√5)` with
+    /// fan-in `D` — uniform in `±1/√D` — from `seed` (never zero: the ramp's
+    /// `u(0) = 0` is what makes the adapted layer start equal to the frozen
+    /// one). `D = max(d_in, d_out)`.
+    pub fn new(
+        stream: &Arc<CudaStream>,
+        d_in: usize,
+        d_out: usize,
+        rank: usize,
+        alpha: f64,
+        warmup_steps: u64,
+        seed: u64,
+    ) -> Result<Self> {
+        let dims = Dims::new(0, d_in, d_out, rank)?;
+        if !alpha.is_finite() {
+            return Err(Error::InvalidArgument {
+                name: "alpha",
+                expected: "a finite number",
+                actual: alpha.to_string(),
+            });
+        }
+        let init = kaiming_uniform::<T>(dims.d(), rank, seed);
+        let a = stream.clone_htod(&init)?;
+        let master = if std::mem::size_of::<T>() < 4 {
+            let m: Vec<f32> = init.iter().map(|v| v.to_f64() as f32).collect();
+            Some(stream.clone_htod(&m)?)
+        } else {
+            None
+        };
+        let n = dims.a_len();
+        Ok(Self {
+            stream: stream.clone(),
+            dims,
+            ramp: Ramp {
+                alpha,
+                rank,
+                warmup_steps,
+            },
+            step: 0,
+            a,
+            master,
+            grad: stream.alloc_zeros(n)?,
+            m: stream.alloc_zeros(n)?,
+            v: stream.alloc_zeros(n)?,
+            workspace: None,
+            frozen: None,
+        })
+    }
+
+    /// Gives the layer its frozen base weight `W0` (`d_out × d_in`,
+    /// row-major, on the layer's stream's context): forward then computes
+    /// `x·W0ᵀ` with cuBLAS before adding the adapter, backward adds `g·W0`
+    /// to `dX`, and [`merge`](Self::merge) becomes available.
+    pub fn with_frozen(mut self, w0: CudaSlice<T>) -> Result<Self> {
+        check_len("w0", w0.len(), self.dims.d_out * self.dims.d_in)?;
+        let blas = CudaBlas::new(self.stream.clone())?;
+        self.frozen = Some(Frozen {
+            w0,
+            blas,
+            merged: None,
+        });
+        Ok(self)
+    }
+
+    /// Replaces `A` (and the master copy) with `a` (`D × rank`, row-major),
+    /// e.g. to load a checkpoint.
+    pub fn set_a(&mut self, a: &[T]) -> Result<()> {
+        check_len("a", a.len(), self.dims.a_len())?;
+        let a = &a[..self.dims.a_len()];
+        self.stream.memcpy_htod(a, &mut self.a)?;
+        if let Some(master) = &mut self.master {
+            let m: Vec<f32> = a.iter().map(|v| v.to_f64() as f32).collect();
+            self.stream.memcpy_htod(&m, master)?;
+        }
+        Ok(())
+    }
+
+    /// `s = (alpha / rank)·u(step)` at the current optimizer step.
+    pub fn scale(&self) -> f32 {
+        self.ramp.scale(self.step)
+    }
+
+    /// Advances the ramp by one **optimizer step**. Call it once per
+    /// optimizer update, never per forward: with gradient accumulation
+    /// several forwards share a step. [`adamw_step`](Self::adamw_step) calls
+    /// it for you.
+    pub fn step(&mut self) {
+        self.step += 1;
+    }
+
+    /// Optimizer steps taken so far.
+    pub fn step_count(&self) -> u64 {
+        self.step
+    }
+
+    /// The ramp (alpha, rank, warm-up).
+    pub fn ramp(&self) -> Ramp {
+        self.ramp
+    }
+
+    /// The layer's dimensions (`tokens` is 0).
+    pub fn dims(&self) -> Dims {
+        self.dims
+    }
+
+    /// The adapter `A` (`D × rank`).
+    pub fn a(&self) -> &CudaSlice<T> {
+        &self.a
+    }
+
+    /// The f32 gradient `dA` of the last [`backward`](Self::backward) calls.
+    pub fn grad(&self) -> &CudaSlice<f32> {
+        &self.grad
+    }
+
+    /// The frozen weight, if the layer has one.
+    pub fn frozen(&self) -> Option<&CudaSlice<T>> {
+        self.frozen.as_ref().map(|f| &f.w0)
+    }
+
+    /// The adapter is currently folded into `W0`.
+    pub fn is_merged(&self) -> bool {
+        self.frozen.as_ref().is_some_and(|f| f.merged.is_some())
+    }
+
+    /// The stream the layer enqueues on.
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    /// Forward over `tokens` contiguous rows: with a frozen `W0`,
+    /// `y = x·W0ᵀ` (cuBLAS) then `y += s·S·A_outᵀ`; without one, the adapter
+    /// is added onto `y`, which must hold the caller's frozen layer output.
+    /// When merged, `y = x·W0ᵀ` alone (the adapter is inside `W0`).
+    ///
+    /// Returns the context [`backward`](Self::backward) needs (`S`, the scale).
+    pub fn forward(
+        &self,
+        tokens: usize,
+        x: &impl DevicePtr<T>,
+        y: &mut impl DevicePtrMut<T>,
+    ) -> Result<ForwardCtx> {
+        let dims = Dims {
+            tokens,
+            ..self.dims
+        };
+        dims.validate()?;
+        check_len("x", x.len(), tokens * dims.d_in)?;
+        check_len("y", y.len(), tokens * dims.d_out)?;
+        let scale = self.scale();
+        if tokens == 0 {
+            return Ok(ForwardCtx {
+                tokens,
+                scale,
+                s: None,
+            });
+        }
+        if let Some(f) = &self.frozen {
+            // Row-major y (tokens × d_out) is column-major yᵀ = W0 · xᵀ, and
+            // row-major W0 is column-major W0ᵀ (d_in × d_out): op T.
+            let cfg = gemm_config::<T>(
+                cublasOperation_t::CUBLAS_OP_T,
+                (dims.d_out, tokens, dims.d_in),
+                (dims.d_in, dims.d_in, dims.d_out),
+            )?;
+            // SAFETY: W0 holds d_out·d_in and x tokens·d_in elements, y
+            // tokens·d_out (checked above): exactly the extents the config
+            // describes; cuBLAS runs on the layer's stream.
+            unsafe { f.blas.gemm(cfg, &f.w0, x, y)? };
+            if f.merged.is_some() {
+                return Ok(ForwardCtx {
+                    tokens,
+                    scale,
+                    s: None,
+                });
+            }
+        }
+        // SAFETY of the allocation: S is written in full by the forward.
+        let mut s = unsafe { self.stream.alloc::<f32>(dims.s_len())? };
+        forward(
+            &self.stream,
+            &dims,
+            x,
+            dims.d_in,
+            &self.a,
+            y,
+            dims.d_out,
+            Some(&mut s),
+            scale,
+            1.0,
+        )?;
+        Ok(ForwardCtx {
+            tokens,
+            scale,
+            s: Some(s),
+        })
+    }
+
+    /// Backward of the [`forward`](Self::forward) that returned `ctx`, for
+    /// the upstream gradient `g` (`tokens × d_out`) and the same `x`.
+    ///
+    /// * [`grad()`](Self::grad) (f32 `dA`) ← `s·(Gᵀ·S + Xᵀ·Q)`, added to
+    ///   what it holds when `accumulate` (micro-batches of one step).
+    /// * `dx` (`tokens × d_in`), if given: with a frozen `W0` it is set to
+    ///   `g·W0 + s·Q·A_inᵀ`; without one the adapter term is added onto
+    ///   `dx`, which must hold the caller's frozen-path gradient.
+    ///
+    /// Refused (nothing written) while merged: unmerge before training.
+    pub fn backward(
+        &mut self,
+        ctx: &ForwardCtx,
+        x: &impl DevicePtr<T>,
+        g: &impl DevicePtr<T>,
+        dx: Option<&mut CudaSlice<T>>,
+        accumulate: bool,
+    ) -> Result<()> {
+        let dims = Dims {
+            tokens: ctx.tokens,
+            ..self.dims
+        };
+        let Some(s) = &ctx.s else {
+            return Err(Error::InvalidArgument {
+                name: "ctx",
+                expected: "the context of an unmerged forward with tokens > 0",
+                actual: if ctx.tokens == 0 {
+                    "a forward of 0 tokens".into()
+                } else {
+                    "a forward that ran merged".into()
+                },
+            });
+        };
+        if self.is_merged() {
+            return Err(Error::InvalidArgument {
+                name: "self",
+                expected: "an unmerged layer (call unmerge before training)",
+                actual: "merged".into(),
+            });
+        }
+        check_len("x", x.len(), dims.tokens * dims.d_in)?;
+        check_len("g", g.len(), dims.tokens * dims.d_out)?;
+        if let Some(dx) = &dx {
+            check_len("dx", dx.len(), dims.tokens * dims.d_in)?;
+        }
+        let ws_len = backward_workspace_len(&dims, true)?;
+        if self.workspace.as_ref().is_none_or(|w| w.len() < ws_len) {
+            // SAFETY of the allocation: the backward writes every workspace
+            // element it reads.
+            self.workspace = Some(unsafe { self.stream.alloc::<f32>(ws_len)? });
+        }
+        let workspace = self.workspace.as_mut().expect("allocated above");
+        let mut dx = dx;
+        if let (Some(f), Some(dx)) = (&self.frozen, dx.as_deref_mut()) {
+            // Row-major dx (tokens × d_in) is column-major dxᵀ = W0ᵀ · gᵀ,
+            // with row-major W0 read as column-major W0ᵀ (op N).
+            let cfg = gemm_config::<T>(
+                cublasOperation_t::CUBLAS_OP_N,
+                (dims.d_in, dims.tokens, dims.d_out),
+                (dims.d_in, dims.d_out, dims.d_in),
+            )?;
+            // SAFETY: W0, g and dx hold the extents the config describes
+            // (checked above); cuBLAS runs on the layer's stream.
+            unsafe { f.blas.gemm(cfg, &f.w0, g, dx)? };
+        }
+        // The adapter term is added onto dx: the frozen path's gradient is
+        // already there (from the GEMM above, or from the caller).
+        let dx_out = dx.map(|dx| DxOut {
+            dx,
+            ld_dx: dims.d_in,
+            beta: 1.0,
+        });
+        backward(
+            &self.stream,
+            &dims,
+            x,
+            dims.d_in,
+            g,
+            dims.d_out,
+            &self.a,
+            Some(s),
+            ctx.scale,
+            dx_out,
+            &mut self.grad,
+            if accumulate { 1.0 } else { 0.0 },
+            workspace,
+        )
+    }
+
+    /// One AdamW update of `A` from [`grad()`](Self::grad) scaled by
+    /// `grad_scale` (e.g. 1 / micro-batches), then [`step`](Self::step).
+    /// The AdamW bias correction uses the 1-based step `step_count() + 1`.
+    pub fn adamw_step(&mut self, cfg: &AdamW, grad_scale: f32) -> Result<()> {
+        if self.is_merged() {
+            return Err(Error::InvalidArgument {
+                name: "self",
+                expected: "an unmerged layer (call unmerge before training)",
+                actual: "merged".into(),
+            });
+        }
+        adamw(
+            &self.stream,
+            cfg,
+            self.step + 1,
+            &mut self.a,
+            &self.grad,
+            grad_scale,
+            AdamWState {
+                m: &mut self.m,
+                v: &mut self.v,
+                master: self
+                    .master
+                    .as_mut()
+                    .map(|m| m as &mut dyn DevicePtrMut<f32>),
+            },
+        )?;
+        self.step();
+        Ok(())
+    }
+
+    /// Folds the adapter into `W0` in place with the current scale
+    /// (`W0 += s·A_out·A_inᵀ`), for inference: forward then runs `x·W0ᵀ`
+    /// alone. Needs a frozen `W0`; refused if already merged.
+    pub fn merge(&mut self) -> Result<()> {
+        let scale = self.scale();
+        let dims = self.dims;
+        let f = self.frozen.as_mut().ok_or_else(|| no_frozen("merge"))?;
+        if f.merged.is_some() {
+            return Err(Error::InvalidArgument {
+                name: "self",
+                expected: "an unmerged layer",
+                actual: "merged".into(),
+            });
+        }
+        merge(&self.stream, &dims, &mut f.w0, dims.d_in, &self.a, scale)?;
+        f.merged = Some(scale);
+        Ok(())
+    }
+
+    /// Takes the adapter back out of `W0` with the scale it was merged with
+    /// (to within one rounding per element). Refused if not merged.
+    pub fn unmerge(&mut self) -> Result<()> {
+        let dims = self.dims;
+        let f = self.frozen.as_mut().ok_or_else(|| no_frozen("unmerge"))?;
+        let Some(scale) = f.merged else {
+            return Err(Error::InvalidArgument {
+                name: "self",
+                expected: "a merged layer",
+                actual: "unmerged".into(),
+            });
+        };
+        unmerge(&self.stream, &dims, &mut f.w0, dims.d_in, &self.a, scale)?;
+        f.merged = None;
+        Ok(())
+    }
+}
+
+fn no_frozen(op: &'static str) -> Error {
+    Error::InvalidArgument {
+        name: "self",
+        expected: "a layer with a frozen W0 (with_frozen)",
+        actual: format!("no W0 to {op} into"),
+    }
+}
+
+/// A cuBLAS config for column-major `C (m × n) = op(A) · B` with `alpha = 1`,
+/// `beta = 0`; `B` is never transposed. `mnk` and `lds` = (lda, ldb, ldc).
+fn gemm_config<T: DType>(
+    transa: cublasOperation_t,
+    (m, n, k): (usize, usize, usize),
+    (lda, ldb, ldc): (usize, usize, usize),
+) -> Result<GemmConfig<T>> {
+    let int = |v: usize, what: &'static str| -> Result<i32> {
+        i32::try_from(v).map_err(|_| Error::Overflow { what })
+    };
+    Ok(GemmConfig {
+        transa,
+        transb: cublasOperation_t::CUBLAS_OP_N,
+        m: int(m, "cuBLAS m")?,
+        n: int(n, "cuBLAS n")?,
+        k: int(k, "cuBLAS k")?,
+        alpha: T::from_f64(1.0),
+        lda: int(lda, "cuBLAS lda")?,
+        ldb: int(ldb, "cuBLAS ldb")?,
+        beta: T::from_f64(0.0),
+        ldc: int(ldc, "cuBLAS ldc")?,
+    })
+}
+
+/// `D × rank` values uniform in `±1/√D` (kaiming_uniform with a = √5 and
+/// fan-in D), from a SplitMix64 stream seeded by `seed`, rounded to `T`.
+pub fn kaiming_uniform<T: DType>(d: usize, rank: usize, seed: u64) -> Vec<T> {
+    let bound = 1.0 / (d as f64).sqrt();
+    let mut state = seed;
+    (0..d * rank)
+        .map(|_| {
+            // SplitMix64 (Steele et al.): a full-period 64-bit generator that
+            // needs no dependency and is the same on every platform.
+            state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            let mut z = state;
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            z ^= z >> 31;
+            let u = (z >> 11) as f64 / (1u64 << 53) as f64; // [0, 1)
+            T::from_f64((2.0 * u - 1.0) * bound)
+        })
+        .collect()
+}

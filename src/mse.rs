@@ -1,0 +1,98 @@
+//! mse: the launcher of kernels/mse.cu, the mean-squared-error loss and its
+//! gradient on the device (the training loss of examples/finetune.rs).
+
+use std::sync::Arc;
+
+use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut};
+
+use crate::device::{launch, typed_kernel_name, Kernels};
+use crate::dims::{check_len, check_matrix};
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+use crate::params::{singlora_mse_params, SINGLORA_MSE_BLOCKS};
+
+/// f32 elements of the partial-sum buffer [`mse`] writes.
+pub const MSE_PARTIALS: usize = SINGLORA_MSE_BLOCKS as usize;
+
+/// For a `rows × cols` prediction and target (row strides `ld_pred`,
+/// `ld_target`): writes, if `grad` is given (`(buffer, ld_grad)`),
+/// `grad = loss_scale · 2/(rows·cols) · (pred − target)`, and into `partial`
+/// ([`MSE_PARTIALS`] f32) per-block sums of `(pred − target)²` that
+/// [`mse_loss`] turns into the (unscaled) loss. Deterministic: a fixed grid
+/// and a fixed reduction order.
+///
+/// `loss_scale` (finite, > 0; 1 for the plain gradient) is mixed-precision
+/// loss scaling: the mean's 2/(rows·cols) underflows f16 for large outputs,
+/// so a training loop scales the gradient up here and back down in the
+/// optimizer (`grad_scale = 1 / loss_scale` of [`crate::adamw()`]).
+#[allow(clippy::too_many_arguments)]
+pub fn mse<T: DType>(
+    stream: &Arc<CudaStream>,
+    rows: usize,
+    cols: usize,
+    pred: &impl DevicePtr<T>,
+    ld_pred: usize,
+    target: &impl DevicePtr<T>,
+    ld_target: usize,
+    grad: Option<(&mut dyn DevicePtrMut<T>, usize)>,
+    loss_scale: f32,
+    partial: &mut impl DevicePtrMut<f32>,
+) -> Result<()> {
+    for (name, v) in [("rows", rows), ("cols", cols)] {
+        if v == 0 || v > i64::MAX as usize {
+            return Err(Error::InvalidDim {
+                name,
+                expected: format!("1..={}", i64::MAX),
+                actual: v as u64,
+            });
+        }
+    }
+    if !(loss_scale.is_finite() && loss_scale > 0.0) {
+        return Err(Error::InvalidArgument {
+            name: "loss_scale",
+            expected: "a finite number > 0",
+            actual: loss_scale.to_string(),
+        });
+    }
+    check_matrix("pred", "ld_pred", pred.len(), rows, cols, ld_pred)?;
+    check_matrix("target", "ld_target", target.len(), rows, cols, ld_target)?;
+    if let Some((g, ld)) = &grad {
+        check_matrix("grad", "ld_grad", g.len(), rows, cols, *ld)?;
+    }
+    check_len("partial", partial.len(), MSE_PARTIALS)?;
+    let kernels = Kernels::for_stream(stream)?;
+    let kernel = kernels.kernel(&typed_kernel_name::<T>("mse"))?;
+    let (p_ptr, _p_rec) = pred.device_ptr(stream);
+    let (t_ptr, _t_rec) = target.device_ptr(stream);
+    let (g_ptr, ld_grad, _g_rec) = match grad {
+        Some((g, ld)) => {
+            let (ptr, rec) = g.device_ptr_mut(stream);
+            (ptr, ld, Some(rec))
+        }
+        None => (0, 0, None),
+    };
+    let (partial_ptr, _partial_rec) = partial.device_ptr_mut(stream);
+    let params = singlora_mse_params {
+        pred: p_ptr,
+        target: t_ptr,
+        grad: g_ptr,
+        partial: partial_ptr,
+        rows: rows as i64,
+        cols: cols as i64,
+        ld_pred: ld_pred as i64,
+        ld_target: ld_target as i64,
+        ld_grad: ld_grad as i64,
+        grad_factor: (loss_scale as f64 * 2.0 / (rows as f64 * cols as f64)) as f32,
+        pad_: 0,
+    };
+    // SAFETY: every matrix was checked to hold rows × cols with its stride,
+    // partial to hold one f32 per block; the borrows live until the launch
+    // is enqueued, and grad/partial are exclusive borrows.
+    unsafe { launch(stream, kernel, (SINGLORA_MSE_BLOCKS, 1, 1), &params) }
+}
+
+/// The loss from the partial sums [`mse`] wrote (copied to the host): their
+/// sum in order, in f64, over `rows · cols`.
+pub fn mse_loss(partial: &[f32], rows: usize, cols: usize) -> f64 {
+    partial.iter().map(|&v| v as f64).sum::<f64>() / (rows as f64 * cols as f64)
+}

@@ -1,0 +1,213 @@
+//! merge / unmerge on the GPU against reference::merge, the round trip, the
+//! merged layer's plain product against the unmerged forward, and the
+//! argument checks (which run everywhere).
+
+mod common;
+
+use common::*;
+use half::{bf16, f16};
+use singlora::{check_merge, merge, reference, unmerge, DType, Dims, Error};
+
+/// (d_in, d_out, rank, extra columns per row of W)
+const CASES: &[(usize, usize, usize, usize)] = &[
+    (256, 256, 16, 0),
+    (96, 160, 8, 0),
+    (160, 96, 24, 0),
+    (200, 72, 1, 3),
+    (1000, 1003, 33, 5),
+    (130, 300, 256, 0),
+    (40, 11, 7, 1),
+    (3424, 64, 64, 0),
+];
+const SCALE: f32 = 0.375;
+const SENTINEL: f64 = 1234.5;
+
+/// Merges, checks every element against the exact result (one rounding to T
+/// plus the f32 accumulation bound), the gaps of a strided W untouched, then
+/// unmerges and checks the round trip and the merged product.
+fn run_case<T: DType>(
+    gpu: &Gpu,
+    (d_in, d_out, rank, pad): (usize, usize, usize, usize),
+    seed: u64,
+) {
+    let dims = Dims::new(0, d_in, d_out, rank).unwrap();
+    let ld_w = d_in + pad;
+    let name = format!(
+        "{} d_in={d_in} d_out={d_out} rank={rank} ld_w={ld_w}",
+        T::NAME
+    );
+    let mut r = rng(seed);
+    let a = quantize::<T>(&randn(&mut r, dims.a_len(), 1.0 / (dims.d() as f64).sqrt()));
+    let w0 = quantize::<T>(&randn(&mut r, d_out * d_in, 0.05));
+    let w0_strided = restride(&w0, d_out, d_in, ld_w, SENTINEL);
+
+    let a_dev = upload::<T>(gpu, &a);
+    let mut w_dev = upload::<T>(gpu, &w0_strided);
+    merge(&gpu.stream, &dims, &mut w_dev, ld_w, &a_dev, SCALE).unwrap();
+    let w1_strided = download(gpu, &w_dev);
+    for rr in 0..d_out {
+        for c in d_in..ld_w.min(w1_strided.len() - rr * ld_w) {
+            assert_eq!(
+                w1_strided[rr * ld_w + c],
+                SENTINEL,
+                "{name}: gap ({rr}, {c}) written"
+            );
+        }
+    }
+    let w1 = unstride(&w1_strided, d_out, d_in, ld_w);
+
+    // Exact merged weight, and Σ|a_out·a_in| for the accumulation bound.
+    let mut exact = w0.clone();
+    reference::merge(&dims, &mut exact, d_in, &a, SCALE as f64).unwrap();
+    let mut magnitude = vec![0.0; d_out * d_in];
+    let abs_a: Vec<f64> = a.iter().map(|v| v.abs()).collect();
+    reference::merge(&dims, &mut magnitude, d_in, &abs_a, SCALE as f64).unwrap();
+    let f32_eps = 2f64.powi(-24);
+    assert_each_within(&format!("merged W ({name})"), &w1, &exact, |i| {
+        ulp::<T>(exact[i]) + (rank as f64 + 2.0) * f32_eps * magnitude[i] + 1e-40
+    });
+
+    unmerge(&gpu.stream, &dims, &mut w_dev, ld_w, &a_dev, SCALE).unwrap();
+    let w2 = unstride(&download(gpu, &w_dev), d_out, d_in, ld_w);
+    // W1 = round(W0 + d), W2 = round(W1 − d) with the same f32 d: each
+    // rounding is at most half a unit of the larger magnitude.
+    assert_each_within(&format!("merge then unmerge ({name})"), &w2, &w0, |i| {
+        ulp::<T>(w0[i].abs().max(w1[i].abs()))
+    });
+
+    // The merged layer's plain product equals the unmerged forward.
+    let tokens = 9;
+    let x = quantize::<T>(&randn(&mut r, tokens * d_in, 1.0));
+    let matmul = |w: &[f64]| -> Vec<f64> {
+        let mut y = vec![0.0; tokens * d_out];
+        for t in 0..tokens {
+            for o in 0..d_out {
+                y[t * d_out + o] = (0..d_in).map(|i| x[t * d_in + i] * w[o * d_in + i]).sum();
+            }
+        }
+        y
+    };
+    let mut unmerged = matmul(&w0);
+    let fdims = Dims::new(tokens, d_in, d_out, rank).unwrap();
+    reference::forward(&fdims, &x, &a, SCALE as f64, 1.0, &mut unmerged).unwrap();
+    assert_close::<T>(
+        "x·W_mergedᵀ vs unmerged forward",
+        &name,
+        &matmul(&w1),
+        &unmerged,
+    );
+}
+
+#[test]
+fn merge_matches_reference_and_round_trips() {
+    let Some(gpu) = gpu() else { return };
+    for (i, &c) in CASES.iter().enumerate() {
+        run_case::<f32>(&gpu, c, 100 + i as u64);
+        run_case::<f16>(&gpu, c, 200 + i as u64);
+        run_case::<bf16>(&gpu, c, 300 + i as u64);
+    }
+}
+
+#[test]
+fn sanitizer_merge() {
+    let Some(gpu) = gpu() else { return };
+    run_case::<bf16>(&gpu, (100, 72, 24, 3), 7);
+    run_case::<f32>(&gpu, (72, 100, 40, 0), 8);
+}
+
+#[test]
+fn merge_is_bitwise_reproducible() {
+    let Some(gpu) = gpu() else { return };
+    let dims = Dims::new(0, 1000, 700, 48).unwrap();
+    let mut r = rng(5);
+    let a = upload::<bf16>(&gpu, &randn(&mut r, dims.a_len(), 0.03));
+    let w0 = randn(&mut r, 700 * 1000, 0.05);
+    let mut runs = Vec::new();
+    for _ in 0..2 {
+        let mut w = upload::<bf16>(&gpu, &w0);
+        merge(&gpu.stream, &dims, &mut w, 1000, &a, 2.0).unwrap();
+        runs.push(download(&gpu, &w));
+    }
+    assert!(runs[0]
+        .iter()
+        .zip(&runs[1])
+        .all(|(p, q)| p.to_bits() == q.to_bits()));
+}
+
+#[test]
+fn refused_merge_leaves_w_untouched() {
+    let Some(gpu) = gpu() else { return };
+    let dims = Dims::new(0, 64, 32, 8).unwrap();
+    let mut r = rng(9);
+    let w0 = randn(&mut r, 32 * 64, 1.0);
+    let mut w = upload::<f32>(&gpu, &w0);
+    let short_a = upload::<f32>(&gpu, &randn(&mut r, dims.a_len() - 1, 1.0));
+    let err = merge(&gpu.stream, &dims, &mut w, 64, &short_a, 1.0).unwrap_err();
+    assert_eq!(argument_named(&err), "a");
+    let a = upload::<f32>(&gpu, &randn(&mut r, dims.a_len(), 1.0));
+    let err = unmerge(&gpu.stream, &dims, &mut w, 64, &a, f32::INFINITY).unwrap_err();
+    assert_eq!(argument_named(&err), "scale");
+    assert_eq!(download(&gpu, &w), w0);
+}
+
+#[test]
+fn check_merge_names_the_argument() {
+    let dims = Dims {
+        tokens: 0,
+        d_in: 64,
+        d_out: 32,
+        rank: 8,
+    };
+    let w = 32 * 64;
+    let a = dims.a_len();
+    assert!(check_merge(&dims, w, 64, a, 1.0).is_ok());
+    let named = |r: singlora::Result<()>| argument_named(&r.unwrap_err());
+    assert_eq!(named(check_merge(&dims, w - 1, 64, a, 1.0)), "w");
+    assert_eq!(named(check_merge(&dims, w, 63, a, 1.0)), "ld_w");
+    assert_eq!(named(check_merge(&dims, w, 65, a, 1.0)), "w");
+    assert_eq!(named(check_merge(&dims, w, 64, a - 1, 1.0)), "a");
+    assert_eq!(named(check_merge(&dims, w, 64, a, f32::NAN)), "scale");
+    let bad_rank = Dims { rank: 257, ..dims };
+    assert_eq!(
+        named(check_merge(&bad_rank, w, 64, usize::MAX, 1.0)),
+        "rank"
+    );
+    let bad_d = Dims { d_in: 0, ..dims };
+    assert_eq!(named(check_merge(&bad_d, w, 64, a, 1.0)), "d_in");
+    // tokens plays no part in a merge.
+    let any_tokens = Dims {
+        tokens: usize::MAX,
+        ..dims
+    };
+    assert!(check_merge(&any_tokens, w, 64, a, 1.0).is_ok());
+    assert!(matches!(
+        check_merge(&dims, usize::MAX, usize::MAX, a, 1.0),
+        Err(Error::Overflow { .. }) | Err(Error::InvalidStride { .. })
+    ));
+}
+
+#[test]
+fn reference_merge_adds_delta_w_and_unmerge_removes_it() {
+    let dims = Dims::new(0, 13, 9, 3).unwrap();
+    let mut r = rng(11);
+    let a = randn(&mut r, dims.a_len(), 1.0);
+    let w0 = randn(&mut r, 9 * 16, 1.0); // row stride 16
+    let mut w = w0.clone();
+    reference::merge(&dims, &mut w, 16, &a, 0.5).unwrap();
+    let dw = reference::delta_w(&dims, &a, 0.5);
+    for o in 0..9 {
+        for i in 0..16 {
+            let want = if i < 13 {
+                w0[o * 16 + i] + dw[o * 13 + i]
+            } else {
+                w0[o * 16 + i]
+            };
+            assert!((w[o * 16 + i] - want).abs() <= 1e-12, "({o}, {i})");
+        }
+    }
+    reference::merge(&dims, &mut w, 16, &a, -0.5).unwrap();
+    assert!(w.iter().zip(&w0).all(|(p, q)| (p - q).abs() <= 1e-12));
+    let mut short = vec![0.0; 9 * 16 - 4];
+    let err = reference::merge(&dims, &mut short, 16, &a, 1.0).unwrap_err();
+    assert_eq!(argument_named(&err), "w");
+}
