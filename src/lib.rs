@@ -19,6 +19,7 @@
 
 pub mod adamw;
 pub mod backward;
+pub mod capi;
 pub mod device;
 pub mod dims;
 pub mod dtype;
