@@ -74,7 +74,10 @@ fn run_case<T: DType>(gpu: &Gpu, n: usize, with_master: bool, seed: u64) {
                     update_tol,
                 );
                 // A is the master rounded to T, exactly.
-                let rounded = quantize::<T>(&got_master);
+                let rounded: Vec<f64> = got_master
+                    .iter()
+                    .map(|&x| round_f32_to::<T>(x as f32))
+                    .collect();
                 assert_each_within(
                     &format!("A = round(master) step {step} ({name})"),
                     &got_a,

@@ -146,3 +146,15 @@ pub fn assert_each_within(what: &str, got: &[f64], want: &[f64], tol: impl Fn(us
         );
     }
 }
+
+/// An exact f32 value rounded to T as the kernels round it (from all 32
+/// bits: half's `bf16::from_f64` drops low bits of the f64 first, which can
+/// round an f32 value differently than `__float2bfloat16_rn`).
+pub fn round_f32_to<T: DType>(x: f32) -> f64 {
+    match T::NAME {
+        "f32" => x as f64,
+        "f16" => half::f16::from_f32(x).to_f64(),
+        "bf16" => half::bf16::from_f32(x).to_f64(),
+        other => panic!("no rounding to {other}"),
+    }
+}
