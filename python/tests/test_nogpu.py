@@ -1,0 +1,195 @@
+"""The Python package without a GPU (and without torch): plain python3.
+
+    python3 python/tests/test_nogpu.py
+
+Needs target/release/libsinglora.so (`cargo build --release`; scripts/test.sh
+builds it) unless $SINGLORA_LIB names another. Checks that `import singlora`
+neither needs nor imports torch, that the library is found and speaks this
+package's ABI, the workspace query against the layout formula, and that calls
+fail with a SingLoraError carrying the library's message: no driver / no
+device, and each invalid argument named. Fake device pointers are only used in
+calls that are refused before any device is touched, or that name a device
+ordinal no machine has. Exits non-zero on the first failure.
+"""
+
+import ctypes.util
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+PYROOT = HERE.parent  # python/
+REPO = PYROOT.parent
+sys.path.insert(0, str(PYROOT))
+
+import singlora  # noqa: E402
+from singlora import _lib  # noqa: E402
+from singlora._lib import SingLoraError  # noqa: E402
+
+P = 0x7F0000000000  # a 256-byte aligned fake device address
+NO_SUCH_DEVICE = 1000
+checks = 0
+
+
+def check(cond, what):
+    global checks
+    if not cond:
+        print(f"FAIL: {what}")
+        sys.exit(1)
+    checks += 1
+
+
+def raises(fn, status, *needles):
+    """fn() raises SingLoraError with `status` and a message holding every needle."""
+    try:
+        fn()
+    except SingLoraError as e:
+        ok = e.status == status and all(n in str(e) for n in needles)
+        check(ok, f"expected status {status} with {needles}, got {e.status}: {e}")
+        return e
+    check(False, f"expected SingLoraError {status} {needles}, nothing was raised")
+
+
+def driver_present():
+    return ctypes.util.find_library("cuda") is not None or _can_load("libcuda.so.1")
+
+
+def _can_load(name):
+    try:
+        ctypes.CDLL(name)
+        return True
+    except OSError:
+        return False
+
+
+# -------------------------------------------------------------- import
+check("torch" not in sys.modules, "import singlora imported torch")
+try:
+    import torch  # noqa: F401
+
+    have_torch = True
+except ImportError:
+    have_torch = False
+if not have_torch:
+    try:
+        singlora.SingLoraLinear
+        check(False, "singlora.SingLoraLinear without torch should raise ImportError")
+    except ImportError as e:
+        check("needs PyTorch" in str(e), f"unclear ImportError: {e}")
+
+cargo_version = re.search(r'^version = "([^"]+)"', (REPO / "Cargo.toml").read_text(), re.M)
+check(cargo_version is not None, "Cargo.toml has a version")
+check(singlora.__version__ == cargo_version.group(1), "package version == Cargo.toml version")
+
+# -------------------------------------------------------------- loading
+if not os.environ.get("SINGLORA_LIB"):
+    want = REPO / "target" / "release" / "libsinglora.so"
+    check(want.is_file(), f"{want} exists (run `cargo build --release`)")
+    check(singlora.library_path() == want, f"loaded {singlora.library_path()}, expected {want}")
+check(singlora.version() == singlora.__version__, "library version == package version")
+check(singlora.abi_version() == _lib.ABI_VERSION, "ABI version")
+check(_lib.status_name(_lib.ERROR_NO_DRIVER) == "SINGLORA_ERROR_NO_DRIVER", "status names")
+
+# A missing library: a clear error naming the places tried and the variable.
+out = subprocess.run(
+    [sys.executable, "-c", "import singlora\ntry:\n singlora.version()\nexcept singlora.SingLoraError as e:\n print('ERR', e)"],
+    env={**os.environ, "SINGLORA_LIB": "/nonexistent/libsinglora.so", "PYTHONPATH": str(PYROOT)},
+    capture_output=True,
+    text=True,
+    timeout=60,
+)
+check(out.returncode == 0, f"subprocess failed: {out.stderr}")
+check(
+    "ERR libsinglora.so not found" in out.stdout and "/nonexistent/libsinglora.so" in out.stdout
+    and "SINGLORA_LIB" in out.stdout,
+    f"missing-library message: {out.stdout!r}",
+)
+
+# -------------------------------------------------------------- workspace
+
+
+def workspace_formula(tokens, d_in, d_out, rank, saved_s):
+    """The layout src/backward.rs documents: Q (+ S), then 2·splits·D·rank_pad
+    f32 dA partials; segments rounded up to 64 floats."""
+    d = max(d_in, d_out)
+    seg = lambda n: -(-n // 64) * 64  # noqa: E731
+    bands = -(-d // 128)
+    max_splits = max(-(-tokens // 256), 1)
+    splits = min(max(-(-256 // bands), 1), max_splits)
+    rank_pad = -(-rank // 16) * 16
+    tr = seg(tokens * rank)
+    return 4 * ((tr if saved_s else 2 * tr) + 2 * splits * d * rank_pad)
+
+
+for shape in [(0, 1, 1, 1), (1, 4096, 4096, 16), (16384, 4096, 4096, 64), (77, 3424, 64, 64), (5, 40, 11, 7)]:
+    for saved in (True, False):
+        got = singlora.workspace_size(*shape, saved_s=saved)
+        check(got == workspace_formula(*shape, saved), f"workspace {shape} saved={saved}: {got}")
+raises(lambda: singlora.workspace_size(-1, 2, 3, 4), _lib.ERROR_INVALID_ARGUMENT, "`tokens`")
+raises(lambda: singlora.workspace_size(1, 2, 3, 0), _lib.ERROR_INVALID_ARGUMENT, "`rank`")
+
+# -------------------------------------------------------------- launches
+
+
+def fwd(**over):
+    args = dict(
+        dtype=_lib.DTYPE_BF16, device=NO_SUCH_DEVICE, tokens=33, d_in=96, d_out=160, rank=8,
+        x=P, ld_x=96, a=P + 0x100000, y=P + 0x200000, ld_y=160, s=P + 0x300000,
+        scale=2.0, beta=1.0, stream=0,
+    )
+    args.update(over)
+    return lambda: _lib.forward(**args)
+
+
+def bwd(**over):
+    args = dict(
+        dtype=_lib.DTYPE_F16, device=NO_SUCH_DEVICE, tokens=33, d_in=96, d_out=160, rank=8,
+        x=P, ld_x=96, g=P + 0x100000, ld_g=160, a=P + 0x200000, saved_s=P + 0x300000,
+        scale=2.0, dx=P + 0x400000, ld_dx=96, dx_beta=1.0, da=P + 0x500000, da_beta=0.0,
+        workspace=P + 0x600000, workspace_bytes=singlora.workspace_size(33, 96, 160, 8), stream=0,
+    )
+    args.update(over)
+    return lambda: _lib.backward(**args)
+
+
+def mrg(fn, **over):
+    args = dict(dtype=_lib.DTYPE_F32, device=NO_SUCH_DEVICE, d_in=96, d_out=160, rank=8, w=P,
+                ld_w=96, a=P + 0x100000, scale=0.5, stream=0)
+    args.update(over)
+    return lambda: fn(**args)
+
+
+# Without a GPU: the no-driver (or no-device) error, with the library's message.
+driver = driver_present()
+no_gpu = (_lib.ERROR_NO_DEVICE, "no CUDA device with ordinal 1000") if driver else (
+    _lib.ERROR_NO_DRIVER, "no CUDA driver")
+for call in (fwd(), bwd(), mrg(_lib.merge), mrg(_lib.unmerge), lambda: singlora.init(NO_SUCH_DEVICE)):
+    e = raises(call, *no_gpu)
+if not driver:
+    # Device 0 on this machine, as a user would call it.
+    e = raises(fwd(device=0), _lib.ERROR_NO_DRIVER, "no CUDA driver")
+    check(e.function == "singlora_forward" and e.status_name == "SINGLORA_ERROR_NO_DRIVER",
+          f"error fields: {e.function} {e.status_name}")
+    print(f"forward without a GPU: {e}")
+
+# Invalid arguments: refused before any device access, naming the argument.
+INV = _lib.ERROR_INVALID_ARGUMENT
+for call, name in [
+    (fwd(tokens=-1), "tokens"), (fwd(rank=0), "rank"), (fwd(rank=257), "rank"),
+    (fwd(d_in=-5), "d_in"), (fwd(ld_x=95), "ld_x"), (fwd(ld_y=-160), "ld_y"),
+    (fwd(x=0), "x"), (fwd(a=0), "a"), (fwd(y=P + 1), "y"), (fwd(s=P + 2), "s"),
+    (fwd(scale=float("nan")), "scale"), (fwd(beta=0.5), "beta"), (fwd(device=-1), "device"),
+    (bwd(ld_g=10), "ld_g"), (bwd(dx_beta=3.0), "dx_beta"), (bwd(da=0), "da"),
+    (bwd(workspace=P + 8), "workspace"), (bwd(workspace_bytes=16), "workspace"),
+    (bwd(saved_s=0), "workspace"),
+    (mrg(_lib.merge, ld_w=10), "ld_w"), (mrg(_lib.unmerge, w=0), "w"),
+]:
+    raises(call, INV, f"`{name}`")
+raises(fwd(dtype=7), _lib.ERROR_UNKNOWN_DTYPE, "`dtype`", "7")
+e = raises(fwd(ld_x=95), INV, "`ld_x`", "95", "96")
+print(f"invalid argument: {e}")
+
+print(f"test_nogpu: all {checks} checks passed (torch {'present' if have_torch else 'absent'}, "
+      f"driver {'present' if driver else 'absent'}, library {singlora.library_path()})")
