@@ -1,0 +1,326 @@
+#!/usr/bin/env python3
+"""Our kernels through the PyTorch binding, checked against PyTorch (GPU).
+
+    SINGLORA_LIB=path/to/libsinglora.so python3 python/check.py
+
+For every case (random shapes: non-square both ways, odd d, ranks 1..256,
+tokens 1..4096; f32, f16, bf16), the output and the autograd gradients dX and
+dA of
+
+    singlora_linear(x, W0, None, A, s)   =  x·W0ᵀ + s·(x·A[:d_in])·A[:d_out]ᵀ
+    singlora_adapter(x, A, s)            =         s·(x·A[:d_in])·A[:d_out]ᵀ
+
+are compared with PyTorch autograd of the textbook formula in float64, on the
+same (dtype-rounded) inputs, by relative L2 error against the design page's
+bars: 1e-5 (f32), 2e-3 (f16), 1e-2 (bf16). A is scaled so that the adapter and
+the frozen product have about the same size (so the adapter's error is not
+hidden under the frozen product's). Also: strided inputs (a column slice and
+3-D batches), a strided gradient, the in-place `base` form, tokens = 0, the
+SingLoraLinear module (ramp, merge/unmerge), and torch.autograd.gradcheck.
+
+gradcheck, float64-upcast form: the kernels take no float64, so gradcheck runs
+on f(x64, A64) = singlora_linear(x64.float(), W, b, A64.float(), s).double(),
+i.e. it compares our f32 backward (analytical Jacobian) with central
+differences of our f32 forward. f is linear in each x element and quadratic in
+each A element, so central differences are exact up to the f32 rounding of the
+outputs (about 1e-7·|y| / eps); with eps = 1e-2 and |y| ≈ 1 that is ~1e-5,
+hence atol = 1e-4, rtol = 1e-3 (loose against f64's default, tight against
+any real mistake, which is O(1)). It runs on small shapes (gradcheck does one
+forward per input element).
+
+Prints one PASS/FAIL line per case and a summary; exits 1 on any failure
+(2 when there is no CUDA device or no torch).
+"""
+
+import math
+import os
+import random
+import struct
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+try:
+    import torch
+except ImportError as e:
+    print(f"FAIL: check.py needs PyTorch ({e})")
+    sys.exit(2)
+
+import singlora  # noqa: E402
+from singlora.nn import SingLoraLinear, singlora_adapter, singlora_linear  # noqa: E402
+
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+NAME = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
+failures = []
+passes = 0
+
+
+def f32(v):
+    """v rounded to f32, as the kernels receive the scale."""
+    return struct.unpack("f", struct.pack("f", v))[0]
+
+
+def rel_l2(out, ref):
+    out = out.detach().double()
+    ref = ref.detach().double()
+    if out.shape != ref.shape:
+        return math.inf
+    if not torch.isfinite(out).all():
+        return math.inf
+    den = ref.norm().item()
+    num = (out - ref).norm().item()
+    return num / den if den > 0 else num
+
+
+def report(ok, line):
+    global passes
+    print(("PASS " if ok else "FAIL ") + line, flush=True)
+    if ok:
+        passes += 1
+    else:
+        failures.append(line)
+
+
+def strict_fp():
+    """IEEE f32 GEMMs and no reduced-precision reductions in torch's own
+    products (the frozen x·W0ᵀ and G·W0 are torch's)."""
+    m = torch.backends.cuda.matmul
+    try:
+        m.fp32_precision = "ieee"
+    except (AttributeError, RuntimeError, TypeError):
+        m.allow_tf32 = False
+    for attr in ("allow_fp16_reduced_precision_reduction", "allow_bf16_reduced_precision_reduction"):
+        try:
+            setattr(m, attr, False)
+        except (AttributeError, RuntimeError, TypeError):
+            pass
+
+
+def make_inputs(gen, dev, dtype, lead, d_in, d_out, rank, s):
+    """x, W0, A, G: f64 values rounded to dtype (kept as f64 for the reference)."""
+    def randn(*shape, std=1.0):
+        return (torch.randn(*shape, generator=gen, dtype=torch.float64, device=dev) * std).to(dtype).double()
+
+    d = max(d_in, d_out)
+    # Adapter entries ≈ s·σ²·sqrt(d_in·rank) for x ~ N(0, 1), A ~ N(0, σ²):
+    # σ makes them ≈ 1, like the frozen product's with W0 ~ N(0, 1/d_in).
+    sigma = (s * math.sqrt(d_in * rank)) ** -0.5
+    x = randn(*lead, d_in)
+    w0 = randn(d_out, d_in, std=d_in ** -0.5)
+    a = randn(d, rank, std=sigma)
+    g = randn(*lead, d_out)
+    return x, w0, a, g
+
+
+def reference(x, w0, a, s, g):
+    """PyTorch autograd of the textbook formula in float64: y, dX, dA."""
+    d_out, d_in = (w0.shape if w0 is not None else (g.shape[-1], x.shape[-1]))
+    x = x.detach().clone().requires_grad_(True)
+    a = a.detach().clone().requires_grad_(True)
+    y = s * (x @ a[:d_in]) @ a[:d_out].T
+    if w0 is not None:
+        y = x @ w0.T + y
+    y.backward(g)
+    return y.detach(), x.grad, a.grad
+
+
+def run_ours(fn, x, a, g, dtype):
+    """fn(x, A) with autograd, in dtype; returns y, dX, dA."""
+    xt = x.to(dtype).detach().requires_grad_(True)
+    at = a.to(dtype).detach().requires_grad_(True)
+    y = fn(xt, at)
+    y.backward(g.to(dtype))
+    return y.detach(), xt.grad, at.grad
+
+
+def check_case(gen, dev, dtype, lead, d_in, d_out, rank, tag=""):
+    s = f32(random.choice([0.5, 1.0, 2.0, 1.7, 16.0 / rank]))
+    x, w0, a, g = make_inputs(gen, dev, dtype, lead, d_in, d_out, rank, s)
+    w0t = w0.to(dtype)
+    tol = TOL[dtype]
+    desc = f"{NAME[dtype]:>4} tokens={math.prod(lead):<5} d_in={d_in:<5} d_out={d_out:<5} rank={rank:<3} s={s:g}{tag}"
+    errs = {}
+    # The layer: x·W0ᵀ + adapter.
+    y_ref, dx_ref, da_ref = reference(x, w0, a, s, g)
+    y, dx, da = run_ours(lambda xt, at: singlora_linear(xt, w0t, None, at, s), x, a, g, dtype)
+    errs["y"], errs["dX"], errs["dA"] = rel_l2(y, y_ref), rel_l2(dx, dx_ref), rel_l2(da, da_ref)
+    # The adapter alone (the kernels' own error, nothing of torch's).
+    y_ref, dx_ref, da_ref = reference(x, None, a, s, g)
+    y, dx, da = run_ours(lambda xt, at: singlora_adapter(xt, at, s, d_out=d_out), x, a, g, dtype)
+    errs["adapter y"], errs["adapter dX"], errs["adapter dA"] = (
+        rel_l2(y, y_ref), rel_l2(dx, dx_ref), rel_l2(da, da_ref))
+    worst = max(errs.values())
+    text = " ".join(f"{k} {v:.1e}" for k, v in errs.items())
+    report(worst <= tol, f"{desc} | {text} | bar {tol:.0e}")
+
+
+def check_strided(gen, dev, dtype):
+    """x a column slice of a wider tensor, G a column slice, 3-D batches, and
+    the in-place base form."""
+    tol = TOL[dtype]
+    d_in, d_out, rank, tokens, pad = 300, 176, 24, 130, 37
+    s = f32(1.25)
+    x, w0, a, g = make_inputs(gen, dev, dtype, (tokens,), d_in, d_out, rank, s)
+    y_ref, dx_ref, da_ref = reference(x, w0, a, s, g)
+    w0t = w0.to(dtype)
+    # x and G as column slices (row strides d_in + pad and d_out + 5), used
+    # in place by the kernels.
+    xw = torch.zeros(tokens, pad + d_in, dtype=dtype, device=dev)
+    xw[:, pad:] = x.to(dtype)
+    xw.requires_grad_(True)
+    at = a.to(dtype).detach().requires_grad_(True)
+    y = singlora_linear(xw[:, pad:], w0t, None, at, s)
+    gw = torch.zeros(tokens, d_out + 5, dtype=dtype, device=dev)
+    gw[:, :d_out] = g.to(dtype)
+    y.backward(gw[:, :d_out])
+    e = max(rel_l2(y, y_ref), rel_l2(xw.grad[:, pad:], dx_ref), rel_l2(at.grad, da_ref))
+    pad_grad = xw.grad[:, :pad].abs().max().item()
+    report(e <= tol and pad_grad == 0.0,
+           f"{NAME[dtype]:>4} strided x and G (column slices) | worst {e:.1e}, "
+           f"grad outside the slice {pad_grad} | bar {tol:.0e}")
+
+    # 3-D batch (4, 33, d_in) and a transposed (non-unit column stride) input.
+    lead = (4, 33)
+    x, w0, a, g = make_inputs(gen, dev, dtype, lead, d_in, d_out, rank, s)
+    y_ref, dx_ref, da_ref = reference(x, w0, a, s, g)
+    xt = x.to(dtype).transpose(0, 1).contiguous().transpose(0, 1).detach().requires_grad_(True)
+    at = a.to(dtype).detach().requires_grad_(True)
+    y = singlora_linear(xt, w0.to(dtype), None, at, s)
+    y.backward(g.to(dtype))
+    e = max(rel_l2(y, y_ref), rel_l2(xt.grad, dx_ref), rel_l2(at.grad, da_ref))
+    report(e <= tol and y.shape == (*lead, d_out),
+           f"{NAME[dtype]:>4} 3-D batch {lead}, non-contiguous x | worst {e:.1e} | bar {tol:.0e}")
+
+    # In place onto a frozen layer's output.
+    x, w0, a, g = make_inputs(gen, dev, dtype, (tokens,), d_in, d_out, rank, s)
+    y_ref, dx_ref, da_ref = reference(x, w0, a, s, g)
+    xt = x.to(dtype).detach().requires_grad_(True)
+    at = a.to(dtype).detach().requires_grad_(True)
+    base = torch.nn.functional.linear(xt, w0.to(dtype))
+    y = singlora_adapter(xt, at, s, base=base)
+    same = y.data_ptr() == base.data_ptr()
+    y.backward(g.to(dtype))
+    e = max(rel_l2(y, y_ref), rel_l2(xt.grad, dx_ref), rel_l2(at.grad, da_ref))
+    report(e <= tol and same, f"{NAME[dtype]:>4} adapter in place onto base | worst {e:.1e}, in place {same} | bar {tol:.0e}")
+
+
+def check_zero_tokens(dev):
+    x = torch.zeros(0, 64, device=dev, requires_grad=True)
+    w = torch.randn(48, 64, device=dev)
+    a = torch.randn(64, 8, device=dev, requires_grad=True)
+    y = singlora_linear(x, w, None, a, 1.0)
+    y.sum().backward()
+    ok = y.shape == (0, 48) and a.grad is not None and a.grad.abs().max().item() == 0.0
+    report(ok, f" f32 tokens=0 | y {tuple(y.shape)}, dA all zero {ok}")
+
+
+def check_gradcheck(dev):
+    for d_in, d_out, rank, bias in [(5, 7, 2, False), (7, 5, 3, True), (6, 6, 1, False)]:
+        gen = torch.Generator(device=dev).manual_seed(1000 + d_in)
+        w = torch.randn(d_out, d_in, generator=gen, device=dev) / math.sqrt(d_in)
+        b = torch.randn(d_out, generator=gen, device=dev) if bias else None
+        x = torch.randn(3, d_in, generator=gen, device=dev, dtype=torch.float64, requires_grad=True)
+        a = torch.randn(max(d_in, d_out), rank, generator=gen, device=dev, dtype=torch.float64,
+                        requires_grad=True)
+        s = f32(0.75)
+
+        def f(x64, a64):
+            return singlora_linear(x64.float(), w, b, a64.float(), s).double()
+
+        try:
+            ok = torch.autograd.gradcheck(f, (x, a), eps=1e-2, atol=1e-4, rtol=1e-3)
+            msg = ""
+        except Exception as e:  # gradcheck raises GradcheckError with the Jacobians
+            ok, msg = False, f" ({str(e).splitlines()[0][:200]})"
+        report(ok, f" f32 gradcheck (float64-upcast) d_in={d_in} d_out={d_out} rank={rank} bias={bias}{msg}")
+
+
+def check_module(dev):
+    for dtype in (torch.float32, torch.bfloat16):
+        torch.manual_seed(7)
+        base = torch.nn.Linear(96, 160, bias=True).to(dev, dtype)
+        layer = SingLoraLinear(base, rank=8, alpha=16.0, warmup_steps=4)
+        x = torch.randn(2, 50, 96, device=dev, dtype=dtype)
+        ok = layer.a.shape == (160, 8) and not base.weight.requires_grad
+        # uniform in ±1/√D, rounded to the dtype (which may round up by half an ulp)
+        bound_ok = layer.a.abs().max().item() <= (1.0 / math.sqrt(160)) * (1 + 2.0 ** -8)
+        with torch.no_grad():
+            # u(0) = 0: exactly the frozen layer (the same F.linear call on
+            # the flattened tokens, plus 0 · adapter).
+            y0 = layer(x)
+            same = torch.equal(y0, base(x.reshape(-1, 96)).reshape(2, 50, 160))
+        for _ in range(2):
+            layer.step()
+        s_ok = layer.scale == 16.0 / 8 * 0.5
+        y = layer(x)
+        y.square().mean().backward()
+        grad_ok = layer.a.grad is not None and torch.isfinite(layer.a.grad).all().item()
+        w_before = base.weight.detach().clone()
+        with torch.no_grad():
+            y_unmerged = layer(x)
+            layer.merge()
+            y_merged = layer(x)
+            layer.unmerge()
+        merge_err = rel_l2(y_merged, y_unmerged)
+        w_back = (base.weight.detach().double() - w_before.double()).abs().max().item()
+        w_ulp = w_before.abs().max().item() * (2.0 ** -7 if dtype == torch.bfloat16 else 2.0 ** -23)
+        ok = ok and bound_ok and same and s_ok and grad_ok and merge_err <= 2 * TOL[dtype] and w_back <= 2 * w_ulp
+        report(ok, f"{NAME[dtype]:>4} SingLoraLinear: init bound {bound_ok}, starts frozen {same}, ramp {s_ok}, "
+                   f"grad {grad_ok}, merged vs unmerged {merge_err:.1e}, unmerge max |ΔW| {w_back:.1e} "
+                   f"(≤ {2 * w_ulp:.1e})")
+
+
+def shapes(rng):
+    """The shape grid: fixed corner cases, then random draws."""
+    fixed = [
+        (1, 4096, 4096, 16),
+        (16, 4096, 4096, 64),
+        (4096, 1024, 1024, 256),
+        (333, 3424, 1000, 33),
+        (77, 1001, 4097, 1),
+        (4096, 4097, 513, 8),
+        (64, 11008, 4096, 16),
+        (7, 11, 13, 5),
+    ]
+    drawn = []
+    for _ in range(6):
+        tokens = int(round(math.exp(rng.uniform(0, math.log(4096)))))
+        d1 = int(round(math.exp(rng.uniform(math.log(8), math.log(5000)))))
+        d2 = int(round(math.exp(rng.uniform(math.log(8), math.log(5000)))))
+        rank = int(round(math.exp(rng.uniform(0, math.log(256)))))
+        drawn.append((max(tokens, 1), d1 | 1, d2, max(1, min(rank, 256))))
+    return fixed + drawn
+
+
+def main():
+    started = time.time()
+    if not torch.cuda.is_available():
+        print("FAIL: no CUDA device (torch.cuda.is_available() is False); check.py needs a GPU")
+        sys.exit(2)
+    dev = torch.device("cuda", 0)
+    strict_fp()
+    print(f"torch {torch.__version__}, {torch.cuda.get_device_name(dev)}, "
+          f"singlora {singlora.version()} from {singlora.library_path()}", flush=True)
+    singlora.init(0)
+    rng = random.Random(2025)
+    random.seed(7)
+    gen = torch.Generator(device=dev).manual_seed(1234)
+    grid = shapes(rng)
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        for tokens, d_in, d_out, rank in grid:
+            check_case(gen, dev, dtype, (tokens,), d_in, d_out, rank)
+        check_strided(gen, dev, dtype)
+    check_zero_tokens(dev)
+    check_gradcheck(dev)
+    check_module(dev)
+    torch.cuda.synchronize()
+    took = time.time() - started
+    print(f"\ncheck.py: {passes} passed, {len(failures)} failed ({took:.1f} s)")
+    for f in failures:
+        print(f"  FAILED: {f}")
+    sys.exit(1 if failures else 0)
+
+
+if __name__ == "__main__":
+    main()
