@@ -6,7 +6,9 @@
 # unit tests as bin/test-lib, each tests/X.rs as bin/test-X) and the forward
 # and backward criterion benches (bin/bench-X), stripped, plus the host-side
 # driver scripts/gpu/run.sh (run there as `bash target/gpu-bundle/run.sh`) and
-# any scripts/gpu/*.py. MANIFEST.txt records the commit, date and binaries.
+# any scripts/gpu/*.py; the C ABI library as lib/libsinglora.so (stripped) and
+# the PyTorch binding python/ (its check.py and bench.py run there against
+# that library). MANIFEST.txt records the commit, date and binaries.
 # Left out: tests/kernel_quality.rs (see HOST_ONLY_TESTS below).
 # Fails if the bundle is over 60 MiB. target/ is git-ignored.
 set -euo pipefail
@@ -32,6 +34,21 @@ echo "==> cargo bench --no-run --bench forward --bench backward"
 cargo bench --no-run --bench forward --bench backward --message-format=json >"$tmp/bench.json"
 echo "==> cargo build --release --examples"
 cargo build --release --examples --message-format=json >"$tmp/examples.json"
+echo "==> cargo build --release --lib (libsinglora.so)"
+cargo build --release --lib --message-format=json >"$tmp/lib.json"
+cdylib="$(python3 - "$ROOT/Cargo.toml" "$tmp/lib.json" <<'PY'
+import json, sys
+manifest, path = sys.argv[1:]
+for line in open(path):
+    if not line.startswith("{"):
+        continue
+    msg = json.loads(line)
+    if msg.get("reason") == "compiler-artifact" and msg.get("manifest_path") == manifest \
+            and "cdylib" in msg["target"]["kind"]:
+        print(next(f for f in msg["filenames"] if f.endswith(".so")))
+PY
+)"
+[[ -f "$cdylib" ]] || { echo "bundle.sh: ERROR: cargo reported no libsinglora.so" >&2; exit 1; }
 
 # "<stable name> <executable>" per line, for this package's targets only.
 python3 - "$ROOT/Cargo.toml" "$HOST_ONLY_TESTS" "$tmp/test.json" "$tmp/bench.json" "$tmp/examples.json" >"$tmp/list" <<'PY'
@@ -79,6 +96,13 @@ while read -r name exe; do
     if ((have_strip)); then strip "$BUNDLE/bin/$name"; fi
 done <"$tmp/list"
 
+mkdir -p "$BUNDLE/lib"
+cp "$cdylib" "$BUNDLE/lib/libsinglora.so"
+# --strip-unneeded keeps the dynamic symbols (the C ABI's exports).
+if ((have_strip)); then strip --strip-unneeded "$BUNDLE/lib/libsinglora.so"; fi
+# The PyTorch binding, without caches.
+tar -C "$ROOT" --exclude=__pycache__ --exclude='*.pyc' -cf - python | tar -C "$BUNDLE" -xf -
+
 cp scripts/gpu/run.sh "$BUNDLE/run.sh"
 chmod +x "$BUNDLE/run.sh"
 shopt -s nullglob
@@ -97,7 +121,7 @@ fi
     echo "built:  $(date -u '+%Y-%m-%d %H:%M:%S UTC')"
     echo "run:    bash target/gpu-bundle/run.sh   (results in \$OUT, default ./gpu-results)"
     echo "binaries (bytes):"
-    for f in "$BUNDLE"/bin/*; do
+    for f in "$BUNDLE"/bin/* "$BUNDLE"/lib/*; do
         printf '  %-24s %12d\n' "$(basename "$f")" "$(stat -c %s "$f")"
     done
 } >"$BUNDLE/MANIFEST.txt"

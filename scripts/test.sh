@@ -5,6 +5,10 @@
 #   cargo fmt --check
 #   cargo clippy --release --all-targets -- -D warnings   (with DOCS_RS=1)
 #   cargo test --release "$@"
+#   cargo build --release --lib, then python3 python/tests/test_nogpu.py
+#     (the Python package against target/release/libsinglora.so, without torch
+#     and without a GPU; `cargo test` builds the cdylib under target/release/deps
+#     only, `cargo build` puts it where the package looks)
 # Release for the tests because the CPU reference tests do big f64 matmuls.
 # Clippy cannot share the tests' build-script run (cargo builds build.rs
 # separately under clippy-driver), so it would compile the kernels with nvcc a
@@ -26,3 +30,7 @@ echo "==> cargo clippy --release --all-targets -- -D warnings"
 DOCS_RS=1 cargo clippy --release --all-targets -- -D warnings
 echo "==> cargo test --release $*"
 cargo test --release "$@"
+echo "==> cargo build --release --lib"
+cargo build --release --lib
+echo "==> python3 python/tests/test_nogpu.py"
+python3 python/tests/test_nogpu.py

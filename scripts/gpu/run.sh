@@ -11,6 +11,10 @@
 #      tests of bin/test-forward and bin/test-backward   -> sanitizer.log
 #   d. bin/bench-forward and bin/bench-backward (criterion, short)
 #                                                        -> bench.log, bench-table.md
+#   e. the PyTorch binding against lib/libsinglora.so (needs python3 + torch):
+#      python/check.py (vs PyTorch autograd in float64)  -> tests.log
+#      python/bench.py (peer table: eager, torch.compile, materialised)
+#                                                        -> bench.log, bench-table.md
 # and prints a summary LAST (also -> summary.txt). All files go flat into $OUT
 # (default ./gpu-results, relative to where it is started). Every step runs even
 # when an earlier one failed; the exit status is non-zero if anything failed.
@@ -25,6 +29,8 @@ BUNDLE="$(pwd)"
 TESTS_TOTAL_S=180
 SANITIZER_S=45
 BENCH_S=100
+PY_CHECK_S=90
+PY_BENCH_S=150
 
 for f in nvidia-smi.txt tests.log sanitizer.log bench.log bench-table.md summary.txt ncu.txt; do
     rm -f "$OUT/$f"
@@ -175,6 +181,31 @@ for name in bench-forward bench-backward; do
         sed "s/^/[$name] /" | head -60
     record "$name" "$(status_of "$rc" "$log")"
 done
+
+# ------------------------------------------------ e. the PyTorch binding
+section "PyTorch binding (python/check.py ${PY_CHECK_S}s, python/bench.py ${PY_BENCH_S}s)"
+if [[ ! -f lib/libsinglora.so || ! -d python/singlora ]]; then
+    echo "### python: lib/libsinglora.so or python/ is not in the bundle" >>"$OUT/tests.log"
+    record "python check.py" "FAIL (not in the bundle)"
+    record "python bench.py" "FAIL (not in the bundle)"
+else
+    log="$scratch/py-check.log"
+    SINGLORA_LIB="$BUNDLE/lib/libsinglora.so" PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 \
+        timeout --kill-after=10 "$PY_CHECK_S" python3 python/check.py >"$log" 2>&1
+    rc=$?
+    { echo "### python/check.py (exit $rc)"; cat "$log"; echo; } >>"$OUT/tests.log"
+    grep -E '^(FAIL|torch )|^check\.py:|FAILED:|Error|error' "$log" | sed "s/^/[check.py] /" | head -40
+    record "python check.py" "$(status_of "$rc" "$log")"
+
+    log="$scratch/py-bench.log"
+    SINGLORA_LIB="$BUNDLE/lib/libsinglora.so" PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 \
+        SINGLORA_BENCH_TABLE="$OUT/bench-table.md" \
+        timeout --kill-after=10 "$PY_BENCH_S" python3 python/bench.py >"$log" 2>&1
+    rc=$?
+    { echo "### python/bench.py (exit $rc)"; cat "$log"; echo; } >>"$OUT/bench.log"
+    grep -vE '^\s*$' "$log" | sed "s/^/[bench.py] /" | tail -40
+    record "python bench.py" "$(status_of "$rc" "$log")"
+fi
 
 # ------------------------------------------------- optional: ncu profile
 # SINGLORA_NCU=1: Nsight Compute over the `profile_*` workloads of
