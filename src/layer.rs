@@ -342,7 +342,7 @@ where
             check_len("dx", dx.len(), dims.tokens * dims.d_in)?;
         }
         let ws_len = backward_workspace_len(&dims, true)?;
-        if self.workspace.as_ref().is_none_or(|w| w.len() < ws_len) {
+        if self.workspace.as_ref().map_or(true, |w| w.len() < ws_len) {
             // SAFETY of the allocation: the backward writes every workspace
             // element it reads.
             self.workspace = Some(unsafe { self.stream.alloc::<f32>(ws_len)? });
