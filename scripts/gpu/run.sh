@@ -2,19 +2,21 @@
 # scripts/gpu/run.sh — copied by scripts/bundle.sh to target/gpu-bundle/run.sh
 # and run ON the GPU host (no Rust toolchain, no network) from the bundle:
 #     bash target/gpu-bundle/run.sh
-# Runs, with time limits so the whole run stays under ~8 minutes:
+# Runs, in this order, with time limits so the whole run stays within
+# RUN_BUDGET_S (default 520 s):
 #   a. nvidia-smi                                        -> nvidia-smi.txt
 #   b. every bin/test-* with SINGLORA_REQUIRE_GPU=1      -> tests.log
-#      (a skipped GPU test is a failure here)
-#   c. (after the benchmarks, so a slow sanitizer cannot cost the table)
-#      compute-sanitizer memcheck/racecheck/initcheck over the `sanitizer_*`
-#      tests of bin/test-forward and bin/test-backward   -> sanitizer.log
-#   d. bin/bench-forward and bin/bench-backward (criterion, short)
-#                                                        -> bench.log, bench-table.md
-#   e. the PyTorch binding against lib/libsinglora.so (needs python3 + torch):
-#      python/check.py (vs PyTorch autograd in float64)  -> tests.log
-#      python/bench.py (peer table: eager, torch.compile, materialised)
-#                                                        -> bench.log, bench-table.md
+#      (a skipped GPU test is a failure here), then every bin/example-*
+#      (quickstart; finetune, the main job, at d = 4096 bf16)
+#   c. the PyTorch binding's python/check.py against lib/libsinglora.so
+#      (vs PyTorch autograd in float64)                  -> tests.log
+#   d. bin/bench-forward and bin/bench-backward (criterion, short), then
+#      python/bench.py (our binding vs eager, torch.compile and the
+#      materialised ΔW)                                  -> bench.log, bench-table.md
+#   e. with SINGLORA_NCU=1: Nsight Compute over the profile_* workloads -> ncu.txt
+#   f. compute-sanitizer memcheck/racecheck/initcheck over the `sanitizer_*`
+#      tests of forward, backward, merge, mse and adamw, in what is left of
+#      the budget                                        -> sanitizer.log
 # and prints a summary LAST (also -> summary.txt). All files go flat into $OUT
 # (default ./gpu-results, relative to where it is started). Every step runs even
 # when an earlier one failed; the exit status is non-zero if anything failed.
@@ -26,7 +28,9 @@ OUT="$(cd "$OUT" && pwd)"
 cd "$(dirname "$0")" || exit 1
 BUNDLE="$(pwd)"
 
-TESTS_TOTAL_S=180
+TESTS_TOTAL_S=150
+# The whole run, sanitizers last; the device call gets a little more.
+RUN_BUDGET_S=${RUN_BUDGET_S:-520}
 SANITIZER_S=45
 BENCH_S=100
 PY_CHECK_S=90
@@ -162,6 +166,21 @@ for bin in bin/example-*; do
 done
 shopt -u nullglob
 
+# ------------------------------------------- the PyTorch binding: check.py
+section "PyTorch binding: python/check.py (${PY_CHECK_S}s)"
+if [[ ! -f lib/libsinglora.so || ! -d python/singlora ]]; then
+    echo "### python: lib/libsinglora.so or python/ is not in the bundle" >>"$OUT/tests.log"
+    record "python check.py" "FAIL (not in the bundle)"
+else
+    log="$scratch/py-check.log"
+    SINGLORA_LIB="$BUNDLE/lib/libsinglora.so" PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 \
+        timeout --kill-after=10 "$PY_CHECK_S" python3 python/check.py >"$log" 2>&1
+    rc=$?
+    { echo "### python/check.py (exit $rc)"; cat "$log"; echo; } >>"$OUT/tests.log"
+    grep -E '^(FAIL|torch )|^check\.py:|FAILED:|Error|error' "$log" | sed "s/^/[check.py] /" | head -40
+    record "python check.py" "$(status_of "$rc" "$log")"
+fi
+
 # -------------------------------------------------------------- d. benchmarks
 section "benchmarks (${BENCH_S}s each)"
 for name in bench-forward bench-backward; do
@@ -182,21 +201,11 @@ for name in bench-forward bench-backward; do
     record "$name" "$(status_of "$rc" "$log")"
 done
 
-# ------------------------------------------------ e. the PyTorch binding
-section "PyTorch binding (python/check.py ${PY_CHECK_S}s, python/bench.py ${PY_BENCH_S}s)"
+# ------------------------------------------- the PyTorch binding: bench.py
+section "PyTorch binding: python/bench.py (${PY_BENCH_S}s)"
 if [[ ! -f lib/libsinglora.so || ! -d python/singlora ]]; then
-    echo "### python: lib/libsinglora.so or python/ is not in the bundle" >>"$OUT/tests.log"
-    record "python check.py" "FAIL (not in the bundle)"
     record "python bench.py" "FAIL (not in the bundle)"
 else
-    log="$scratch/py-check.log"
-    SINGLORA_LIB="$BUNDLE/lib/libsinglora.so" PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 \
-        timeout --kill-after=10 "$PY_CHECK_S" python3 python/check.py >"$log" 2>&1
-    rc=$?
-    { echo "### python/check.py (exit $rc)"; cat "$log"; echo; } >>"$OUT/tests.log"
-    grep -E '^(FAIL|torch )|^check\.py:|FAILED:|Error|error' "$log" | sed "s/^/[check.py] /" | head -40
-    record "python check.py" "$(status_of "$rc" "$log")"
-
     log="$scratch/py-bench.log"
     SINGLORA_LIB="$BUNDLE/lib/libsinglora.so" PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 \
         SINGLORA_BENCH_TABLE="$OUT/bench-table.md" \
@@ -252,9 +261,19 @@ if [[ -z "$sanitizer" ]]; then
     done
 fi
 [[ -n "$sanitizer" ]] && echo "compute-sanitizer: $sanitizer" | tee -a "$OUT/sanitizer.log"
+# What is left of RUN_BUDGET_S goes to the sanitizers (a run that overruns its
+# budget loses its summary to the caller's timeout).
+san_deadline=$((started + RUN_BUDGET_S))
 for tool in memcheck racecheck initcheck; do
-    for name in test-forward test-backward; do
+    for name in test-forward test-backward test-merge test-mse test-adamw; do
         label="sanitizer $tool $name"
+        left=$((san_deadline - SECONDS))
+        if ((left < 10)); then
+            echo "### $label: not run, the ${RUN_BUDGET_S}s run budget is spent" >>"$OUT/sanitizer.log"
+            record "$label" "FAIL (no time left)"
+            continue
+        fi
+        ((left > SANITIZER_S)) && left=$SANITIZER_S
         if [[ -z "$sanitizer" ]]; then
             echo "### $label: compute-sanitizer not found" >>"$OUT/sanitizer.log"
             record "$label" "FAIL (compute-sanitizer not found)"
@@ -266,7 +285,7 @@ for tool in memcheck racecheck initcheck; do
             continue
         fi
         log="$scratch/san.log"
-        SINGLORA_REQUIRE_GPU=1 timeout --kill-after=10 "$SANITIZER_S" \
+        SINGLORA_REQUIRE_GPU=1 timeout --kill-after=5 "$left" \
             "$sanitizer" --tool "$tool" --error-exitcode 1 "bin/$name" sanitizer_ >"$log" 2>&1
         rc=$?
         { echo "### $label (exit $rc)"; cat "$log"; echo; } >>"$OUT/sanitizer.log"
