@@ -329,7 +329,7 @@ fn context(ordinal: usize) -> Result<Arc<CudaContext>, Failure> {
 
 /// Puts back the calling thread's current CUDA context when dropped, so a
 /// call on device 1 does not move a PyTorch thread whose current device is 0
-/// (cudarc binds the context it launches in).
+/// (cudarc binds the context it launches in). `None`: nothing to restore.
 struct RestoreCurrent(Option<sys::CUcontext>);
 
 impl RestoreCurrent {
@@ -343,11 +343,11 @@ impl RestoreCurrent {
             }
             DRIVER_READY.store(true, Ordering::Release);
         }
-        Self(
-            cu::ctx::get_current()
-                .ok()
-                .map(|c| c.unwrap_or(std::ptr::null_mut())),
-        )
+        // A thread with no current context keeps ours (the primary context)
+        // afterwards, as the CUDA runtime would make it on first use:
+        // restoring "none" made PyTorch's autograd thread warn that cuBLAS
+        // found no current context right after our backward.
+        Self(cu::ctx::get_current().ok().flatten())
     }
 }
 
@@ -360,7 +360,7 @@ impl Drop for RestoreCurrent {
                 .unwrap_or(std::ptr::null_mut());
             if now != prev {
                 // SAFETY: `prev` was current on this thread when the call
-                // began (or null), so it is a live context; a failure here
+                // began, so it is a live context; a failure here
                 // leaves our context current, which is still a valid state.
                 let _ = unsafe { cu::ctx::set_current(prev) };
             }

@@ -116,7 +116,7 @@ fn refused_adamw_leaves_everything_untouched() {
     let Some(gpu) = gpu() else { return };
     let n = 300;
     let mut r = rng(6);
-    let a0 = randn(&mut r, n, 0.1);
+    let a0 = quantize::<f32>(&randn(&mut r, n, 0.1));
     let mut a = upload::<f32>(&gpu, &a0);
     let g = upload_f32(&gpu, &randn(&mut r, n, 1.0));
     let short = upload_f32(&gpu, &randn(&mut r, n - 1, 1.0));

@@ -39,7 +39,9 @@ fn run_case<T: DType>(
     let mut r = rng(seed);
     let a = quantize::<T>(&randn(&mut r, dims.a_len(), 1.0 / (dims.d() as f64).sqrt()));
     let w0 = quantize::<T>(&randn(&mut r, d_out * d_in, 0.05));
-    let w0_strided = restride(&w0, d_out, d_in, ld_w, SENTINEL);
+    // The gaps hold a sentinel exactly representable in T.
+    let sentinel = T::from_f64(SENTINEL).to_f64();
+    let w0_strided = restride(&w0, d_out, d_in, ld_w, sentinel);
 
     let a_dev = upload::<T>(gpu, &a);
     let mut w_dev = upload::<T>(gpu, &w0_strided);
@@ -49,7 +51,7 @@ fn run_case<T: DType>(
         for c in d_in..ld_w.min(w1_strided.len() - rr * ld_w) {
             assert_eq!(
                 w1_strided[rr * ld_w + c],
-                SENTINEL,
+                sentinel,
                 "{name}: gap ({rr}, {c}) written"
             );
         }
@@ -139,7 +141,7 @@ fn refused_merge_leaves_w_untouched() {
     let Some(gpu) = gpu() else { return };
     let dims = Dims::new(0, 64, 32, 8).unwrap();
     let mut r = rng(9);
-    let w0 = randn(&mut r, 32 * 64, 1.0);
+    let w0 = quantize::<f32>(&randn(&mut r, 32 * 64, 1.0));
     let mut w = upload::<f32>(&gpu, &w0);
     let short_a = upload::<f32>(&gpu, &randn(&mut r, dims.a_len() - 1, 1.0));
     let err = merge(&gpu.stream, &dims, &mut w, 64, &short_a, 1.0).unwrap_err();
