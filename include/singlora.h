@@ -37,8 +37,10 @@
  *    anything is enqueued; a refused call touches no output and needs no GPU.
  *  - No panic or exception crosses this boundary (SINGLORA_ERROR_PANIC).
  *  - Devices are used through their primary context, the one the CUDA
- *    runtime (and PyTorch) uses, opened once per ordinal. A call leaves the
- *    calling thread's current context as it found it.
+ *    runtime (and PyTorch) uses, opened once per ordinal. A call puts back
+ *    the calling thread's current context if it had one; a thread that had
+ *    none is left with the device's primary context current (as the CUDA
+ *    runtime would make it on first use).
  *  - `stream` is a CUstream (or cudaStream_t) of that primary context. NULL
  *    is the legacy default stream (as in the driver API; PyTorch's default
  *    stream is NULL); CU_STREAM_LEGACY and CU_STREAM_PER_THREAD are

@@ -18,8 +18,8 @@
 //!   and a panic becomes `SINGLORA_ERROR_PANIC` with its message.
 //! * Devices are opened through their **primary context** (the one the CUDA
 //!   runtime, hence PyTorch, uses), once per ordinal and kept for the life of
-//!   the process. A call leaves the calling thread's current context as it
-//!   found it.
+//!   the process. A call puts back the calling thread's current context if
+//!   it had one; a thread that had none keeps the primary context current.
 //! * `stream` is a `CUstream` of that primary context (a `cudaStream_t` of
 //!   the runtime is the same thing). `NULL` means the legacy default stream,
 //!   as in the driver API (PyTorch's default stream reports 0);
