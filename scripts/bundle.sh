@@ -3,8 +3,8 @@
 #
 # The GPU host has no Rust toolchain and no network, so everything it runs is
 # prebuilt here: every test executable of `cargo test --release` (the lib's
-# unit tests as bin/test-lib, each tests/X.rs as bin/test-X) and the forward
-# and backward criterion benches (bin/bench-X), stripped, plus the host-side
+# unit tests as bin/test-lib, each tests/X.rs as bin/test-X) and the
+# forward, backward and merge criterion benches (bin/bench-X), stripped, plus the host-side
 # driver scripts/gpu/run.sh (run there as `bash target/gpu-bundle/run.sh`) and
 # any scripts/gpu/*.py; the C ABI library as lib/libsinglora.so (stripped) and
 # the PyTorch binding python/ (its check.py and bench.py run there against
@@ -30,8 +30,8 @@ trap 'rm -rf "$tmp"' EXIT
 
 echo "==> cargo test --release --no-run"
 cargo test --release --no-run --message-format=json >"$tmp/test.json"
-echo "==> cargo bench --no-run --bench forward --bench backward"
-cargo bench --no-run --bench forward --bench backward --message-format=json >"$tmp/bench.json"
+echo "==> cargo bench --no-run --bench forward --bench backward --bench merge"
+cargo bench --no-run --bench forward --bench backward --bench merge --message-format=json >"$tmp/bench.json"
 echo "==> cargo build --release --examples"
 cargo build --release --examples --message-format=json >"$tmp/examples.json"
 echo "==> cargo build --release --lib (libsinglora.so)"
@@ -74,7 +74,9 @@ for path in files:
                 if "test" in kinds and target["name"] in host_only:
                     print(f"bundle.sh: leaving out host-only test {target['name']}", file=sys.stderr)
                     continue
-                name = "test-lib" if "lib" in kinds else "test-" + target["name"]
+                # The lib target's kinds are its crate types (rlib, cdylib).
+                is_lib = any(k in ("lib", "rlib", "cdylib") for k in kinds)
+                name = "test-lib" if is_lib else "test-" + target["name"]
             elif "example" in kinds:
                 name = "example-" + target["name"]
             else:

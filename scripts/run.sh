@@ -6,7 +6,7 @@
 # runs the same loop on the f64 CPU reference at d = 64 and says so in its
 # first line. Extra arguments go to the example, e.g.
 #     bash scripts/run.sh --d 2048 --rank 32 --dtype f16
-# The benchmarks: cargo bench --bench forward --bench backward.
+# The benchmarks: cargo bench --bench forward --bench backward --bench merge.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

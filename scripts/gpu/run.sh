@@ -10,7 +10,7 @@
 #      (quickstart; finetune, the main job, at d = 4096 bf16)
 #   c. the PyTorch binding's python/check.py against lib/libsinglora.so
 #      (vs PyTorch autograd in float64)                  -> tests.log
-#   d. bin/bench-forward and bin/bench-backward (criterion, short), then
+#   d. bin/bench-forward, bench-backward and bench-merge (criterion, short), then
 #      python/bench.py (our binding vs eager, torch.compile and the
 #      materialised ΔW)                                  -> bench.log, bench-table.md
 #   e. with SINGLORA_NCU=1: Nsight Compute over the profile_* workloads -> ncu.txt
@@ -183,7 +183,7 @@ fi
 
 # -------------------------------------------------------------- d. benchmarks
 section "benchmarks (${BENCH_S}s each)"
-for name in bench-forward bench-backward; do
+for name in bench-forward bench-backward bench-merge; do
     if [[ ! -x "bin/$name" ]]; then
         echo "### $name: not in the bundle" >>"$OUT/bench.log"
         record "$name" "FAIL (no bin/$name)"
