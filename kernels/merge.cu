@@ -54,8 +54,10 @@ __device__ __forceinline__ void merge_kernel(const singlora_merge_params& p) {
             a_in[k][n] = (col < p.d_in && k0 + k < rank) ? to_f32(a[(int64_t)col * rank + k0 + k]) : 0.0f;
         }
         __syncthreads();
+        // Only the chunk's real ranks: zero padding would add nothing but FMAs.
+        const int kn = min(kMergeBK, rank - k0);
 #pragma unroll 8
-        for (int k = 0; k < kMergeBK; ++k) {
+        for (int k = 0; k < kn; ++k) {
             const float4 o = *reinterpret_cast<const float4*>(&a_out[k][ty * 4]);
             const float4 i0 = *reinterpret_cast<const float4*>(&a_in[k][tx * 8]);
             const float4 i1 = *reinterpret_cast<const float4*>(&a_in[k][tx * 8 + 4]);
@@ -72,22 +74,38 @@ __device__ __forceinline__ void merge_kernel(const singlora_merge_params& p) {
 
     // Explicit roundings (no contraction into an FMA with W): the update is
     // rounded to f32 once, identically for merge and unmerge, then added.
+    // A thread's 8 columns are 16 bytes of a 16-bit W (32 of an f32 one):
+    // one (two) 16-byte accesses per row when W allows them, so a warp
+    // moves two full 256-byte row segments per instruction.
+    constexpr int kChunks = 8 * (int)sizeof(T) / 16;
+    const int col = col0 + tx * 8;
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
         const int row = row0 + ty * 4 + i;
         if (row >= p.d_out) break;
-        T* wr = w + (int64_t)row * p.ld_w;
+        T* wr = w + (int64_t)row * p.ld_w + col;
+        float d[8];
 #pragma unroll
-        for (int j = 0; j < 8; j += 2) {
-            const int col = col0 + tx * 8 + j;
-            const float d0 = __fmul_rn(p.scale, acc[i][j]);
-            const float d1 = __fmul_rn(p.scale, acc[i][j + 1]);
-            if (p.w_pair && col + 1 < p.d_in) {
-                const float2 v = load2(wr + col);
-                store2(wr + col, make_float2(__fadd_rn(v.x, d0), __fadd_rn(v.y, d1)));
-            } else {
-                if (col < p.d_in) wr[col] = from_f32<T>(__fadd_rn(to_f32(wr[col]), d0));
-                if (col + 1 < p.d_in) wr[col + 1] = from_f32<T>(__fadd_rn(to_f32(wr[col + 1]), d1));
+        for (int j = 0; j < 8; ++j) d[j] = __fmul_rn(p.scale, acc[i][j]);
+        if (p.w_vec && col + 8 <= p.d_in) {
+            uint4 raw[kChunks];
+#pragma unroll
+            for (int c = 0; c < kChunks; ++c) raw[c] = reinterpret_cast<const uint4*>(wr)[c];
+            T* v = reinterpret_cast<T*>(raw);
+#pragma unroll
+            for (int j = 0; j < 8; ++j) v[j] = from_f32<T>(__fadd_rn(to_f32(v[j]), d[j]));
+#pragma unroll
+            for (int c = 0; c < kChunks; ++c) reinterpret_cast<uint4*>(wr)[c] = raw[c];
+        } else {
+#pragma unroll
+            for (int j = 0; j < 8; j += 2) {
+                if (p.w_pair && col + j + 1 < p.d_in) {
+                    const float2 v = load2(wr + j);
+                    store2(wr + j, make_float2(__fadd_rn(v.x, d[j]), __fadd_rn(v.y, d[j + 1])));
+                } else {
+                    if (col + j < p.d_in) wr[j] = from_f32<T>(__fadd_rn(to_f32(wr[j]), d[j]));
+                    if (col + j + 1 < p.d_in) wr[j + 1] = from_f32<T>(__fadd_rn(to_f32(wr[j + 1]), d[j + 1]));
+                }
             }
         }
     }

@@ -149,7 +149,7 @@ typedef struct singlora_merge_params {
     int32_t rank;
     float scale;
     int32_t w_pair;          /* 1: w and ld_w allow 2-element accesses */
-    int32_t pad_;
+    int32_t w_vec;           /* 1: w and ld_w allow 16-byte accesses */
 } singlora_merge_params;
 
 /* AdamW over the n elements of A (PyTorch's torch.optim.AdamW semantics):

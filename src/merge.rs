@@ -18,6 +18,7 @@ use crate::device::{launch, typed_kernel_name, Kernels};
 use crate::dims::{check_len, check_matrix, check_scale, Dims};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
+use crate::forward::vec_ok;
 use crate::params::{singlora_merge_params, SINGLORA_MERGE_BM, SINGLORA_MERGE_BN};
 
 /// `w` (`d_out × d_in`, row stride `ld_w`) ← `w + scale · A[:d_out] · A[:d_in]ᵀ`.
@@ -104,7 +105,7 @@ pub unsafe fn merge_raw<T: DType>(
         rank: dims.rank as i32,
         scale,
         w_pair: (w % (2 * elem as u64) == 0 && ld_w % 2 == 0) as i32,
-        pad_: 0,
+        w_vec: vec_ok::<T>(w, ld_w),
     };
     launch(stream, kernel, (grid_x as u32, grid_y as u32, 1), &params)
 }

@@ -18,6 +18,9 @@ const CASES: &[(usize, usize, usize, usize)] = &[
     (130, 300, 256, 0),
     (40, 11, 7, 1),
     (3424, 64, 64, 0),
+    // 16-byte rows with a d_in that is not a multiple of 8: vector accesses
+    // up to column 96, pairs for the tail.
+    (100, 50, 24, 4),
 ];
 const SCALE: f32 = 0.375;
 const SENTINEL: f64 = 1234.5;
@@ -114,6 +117,7 @@ fn merge_matches_reference_and_round_trips() {
 fn sanitizer_merge() {
     let Some(gpu) = gpu() else { return };
     run_case::<bf16>(&gpu, (100, 72, 24, 3), 7);
+    run_case::<bf16>(&gpu, (100, 72, 24, 4), 9);
     run_case::<f32>(&gpu, (72, 100, 40, 0), 8);
 }
 
