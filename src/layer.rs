@@ -330,11 +330,9 @@ where
             });
         };
         if self.is_merged() {
-            return Err(Error::InvalidArgument {
-                name: "self",
-                expected: "an unmerged layer (call unmerge before training)",
-                actual: "merged".into(),
-            });
+            return Err(merged_refusal(
+                "an unmerged layer (call unmerge before training)",
+            ));
         }
         check_len("x", x.len(), dims.tokens * dims.d_in)?;
         check_len("g", g.len(), dims.tokens * dims.d_out)?;
@@ -390,11 +388,9 @@ where
     /// The AdamW bias correction uses the 1-based step `step_count() + 1`.
     pub fn adamw_step(&mut self, cfg: &AdamW, grad_scale: f32) -> Result<()> {
         if self.is_merged() {
-            return Err(Error::InvalidArgument {
-                name: "self",
-                expected: "an unmerged layer (call unmerge before training)",
-                actual: "merged".into(),
-            });
+            return Err(merged_refusal(
+                "an unmerged layer (call unmerge before training)",
+            ));
         }
         adamw(
             &self.stream,
@@ -424,11 +420,7 @@ where
         let dims = self.dims;
         let f = self.frozen.as_mut().ok_or_else(|| no_frozen("merge"))?;
         if f.merged.is_some() {
-            return Err(Error::InvalidArgument {
-                name: "self",
-                expected: "an unmerged layer",
-                actual: "merged".into(),
-            });
+            return Err(merged_refusal("an unmerged layer"));
         }
         merge(&self.stream, &dims, &mut f.w0, dims.d_in, &self.a, scale)?;
         f.merged = Some(scale);
@@ -450,6 +442,15 @@ where
         unmerge(&self.stream, &dims, &mut f.w0, dims.d_in, &self.a, scale)?;
         f.merged = None;
         Ok(())
+    }
+}
+
+/// The refusal of an operation that needs the adapter out of `W0`.
+fn merged_refusal(expected: &'static str) -> Error {
+    Error::InvalidArgument {
+        name: "self",
+        expected,
+        actual: "merged".into(),
     }
 }
 
