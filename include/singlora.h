@@ -1,8 +1,10 @@
 /* singlora.h: the C ABI of libsinglora (fused CUDA kernels for SingLoRA).
  *
- * Hand-written to match src/capi.rs; tests/capi.rs compiles a C program
- * against this header (C99, -pedantic -Werror), links it to the built
- * libsinglora.so and checks every code and prototype against the Rust side.
+ * The one source of the ABI: build.rs generates the Rust status and dtype
+ * constants from its #defines, and tests/capi/header.rs parses it and holds
+ * the Rust exports (src/ffi/exports.rs), the built library's symbols and the
+ * Python ctypes table (python/singlora/_lib.py) to every prototype and code;
+ * a C99 program is compiled against it (-pedantic -Werror) and run.
  *
  * SingLoRA adapts a frozen weight W0 (d_out x d_in, the nn.Linear
  * orientation) with one matrix A (D x rank, D = max(d_in, d_out)):
@@ -50,8 +52,9 @@
  *    first call on a device, which loads the kernels and synchronises once
  *    (call singlora_init() before a capture). Inputs must stay valid and
  *    outputs unread until the work completes on `stream`; ordering against
- *    other streams is the caller's. Outputs must not overlap any other
- *    argument (not checked).
+ *    other streams is the caller's. An output that overlaps any other
+ *    argument (exact aliasing included, as far as pointers and extents
+ *    show it) is refused with SINGLORA_ERROR_INVALID_ARGUMENT naming both.
  *  - The functions are thread-safe.
  */
 #ifndef SINGLORA_API_H
@@ -70,8 +73,10 @@ extern "C" {
 /* Status codes. */
 typedef int32_t singlora_status;
 #define SINGLORA_OK 0
-/* A dimension, stride, scalar or pointer is out of range, or the workspace
- * is too small; the message names the argument. */
+/* A dimension, stride, scalar or pointer is out of range, the workspace is
+ * too small, or an output overlaps another argument's memory (or a range
+ * wraps past the end of the address space); the message names the
+ * argument. */
 #define SINGLORA_ERROR_INVALID_ARGUMENT 1
 /* dtype is not one of SINGLORA_DTYPE_*. */
 #define SINGLORA_ERROR_UNKNOWN_DTYPE 2
@@ -86,12 +91,13 @@ typedef int32_t singlora_status;
 #define SINGLORA_ERROR_SHARED_MEMORY 6
 /* A CUDA driver call failed (the message carries the driver's error). */
 #define SINGLORA_ERROR_CUDA 7
-/* This build of the library embeds no kernels (a documentation build). */
+/* This build of the library embeds no kernels (a documentation build), or
+ * none for this device (a build without its architecture). */
 #define SINGLORA_ERROR_NO_KERNELS 8
 /* A bug inside the library was caught at the boundary; please report it. */
 #define SINGLORA_ERROR_PANIC 9
 
-/* Element type codes (the values of kernels/singlora.h's enum). */
+/* Element type codes (the values of kernels/params.h's enum singlora_dtype). */
 #define SINGLORA_DTYPE_F32 0
 #define SINGLORA_DTYPE_F16 1
 #define SINGLORA_DTYPE_BF16 2

@@ -68,10 +68,62 @@ pub enum Error {
     /// The build embedded no kernels (a docs.rs build).
     #[error("this build of singlora embeds no kernels (built under DOCS_RS)")]
     NoKernels,
+    /// A kernel of the list is in no module loaded on this device (a build
+    /// without its architecture, or an sm_90a kernel on another GPU).
+    #[error("kernel {kernel} is not in the module loaded on this device")]
+    MissingKernel { kernel: String },
+    /// An output's memory overlaps another argument's (exact aliasing
+    /// included): the kernels read what other blocks write.
+    #[error(
+        "buffer `{name}` overlaps `{other}`: outputs must not share memory with any other argument"
+    )]
+    Overlap {
+        name: &'static str,
+        other: &'static str,
+    },
+    /// A buffer's address range runs past the end of the address space.
+    #[error(
+        "buffer `{name}` at {ptr:#x} with {bytes} bytes wraps past the end of the address space"
+    )]
+    AddressWrap {
+        name: &'static str,
+        ptr: u64,
+        bytes: u64,
+    },
     /// A cuBLAS call failed (the frozen base GEMMs of [`crate::SingLoraLinear`]).
     #[error("cuBLAS error: {0}")]
     Cublas(#[from] cudarc::cublas::result::CublasError),
     /// A CUDA driver call failed.
     #[error("CUDA driver error: {0}")]
     Driver(#[from] DriverError),
+}
+
+impl Error {
+    /// The refusal of a scalar or state argument `name`: what was expected,
+    /// and what was given.
+    pub fn invalid(
+        name: &'static str,
+        expected: &'static str,
+        actual: impl std::fmt::Display,
+    ) -> Self {
+        Error::InvalidArgument {
+            name,
+            expected,
+            actual: actual.to_string(),
+        }
+    }
+
+    /// The argument a refusal names, if it is one (`None` for failures that
+    /// are not about an argument: no driver, a driver error, ...).
+    pub fn argument(&self) -> Option<&'static str> {
+        match self {
+            Error::InvalidDim { name, .. }
+            | Error::InvalidStride { name, .. }
+            | Error::BufferTooSmall { name, .. }
+            | Error::InvalidArgument { name, .. }
+            | Error::Overlap { name, .. }
+            | Error::AddressWrap { name, .. } => Some(name),
+            _ => None,
+        }
+    }
 }

@@ -12,39 +12,36 @@
 //! * [`adamw()`]: one fused AdamW step over A; [`mse()`]: an MSE loss and its
 //!   gradient on the device.
 //! * [`SingLoraLinear`]: the layer, built on the launchers.
-//! * [`reference`]: the f64 CPU reference every kernel is checked against.
+//! * [`mod@reference`]: the f64 CPU reference every kernel is checked against.
 //!
 //! Launchers validate every argument before touching the GPU, return typed
 //! [`Error`]s, and only enqueue work on the caller's stream.
+//!
+//! Modules: [`ops`] (one per operation), [`runtime`] (devices, the typed
+//! kernel registry, launch helpers), [`nn`] (the layer, its ramp and
+//! initialisation), [`ffi`] (the C ABI of include/singlora.h).
 
-pub mod adamw;
-pub mod backward;
-pub mod capi;
-pub mod device;
 pub mod dims;
 pub mod dtype;
 pub mod error;
-pub mod fill;
-pub mod forward;
-pub mod layer;
-pub mod merge;
-pub mod mse;
+pub mod ffi;
+pub mod nn;
+pub mod ops;
 pub mod params;
-pub mod ramp;
 pub mod reference;
+pub mod runtime;
 
-pub use adamw::{adamw, AdamW, AdamWState};
-pub use backward::{
-    backward, backward_raw, backward_workspace_len, check_backward, BackwardLens, DxOut,
-    RawBackward,
-};
-pub use device::{open_device, Kernels};
-pub use dims::Dims;
+pub use dims::{Dims, Matrix, MAX_RANK};
 pub use dtype::DType;
 pub use error::{Error, Result};
-pub use fill::fill_bits;
-pub use forward::{check_forward, forward, forward_raw};
-pub use layer::{ForwardCtx, SingLoraLinear};
-pub use merge::{check_merge, merge, merge_raw, unmerge, unmerge_raw};
-pub use mse::{mse, mse_loss, MSE_PARTIALS};
-pub use ramp::Ramp;
+pub use nn::{kaiming_uniform, ForwardCtx, Ramp, SingLoraLinear, SplitMix64};
+pub use ops::adamw::{adamw, AdamW, AdamWState};
+pub use ops::backward::{
+    backward, backward_raw, backward_workspace_len, check_backward, BackwardLens, BackwardPtrs,
+    BackwardShape, DxOut,
+};
+pub use ops::fill::fill_bits;
+pub use ops::forward::{check_forward, forward, forward_raw, ForwardPtrs, ForwardShape};
+pub use ops::merge::{check_merge, merge, merge_raw, unmerge, MergeShape};
+pub use ops::mse::{mse, mse_loss, MSE_PARTIALS};
+pub use runtime::{kernel_names, open_device, Family, KernelId, Kernels, RANK_BUCKETS};

@@ -12,7 +12,7 @@
 //! are contiguous prefixes of the buffer). The update `ΔW = s · A_out A_inᵀ`
 //! (`d_out × d_in`) is never formed except by [`delta_w`], for tests.
 //!
-//! Every function validates the dimensions and the length of every slice
+//! Every function checks the length of every slice
 //! (a slice may be longer than needed; only its prefix is used) before it
 //! touches any output, so a refused call has written nothing. Where a `beta`
 //! is 0 the old contents of that output are never read, so an output
@@ -80,8 +80,6 @@ fn expand(
 /// their prefix is used. With `beta == 0` the old `y` is never read.
 ///
 /// # Errors
-/// [`Error::InvalidDim`](crate::Error::InvalidDim) /
-/// [`Error::Overflow`](crate::Error::Overflow) from [`Dims::validate`], or
 /// [`Error::BufferTooSmall`](crate::Error::BufferTooSmall) naming `"x"`,
 /// `"a"` or `"y"`. Nothing is written on error.
 pub fn forward(
@@ -92,13 +90,7 @@ pub fn forward(
     beta: f64,
     y: &mut [f64],
 ) -> Result<Vec<f64>> {
-    dims.validate()?;
-    let Dims {
-        tokens,
-        d_in,
-        d_out,
-        rank,
-    } = *dims;
+    let (tokens, d_in, d_out, rank) = (dims.tokens(), dims.d_in(), dims.d_out(), dims.rank());
     check_len("x", x.len(), tokens * d_in)?;
     check_len("a", a.len(), dims.a_len())?;
     check_len("y", y.len(), tokens * d_out)?;
@@ -121,8 +113,6 @@ pub fn forward(
 /// is used. With a beta of 0 the old contents of that output are never read.
 ///
 /// # Errors
-/// [`Error::InvalidDim`](crate::Error::InvalidDim) /
-/// [`Error::Overflow`](crate::Error::Overflow) from [`Dims::validate`], or
 /// [`Error::BufferTooSmall`](crate::Error::BufferTooSmall) naming `"x"`,
 /// `"a"`, `"g"`, `"dx"` or `"da"`. Nothing is written on error.
 #[allow(clippy::too_many_arguments)]
@@ -137,13 +127,7 @@ pub fn backward(
     da_beta: f64,
     da: &mut [f64],
 ) -> Result<()> {
-    dims.validate()?;
-    let Dims {
-        tokens,
-        d_in,
-        d_out,
-        rank,
-    } = *dims;
+    let (tokens, d_in, d_out, rank) = (dims.tokens(), dims.d_in(), dims.d_out(), dims.rank());
     check_len("x", x.len(), tokens * d_in)?;
     check_len("a", a.len(), dims.a_len())?;
     check_len("g", g.len(), tokens * d_out)?;
@@ -187,14 +171,9 @@ pub fn backward(
 /// form it.
 ///
 /// # Panics
-/// If `dims` is invalid or `a` has fewer than `D·rank` elements.
+/// If `a` has fewer than `D·rank` elements.
 pub fn delta_w(dims: &Dims, a: &[f64], scale: f64) -> Vec<f64> {
-    if let Err(e) = dims.validate() {
-        panic!("reference::delta_w: {e}");
-    }
-    let Dims {
-        d_in, d_out, rank, ..
-    } = *dims;
+    let (d_in, d_out, rank) = (dims.d_in(), dims.d_out(), dims.rank());
     assert!(
         a.len() >= dims.a_len(),
         "reference::delta_w: `a` has {} elements, needs {}",
@@ -218,15 +197,12 @@ pub fn delta_w(dims: &Dims, a: &[f64], scale: f64) -> Vec<f64> {
 /// `dims.tokens` is not used.
 ///
 /// # Errors
-/// [`Error::InvalidDim`](crate::Error::InvalidDim) from [`Dims::validate`],
 /// [`Error::InvalidStride`](crate::Error::InvalidStride) naming `"ld_w"`, or
 /// [`Error::BufferTooSmall`](crate::Error::BufferTooSmall) naming `"w"` or
 /// `"a"`. Nothing is written on error.
 pub fn merge(dims: &Dims, w: &mut [f64], ld_w: usize, a: &[f64], scale: f64) -> Result<()> {
-    crate::merge::check_merge(dims, w.len(), ld_w, a.len(), 0.0)?;
-    let Dims {
-        d_in, d_out, rank, ..
-    } = *dims;
+    crate::ops::merge::check_merge(dims, w.len(), ld_w, a.len(), 0.0)?;
+    let (d_in, d_out, rank) = (dims.d_in(), dims.d_out(), dims.rank());
     for (r, ao_row) in a[..d_out * rank].chunks_exact(rank).enumerate() {
         let w_row = &mut w[r * ld_w..r * ld_w + d_in];
         for (o, ai_row) in w_row.iter_mut().zip(a[..d_in * rank].chunks_exact(rank)) {

@@ -1,5 +1,9 @@
-//! forward on the GPU against reference::forward, and its argument checks
-//! (which run everywhere).
+//! forward on the GPU against reference::forward (relative L2 of Y, of the
+//! adapter term Y − beta·Y0 and of S, and every element within a bound
+//! derived from the dtype's rounding, tests/common/bounds.rs), at strides and
+//! base offsets that take the vector and the element-wise paths; the bounds'
+//! self-check against a simulated kernel and the argument checks run
+//! everywhere.
 
 mod common;
 
@@ -7,18 +11,46 @@ use common::*;
 use half::{bf16, f16};
 use singlora::{check_forward, forward, reference, DType, Dims, Error};
 
-/// One forward case: shapes, output row padding, beta.
+/// Element offsets of X, A, Y and S from a 16-byte aligned base.
+#[derive(Clone, Copy, Debug)]
+struct Off {
+    x: usize,
+    a: usize,
+    y: usize,
+    s: usize,
+}
+
+const NO_OFF: Off = Off {
+    x: 0,
+    a: 0,
+    y: 0,
+    s: 0,
+};
+
+/// One forward case: shapes, row strides, beta, base offsets.
 #[derive(Clone, Copy, Debug)]
 struct Case {
     tokens: usize,
     d_in: usize,
     d_out: usize,
     rank: usize,
-    /// Extra columns per row of Y (Y is a slice of a wider output).
-    y_pad: usize,
-    /// Extra columns per row of X.
-    x_pad: usize,
+    /// Row stride of X.
+    x_ld: Ld,
+    /// Row stride of Y (Y is a slice of a wider output).
+    y_ld: Ld,
     beta: f32,
+    off: Off,
+}
+
+impl Case {
+    fn shape(&self) -> Shape {
+        Shape {
+            tokens: self.tokens,
+            d_in: self.d_in,
+            d_out: self.d_out,
+            rank: self.rank,
+        }
+    }
 }
 
 const fn case(
@@ -34,9 +66,37 @@ const fn case(
         d_in,
         d_out,
         rank,
-        y_pad,
-        x_pad: 0,
+        x_ld: Ld::Dense,
+        y_ld: if y_pad == 0 {
+            Ld::Dense
+        } else {
+            Ld::Pad(y_pad)
+        },
         beta,
+        off: NO_OFF,
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+const fn layout(
+    tokens: usize,
+    d_in: usize,
+    d_out: usize,
+    rank: usize,
+    x_ld: Ld,
+    y_ld: Ld,
+    beta: f32,
+    off: Off,
+) -> Case {
+    Case {
+        tokens,
+        d_in,
+        d_out,
+        rank,
+        x_ld,
+        y_ld,
+        beta,
+        off,
     }
 }
 
@@ -57,101 +117,397 @@ const CASES: &[Case] = &[
     case(65, 1000, 1003, 33, 3, 1.0),
     case(16, 4096, 4096, 16, 0, 1.0),
     case(9, 11008, 128, 16, 0, 1.0),
-    Case {
-        tokens: 50,
-        d_in: 72,
-        d_out: 88,
-        rank: 200,
-        y_pad: 8,
-        x_pad: 5,
-        beta: 1.0,
-    },
+    layout(50, 72, 88, 200, Ld::Pad(5), Ld::Pad(8), 1.0, NO_OFF),
+];
+
+/// Layouts: row strides that keep every row 16-byte aligned (`Ld::Aligned`:
+/// the vector paths, with a tail chunk where d is not a multiple of the
+/// vector width), and base addresses 1 or 3 elements off 16-byte alignment
+/// (the element-wise paths; 4 is off for 16-bit types only, 8 for none),
+/// through views into larger buffers. Tokens are not multiples of 64 and
+/// some d not of 8; few-token cases take the decode kernel on sm_90.
+const LAYOUT_CASES: &[Case] = &[
+    layout(77, 200, 131, 24, Ld::Aligned, Ld::Aligned, 1.0, NO_OFF),
+    layout(70, 333, 96, 40, Ld::Aligned, Ld::Dense, 0.0, NO_OFF),
+    layout(
+        65,
+        256,
+        200,
+        16,
+        Ld::Dense,
+        Ld::Dense,
+        1.0,
+        Off {
+            x: 1,
+            a: 1,
+            y: 3,
+            s: 1,
+        },
+    ),
+    layout(
+        130,
+        136,
+        75,
+        64,
+        Ld::Aligned,
+        Ld::Aligned,
+        0.0,
+        Off {
+            x: 3,
+            a: 0,
+            y: 1,
+            s: 3,
+        },
+    ),
+    layout(
+        33,
+        96,
+        160,
+        8,
+        Ld::Aligned,
+        Ld::Dense,
+        1.0,
+        Off {
+            x: 8,
+            a: 8,
+            y: 8,
+            s: 4,
+        },
+    ),
+    layout(
+        7,
+        1000,
+        72,
+        32,
+        Ld::Dense,
+        Ld::Aligned,
+        1.0,
+        Off {
+            x: 3,
+            a: 1,
+            y: 8,
+            s: 0,
+        },
+    ),
+    layout(
+        5,
+        4100,
+        4096,
+        16,
+        Ld::Aligned,
+        Ld::Dense,
+        0.0,
+        Off {
+            x: 0,
+            a: 3,
+            y: 1,
+            s: 1,
+        },
+    ),
+    layout(
+        100,
+        90,
+        260,
+        200,
+        Ld::Aligned,
+        Ld::Aligned,
+        1.0,
+        Off {
+            x: 1,
+            a: 4,
+            y: 4,
+            s: 0,
+        },
+    ),
 ];
 
 const SCALE: f32 = 0.75;
-const SENTINEL: f64 = 1234.5;
 
-/// Runs one case on the GPU and checks Y, S, every element written, and the
-/// gaps of strided Y untouched.
-fn run_case<T: DType>(gpu: &Gpu, c: Case, seed: u64) {
-    let dims = Dims::new(c.tokens, c.d_in, c.d_out, c.rank).unwrap();
-    let (ld_x, ld_y) = (c.d_in + c.x_pad, c.d_out + c.y_pad);
-    let name = format!("{c:?}");
+/// The inputs of one case and the f64 reference.
+struct Data {
+    x: Vec<f64>,
+    a: Vec<f64>,
+    y0: Vec<f64>,
+    /// S = X·A_in.
+    s: Vec<f64>,
+    /// The adapter term s·S·A_outᵀ.
+    term: Vec<f64>,
+    /// Y = beta·Y0 + term.
+    y: Vec<f64>,
+}
+
+/// Random inputs (X, A of any sign, or all positive: a coherent
+/// accumulation for the bounds' self-check) and the reference.
+fn data<T: DType>(sh: Shape, beta: f32, seed: u64, positive: bool) -> Data {
+    let dims = sh.dims();
     let mut r = rng(seed);
-    let x = quantize::<T>(&randn(&mut r, c.tokens * c.d_in, 1.0));
-    let a = quantize::<T>(&randn(&mut r, dims.a_len(), 1.0 / (dims.d() as f64).sqrt()));
-    let y0 = quantize::<T>(&randn(&mut r, c.tokens * c.d_out, 1.0));
+    let sign = |v: Vec<f64>| -> Vec<f64> {
+        if positive {
+            v.into_iter().map(f64::abs).collect()
+        } else {
+            v
+        }
+    };
+    let x = quantize::<T>(&sign(randn(&mut r, sh.tokens * sh.d_in, 1.0)));
+    let a = quantize::<T>(&sign(randn(
+        &mut r,
+        dims.a_len(),
+        1.0 / (dims.d() as f64).sqrt(),
+    )));
+    let mut term = vec![0.0; sh.tokens * sh.d_out];
+    let s = reference::forward(&dims, &x, &a, SCALE as f64, 0.0, &mut term).unwrap();
+    // Y0 on the term's scale: a much larger Y0 would hide the term in Y's
+    // relative error, and the rounding of Y0 + term to T would swamp the
+    // term's own.
+    let y0 = quantize::<T>(&randn(&mut r, sh.tokens * sh.d_out, rms(&term)));
+    let mut y = y0.clone();
+    reference::forward(&dims, &x, &a, SCALE as f64, beta as f64, &mut y).unwrap();
+    Data {
+        x,
+        a,
+        y0,
+        s,
+        term,
+        y,
+    }
+}
 
-    let mut y_ref = y0.clone();
-    let s_ref = reference::forward(&dims, &x, &a, SCALE as f64, c.beta as f64, &mut y_ref).unwrap();
+fn bounds<T: DType>(sh: Shape, d: &Data, beta: f32) -> ShrinkExpandBounds {
+    shrink_expand_bounds::<T>(
+        &d.x,
+        sh.tokens,
+        sh.d_in,
+        &d.a,
+        sh.rank,
+        sh.d_out,
+        SCALE as f64,
+        beta as f64,
+        &d.s,
+        &d.term,
+        &d.y,
+    )
+}
 
-    let xd = upload::<T>(gpu, &restride(&x, c.tokens, c.d_in, ld_x, 0.0));
-    let ad = upload::<T>(gpu, &a);
+/// Every check of a forward's Y and S (downloaded, unstrided): relative L2
+/// of Y, of the adapter term and of S at T's bar, and every element within
+/// its bound.
+#[allow(clippy::too_many_arguments)]
+fn check_outputs<T: DType>(
+    name: &str,
+    sh: Shape,
+    beta: f32,
+    d: &Data,
+    b: &ShrinkExpandBounds,
+    y: &[f64],
+    s: &[f64],
+) {
+    assert_close::<T>("Y", name, y, &d.y);
+    assert_close::<T>(
+        "Y − beta·Y0 (the adapter term)",
+        name,
+        &adapter_term(y, &d.y0, beta),
+        &d.term,
+    );
+    assert_close::<T>("S", name, s, &d.s);
+    assert_within_bounds("Y", name, y, &d.y, &b.out, sh.d_out);
+    assert_within_bounds("S", name, s, &d.s, &b.narrow, sh.rank);
+}
+
+/// Runs one case on the GPU and checks Y and S, every element written, and
+/// the gaps of strided Y and the cells around every output untouched.
+fn run_case<T: DType>(gpu: &Gpu, c: Case, seed: u64) {
+    let (sh, dims) = (c.shape(), c.shape().dims());
+    let (ld_x, ld_y) = (c.x_ld.of::<T>(c.d_in), c.y_ld.of::<T>(c.d_out));
+    let name = format!("{c:?}");
+    let d = data::<T>(sh, c.beta, seed, false);
+    let b = bounds::<T>(sh, &d, c.beta);
+
+    // X's gaps and the cells around X and A hold NaN: the kernel must read
+    // none of them.
+    let xd = Placed::<T>::input(
+        gpu,
+        &restride(&d.x, c.tokens, c.d_in, ld_x, f64::NAN),
+        c.off.x,
+    );
+    let ad = Placed::<T>::input(gpu, &d.a, c.off.a);
     // beta = 0: Y is poisoned, so an unwritten element shows as NaN.
     let y_init = if c.beta == 0.0 {
         vec![f64::NAN; c.tokens * c.d_out]
     } else {
-        y0.clone()
+        d.y0.clone()
     };
-    let mut yd = upload::<T>(gpu, &restride(&y_init, c.tokens, c.d_out, ld_y, SENTINEL));
-    let mut sd = poisoned::<f32>(gpu, dims.s_len());
-    forward(
-        &gpu.stream,
-        &dims,
-        &xd,
-        ld_x,
-        &ad,
-        &mut yd,
-        ld_y,
-        Some(&mut sd),
-        SCALE,
-        c.beta,
-    )
-    .unwrap();
-
-    let y_all = download(gpu, &yd);
-    assert_close::<T>(
-        "Y",
-        &name,
-        &unstride(&y_all, c.tokens, c.d_out, ld_y),
-        &y_ref,
+    let mut yd = Placed::<T>::output(
+        gpu,
+        &restride(&y_init, c.tokens, c.d_out, ld_y, SENTINEL),
+        c.off.y,
     );
-    assert_close::<T>("S", &name, &download(gpu, &sd)[..dims.s_len()], &s_ref);
-    for row in 0..c.tokens.saturating_sub(1) {
-        for col in c.d_out..ld_y {
-            assert_eq!(
-                y_all[row * ld_y + col],
-                T::from_f64(SENTINEL).to_f64(),
-                "{name}: gap ({row},{col}) written"
-            );
-        }
+    let mut sd = Placed::<f32>::output(gpu, &vec![f64::NAN; dims.s_len()], c.off.s);
+    {
+        let mut s_view = sd.view_mut();
+        forward(
+            &gpu.stream,
+            &dims,
+            &xd.view(),
+            ld_x,
+            &ad.view(),
+            &mut yd.view_mut(),
+            ld_y,
+            Some(&mut s_view),
+            SCALE,
+            c.beta,
+        )
+        .unwrap();
     }
+
+    let y_all = yd.read(gpu, &format!("Y ({name})"));
+    assert_gaps_untouched::<T>(&format!("Y ({name})"), &y_all, c.tokens, c.d_out, ld_y);
+    let y = unstride(&y_all, c.tokens, c.d_out, ld_y);
+    let s = sd.read(gpu, &format!("S ({name})"));
+    check_outputs::<T>(&name, sh, c.beta, &d, &b, &y, &s);
 }
 
-fn all_cases<T: DType>() {
+fn all_cases<T: DType>(cases: &[Case], seed: u64) {
     let Some(gpu) = gpu() else { return };
-    for (i, &c) in CASES.iter().enumerate() {
-        run_case::<T>(&gpu, c, 100 + i as u64);
+    for (i, &c) in cases.iter().enumerate() {
+        run_case::<T>(&gpu, c, seed + i as u64);
     }
 }
 
 #[test]
 fn forward_matches_reference_f32() {
-    all_cases::<f32>();
+    all_cases::<f32>(CASES, 100);
 }
 
 #[test]
 fn forward_matches_reference_f16() {
-    all_cases::<f16>();
+    all_cases::<f16>(CASES, 100);
 }
 
 #[test]
 fn forward_matches_reference_bf16() {
-    all_cases::<bf16>();
+    all_cases::<bf16>(CASES, 100);
+}
+
+#[test]
+fn forward_layouts_f32() {
+    all_cases::<f32>(LAYOUT_CASES, 300);
+}
+
+#[test]
+fn forward_layouts_f16() {
+    all_cases::<f16>(LAYOUT_CASES, 300);
+}
+
+#[test]
+fn forward_layouts_bf16() {
+    all_cases::<bf16>(LAYOUT_CASES, 300);
+}
+
+/// The layout cases take both the 16-byte and the element-wise paths of X,
+/// Y and A for every type, and the 16-byte path with a tail (d not a
+/// multiple of the vector width), by the launcher's rule: base address and
+/// row stride both multiples of 16 bytes.
+#[test]
+fn layout_cases_take_vector_and_elementwise_paths() {
+    fn check<T: DType>() {
+        let v = 16 / std::mem::size_of::<T>();
+        let vec_ok = |off: usize, ld: usize| off % v == 0 && ld % v == 0;
+        let paths = |name: &str, f: &dyn Fn(&Case) -> (usize, usize, usize)| {
+            let p: Vec<(bool, bool)> = LAYOUT_CASES
+                .iter()
+                .map(|c| {
+                    let (off, ld, cols) = f(c);
+                    (vec_ok(off, ld), cols % v != 0)
+                })
+                .collect();
+            assert!(
+                p.iter().any(|&(ok, _)| !ok) && p.iter().any(|&(ok, tail)| ok && tail),
+                "{} {name}: (16-byte path, tail) per case {p:?}",
+                T::NAME
+            );
+        };
+        paths("X", &|c| (c.off.x, c.x_ld.of::<T>(c.d_in), c.d_in));
+        paths("Y", &|c| (c.off.y, c.y_ld.of::<T>(c.d_out), c.d_out));
+        let a: Vec<bool> = LAYOUT_CASES
+            .iter()
+            .map(|c| vec_ok(c.off.a, c.rank))
+            .collect();
+        assert!(
+            a.contains(&true) && a.contains(&false),
+            "{} A: {a:?}",
+            T::NAME
+        );
+    }
+    check::<f32>();
+    check::<f16>();
+    check::<bf16>();
+}
+
+/// The bounds' self-check (CPU, always runs): for f32, f16 and bf16, a
+/// simulated kernel (f32 FMAs, or tensor-core steps that truncate; S rounded
+/// to T on chip with f16's row scaling; chunked sums as the decode kernel
+/// splits d; the f32 epilogue) passes every check a GPU case runs, and one
+/// element of Y (or S) moved by a few percent of the term's RMS does not.
+#[test]
+fn forward_bounds_admit_a_simulated_kernel_and_reject_one_wrong_element() {
+    self_check::<f32>();
+    self_check::<f16>();
+    self_check::<bf16>();
+}
+
+fn self_check<T: DType>() {
+    // (tokens, d_in, d_out, rank, beta, products per chunk of the shrink,
+    // positive data). Chunks: none, or the decode kernel's split of d over a
+    // cluster of 8 (64 · ⌈k tiles / 8⌉ products).
+    let none = usize::MAX;
+    let shapes = [
+        (70, 300, 200, 24, 1.0, none, false),
+        (33, 130, 90, 64, 0.0, 64, false),
+        (9, 4000, 48, 16, 1.0, 512, false),
+        (20, 72, 40, 256, 1.0, none, false),
+        (3, 16384, 24, 8, 1.0, 2048, true),
+    ];
+    // By how much (of its RMS) one wrong element of Y, of S, is caught.
+    let (p_y, p_s) = match T::NAME {
+        "f32" => (5e-3, 5e-3),
+        "f16" => (1.5e-2, 5e-3),
+        _ => (6e-2, 5e-3),
+    };
+    for (i, &(tokens, d_in, d_out, rank, beta, chunk, positive)) in shapes.iter().enumerate() {
+        let sh = Shape {
+            tokens,
+            d_in,
+            d_out,
+            rank,
+        };
+        let d = data::<T>(sh, beta, 900 + i as u64, positive);
+        let b = bounds::<T>(sh, &d, beta);
+        let s = sim::shrink::<T>(&d.x, tokens, d_in, &d.a, rank, chunk);
+        let y = sim::expand::<T>(&s, tokens, rank, &d.a, d_out, SCALE, beta, &d.y0);
+        let name = format!(
+            "simulated {} {:?}",
+            T::NAME,
+            (tokens, d_in, d_out, rank, beta, positive)
+        );
+        check_outputs::<T>(&name, sh, beta, &d, &b, &y, &s);
+
+        if positive {
+            // All-positive data: a coherent accumulation, for the bounds'
+            // admission only (a few percent of a large S is no test of
+            // tightness).
+            continue;
+        }
+        println!(
+            "{name}: {}; {}",
+            check_bound_tightness(&name, "Y", &y, &d.y, &b.out, rms(&d.term), p_y),
+            check_bound_tightness(&name, "S", &s, &d.s, &b.narrow, rms(&d.s), p_s),
+        );
+    }
 }
 
 /// Small cases for compute-sanitizer (memcheck, racecheck, initcheck): every
-/// bucket, both betas, a strided and an unaligned shape.
+/// bucket, both betas, a strided and an unaligned shape, aligned strides and
+/// misaligned base addresses.
 #[test]
 fn sanitizer_forward_small() {
     let Some(gpu) = gpu() else { return };
@@ -160,6 +516,22 @@ fn sanitizer_forward_small() {
         case(37, 40, 72, 64, 0, 0.0),
         case(20, 33, 17, 100, 0, 1.0),
         case(9, 64, 48, 256, 0, 0.0),
+        layout(
+            37,
+            45,
+            72,
+            24,
+            Ld::Aligned,
+            Ld::Aligned,
+            1.0,
+            Off {
+                x: 1,
+                a: 3,
+                y: 1,
+                s: 1,
+            },
+        ),
+        layout(70, 72, 33, 40, Ld::Aligned, Ld::Aligned, 0.0, NO_OFF),
     ];
     for (i, &c) in cases.iter().enumerate() {
         run_case::<bf16>(&gpu, c, 7 + i as u64);
@@ -338,26 +710,13 @@ fn check_forward_names_every_bad_argument() {
 
 #[test]
 fn check_forward_refuses_invalid_dims_and_overflow() {
-    let bad = Dims {
-        tokens: 4,
-        d_in: 8,
-        d_out: 8,
-        rank: 0,
-    };
-    assert!(matches!(
-        check_forward(&bad, 32, 8, 0, 32, 8, None, 1.0, 0.0),
-        Err(Error::InvalidDim { name: "rank", .. })
-    ));
-    let bad = Dims {
-        tokens: 4,
-        d_in: 8,
-        d_out: 8,
-        rank: 257,
-    };
-    assert!(matches!(
-        check_forward(&bad, 32, 8, 0, 32, 8, None, 1.0, 0.0),
-        Err(Error::InvalidDim { name: "rank", .. })
-    ));
+    // Invalid dims cannot reach a launcher: Dims exists only once checked.
+    for rank in [0, 257] {
+        assert!(matches!(
+            Dims::new(4, 8, 8, rank),
+            Err(Error::InvalidDim { name: "rank", .. })
+        ));
+    }
     // A stride whose row offsets overflow.
     let d = Dims::new(1 << 20, 8, 8, 4).unwrap();
     let e = check_forward(

@@ -1,14 +1,17 @@
-//! Kernel-quality gates readable without a GPU, over the fatbin build.rs made:
-//! zero spill bytes and zero stack frame for every kernel on every SASS arch
-//! (ptxas's report and cuobjdump -res-usage), and HMMA (tensor-core)
-//! instructions in the sm_90a SASS of every f16/bf16 forward and dA kernel.
+//! Kernel-quality gates readable without a GPU, over the fatbins build.rs made
+//! (the portable module and the sm_90a one): zero spill bytes and zero stack
+//! frame for every kernel on every SASS arch it is built for (ptxas's report
+//! and cuobjdump -res-usage), HMMA (tensor-core) instructions in the sm_90a
+//! SASS of every f16/bf16 forward and dA kernel, and the sm_90a-only kernels
+//! present in the sm_90a module alone (no stub another GPU could JIT).
 
 use std::path::PathBuf;
 use std::process::Command;
 
-use singlora::device::kernel_names;
+use singlora::kernel_names;
 
 const FATBIN: &str = env!("SINGLORA_FATBIN_PATH");
+const FATBIN_SM90: &str = env!("SINGLORA_FATBIN_SM90_PATH");
 const REPORT: &str = env!("SINGLORA_PTXAS_REPORT_PATH");
 const ARCHS: &str = env!("SINGLORA_BUILT_ARCHS");
 
@@ -34,11 +37,28 @@ fn cuobjdump() -> PathBuf {
     PathBuf::from("cuobjdump")
 }
 
+/// The sm_90a-only kernels (their own module).
+fn is_sm90(name: &str) -> bool {
+    name.contains("_sm90_")
+}
+
+/// The archs a kernel has SASS for: every SASS arch, or sm_90a alone.
+fn archs_of(name: &str) -> Vec<String> {
+    sass_archs()
+        .into_iter()
+        .filter(|a| !is_sm90(name) || a == "sm_90a")
+        .collect()
+}
+
 fn run_cuobjdump(args: &[&str]) -> String {
+    run_cuobjdump_on(FATBIN, args)
+}
+
+fn run_cuobjdump_on(fatbin: &str, args: &[&str]) -> String {
     let tool = cuobjdump();
     let out = Command::new(&tool)
         .args(args)
-        .arg(FATBIN)
+        .arg(fatbin)
         .output()
         .unwrap_or_else(|e| {
             panic!(
@@ -82,8 +102,8 @@ fn ptxas_properties() -> Vec<(String, String, [u64; 3])> {
 #[test]
 fn ptxas_reports_no_spills_and_no_stack_for_every_kernel() {
     let rows = ptxas_properties();
-    for arch in sass_archs() {
-        for name in kernel_names() {
+    for name in kernel_names() {
+        for arch in archs_of(&name) {
             let row = rows
                 .iter()
                 .find(|(n, a, _)| *n == name && *a == arch)
@@ -100,7 +120,10 @@ fn ptxas_reports_no_spills_and_no_stack_for_every_kernel() {
 #[test]
 fn res_usage_shows_no_stack_and_no_local_memory() {
     for arch in sass_archs() {
-        let usage = run_cuobjdump(&["-res-usage", "-arch", &arch]);
+        let mut usage = run_cuobjdump(&["-res-usage", "-arch", &arch]);
+        if arch == "sm_90a" {
+            usage += &run_cuobjdump_on(FATBIN_SM90, &["-res-usage", "-arch", &arch]);
+        }
         let mut seen = 0;
         let mut lines = usage.lines();
         while let Some(line) = lines.next() {
@@ -118,13 +141,22 @@ fn res_usage_shows_no_stack_and_no_local_memory() {
             );
             seen += 1;
         }
-        assert_eq!(seen, kernel_names().len(), "{arch}: kernels in -res-usage");
+        let expected = kernel_names()
+            .iter()
+            .filter(|n| archs_of(n).contains(&arch))
+            .count();
+        assert_eq!(seen, expected, "{arch}: kernels in -res-usage");
     }
 }
 
 #[test]
 fn sass_of_half_precision_kernels_uses_tensor_cores() {
-    let sass = run_cuobjdump(&["-sass", "-arch", "sm_90a"]);
+    if !sass_archs().iter().any(|a| a == "sm_90a") {
+        println!("skipped: this build has no sm_90a SASS (SINGLORA_CUDA_ARCHS)");
+        return;
+    }
+    let sass = run_cuobjdump(&["-sass", "-arch", "sm_90a"])
+        + &run_cuobjdump_on(FATBIN_SM90, &["-sass", "-arch", "sm_90a"]);
     // Split the listing into functions.
     let mut functions: Vec<(String, String)> = Vec::new();
     for line in sass.lines() {
@@ -158,4 +190,39 @@ fn sass_of_half_precision_kernels_uses_tensor_cores() {
         checked, 20,
         "f16/bf16 forward, decode forward and dA kernels"
     );
+}
+
+/// The decode kernels exist in the sm_90a module alone: the portable
+/// module's PTX (which newer GPUs JIT) and its sm_80 SASS have none, so no
+/// build, whatever its archs, can run a cluster-less stub of them; and the
+/// sm_90a module carries SASS only (no PTX another GPU could JIT).
+#[test]
+fn sm90_kernels_live_in_the_sm90_module_only() {
+    let portable_ptx = run_cuobjdump(&["-ptx"]);
+    let portable_sass = run_cuobjdump(&["-sass"]);
+    for name in kernel_names().iter().filter(|n| is_sm90(n)) {
+        assert!(
+            !portable_ptx.contains(name.as_str()),
+            "{name} in the portable PTX"
+        );
+        assert!(
+            !portable_sass.contains(name.as_str()),
+            "{name} in the portable SASS"
+        );
+    }
+    if sass_archs().iter().any(|a| a == "sm_90a") {
+        let listing = run_cuobjdump_on(FATBIN_SM90, &["-lelf", "-lptx"]);
+        assert!(listing.contains("sm_90a"), "sm_90a module: {listing}");
+        assert!(
+            !listing.contains("PTX file"),
+            "sm_90a module carries PTX: {listing}"
+        );
+        let sass = run_cuobjdump_on(FATBIN_SM90, &["-sass"]);
+        for name in kernel_names().iter().filter(|n| is_sm90(n)) {
+            assert!(
+                sass.contains(name.as_str()),
+                "{name} missing from the sm_90a module"
+            );
+        }
+    }
 }

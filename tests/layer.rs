@@ -7,7 +7,7 @@ mod common;
 use common::*;
 use cudarc::driver::CudaSlice;
 use half::{bf16, f16};
-use singlora::layer::kaiming_uniform;
+use singlora::kaiming_uniform;
 use singlora::{reference, AdamW, DType, Dims, Ramp, SingLoraLinear};
 
 /// `x · W0ᵀ` in f64 for row-major x (tokens × d_in) and W0 (d_out × d_in).
@@ -263,6 +263,12 @@ fn layer_merge_matches_unmerged_and_unmerge_restores() {
             argument_named(&layer.adamw_step(&AdamW::default(), 1.0).unwrap_err()),
             "self"
         );
+        // Replacing A while merged would make unmerge subtract another
+        // product: refused, A untouched.
+        let a_before = download(&gpu, layer.a());
+        let other: Vec<bf16> = a_before.iter().map(|&v| bf16::from_f64(-v)).collect();
+        assert_eq!(argument_named(&layer.set_a(&other).unwrap_err()), "self");
+        assert_eq!(download(&gpu, layer.a()), a_before);
 
         layer.unmerge().unwrap();
         assert_eq!(argument_named(&layer.unmerge().unwrap_err()), "self");

@@ -156,14 +156,44 @@ fn refused_merge_leaves_w_untouched() {
     assert_eq!(download(&gpu, &w), w0);
 }
 
+/// A weight row of i32::MAX columns: the last 16-byte access of the row
+/// must stop at the row's end. With 32-bit column indices `col + 8` wrapped
+/// and passed the bounds test, so the last vector access also wrote the
+/// element one past the row (here the guard element of W's padded row).
+/// 4 GiB for W and 4 GiB for A; the values come from the fill kernel (the
+/// test is about where the kernel writes, not what).
+#[test]
+fn merge_of_a_row_of_i32_max_columns_stays_inside_the_row() {
+    let Some(gpu) = gpu() else { return };
+    let d_in = i32::MAX as usize;
+    let ld_w = 1usize << 31; // 16-byte rows, so the vector path runs
+    let dims = Dims::new(0, d_in, 1, 1).unwrap();
+    let alloc = |n: usize, bits: u32| {
+        let mut b = gpu
+            .stream
+            .alloc_zeros::<bf16>(n)
+            .expect("8 GiB of device memory");
+        singlora::fill_bits(&gpu.stream, &mut b, bits).unwrap();
+        b
+    };
+    let mut w = alloc(ld_w, 0x3f80); // 1.0
+    let a = alloc(dims.a_len(), 0x3f00); // 0.5
+                                         // The guard: the one element of the row's padding.
+    {
+        let mut guard = w.slice_mut(d_in..);
+        singlora::fill_bits(&gpu.stream, &mut guard, 0x4040).unwrap(); // 3.0
+    }
+    merge(&gpu.stream, &dims, &mut w, ld_w, &a, 1.0).unwrap();
+    let tail: Vec<bf16> = gpu.stream.clone_dtoh(&w.slice(d_in - 15..)).unwrap();
+    let tail: Vec<f64> = tail.into_iter().map(|v| v.to_f64()).collect();
+    // 1 + 1·0.5·0.5 in every column of the row, the guard untouched.
+    assert!(tail[..15].iter().all(|&v| v == 1.25), "row tail {tail:?}");
+    assert_eq!(tail[15], 3.0, "the element past the row was written");
+}
+
 #[test]
 fn check_merge_names_the_argument() {
-    let dims = Dims {
-        tokens: 0,
-        d_in: 64,
-        d_out: 32,
-        rank: 8,
-    };
+    let dims = Dims::new(0, 64, 32, 8).unwrap();
     let w = 32 * 64;
     let a = dims.a_len();
     assert!(check_merge(&dims, w, 64, a, 1.0).is_ok());
@@ -173,18 +203,11 @@ fn check_merge_names_the_argument() {
     assert_eq!(named(check_merge(&dims, w, 65, a, 1.0)), "w");
     assert_eq!(named(check_merge(&dims, w, 64, a - 1, 1.0)), "a");
     assert_eq!(named(check_merge(&dims, w, 64, a, f32::NAN)), "scale");
-    let bad_rank = Dims { rank: 257, ..dims };
-    assert_eq!(
-        named(check_merge(&bad_rank, w, 64, usize::MAX, 1.0)),
-        "rank"
-    );
-    let bad_d = Dims { d_in: 0, ..dims };
-    assert_eq!(named(check_merge(&bad_d, w, 64, a, 1.0)), "d_in");
+    // Invalid dims cannot reach a launcher: Dims exists only once checked.
+    assert_eq!(named(Dims::new(0, 64, 32, 257).map(|_| ())), "rank");
+    assert_eq!(named(Dims::new(0, 0, 32, 8).map(|_| ())), "d_in");
     // tokens plays no part in a merge.
-    let any_tokens = Dims {
-        tokens: usize::MAX,
-        ..dims
-    };
+    let any_tokens = dims.with_tokens(1 << 40).unwrap();
     assert!(check_merge(&any_tokens, w, 64, a, 1.0).is_ok());
     assert!(matches!(
         check_merge(&dims, usize::MAX, usize::MAX, a, 1.0),

@@ -5,7 +5,7 @@ mod common;
 
 use common::*;
 use half::bf16;
-use singlora::{device::kernel_names, fill_bits, open_device, Error, Kernels};
+use singlora::{fill_bits, kernel_names, open_device, Error, Kernels};
 
 #[test]
 fn fill_writes_every_element() {
@@ -28,6 +28,16 @@ fn module_is_cached_per_context_and_has_every_kernel() {
     assert!(std::sync::Arc::ptr_eq(&a, &b));
     assert!(a.sm_count() > 0);
     assert_eq!(kernel_names().len(), 41);
+    // The portable module has every kernel; the sm_90a module's exist on a
+    // compute capability 9.0 device of a build with sm_90a, and nowhere else.
+    let (major, minor) = gpu.ctx.compute_capability().unwrap();
+    let sm90_built = env!("SINGLORA_BUILT_ARCHS")
+        .split(',')
+        .any(|a| a.trim() == "sm_90a");
+    for name in kernel_names() {
+        let want = !name.contains("_sm90_") || ((major, minor) == (9, 0) && sm90_built);
+        assert_eq!(a.contains(&name), want, "{name} on {major}.{minor}");
+    }
 }
 
 #[test]

@@ -257,7 +257,7 @@ impl Cpu {
             })
             .collect::<Result<_, _>>()
             .map_err(|e| e.to_string())?;
-        let a = singlora::layer::kaiming_uniform::<f32>(cfg.d, cfg.rank, cfg.seed ^ 0x5eed)
+        let a = singlora::kaiming_uniform::<f32>(cfg.d, cfg.rank, cfg.seed ^ 0x5eed)
             .into_iter()
             .map(|v| v as f64)
             .collect();

@@ -1,10 +1,17 @@
 //! The GPU test harness: a ready device or a one-line skip, random inputs,
-//! NaN poisoning, and relative-L2 comparison against the f64 reference.
+//! NaN poisoning, matrices placed at chosen strides and offsets, and
+//! comparison against the f64 reference: relative L2 and per-element bounds
+//! (bounds.rs).
 #![allow(dead_code)]
+
+pub mod bounds;
+
+#[allow(unused_imports)]
+pub use bounds::*;
 
 use std::sync::Arc;
 
-use cudarc::driver::{CudaContext, CudaSlice, CudaStream};
+use cudarc::driver::{CudaContext, CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 use rand_distr::{Distribution, Normal};
@@ -156,5 +163,133 @@ pub fn round_f32_to<T: DType>(x: f32) -> f64 {
         "f16" => half::f16::from_f32(x).to_f64(),
         "bf16" => half::bf16::from_f32(x).to_f64(),
         other => panic!("no rounding to {other}"),
+    }
+}
+
+/// A row stride.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ld {
+    /// The row itself.
+    Dense,
+    /// The row plus this many elements.
+    Pad(usize),
+    /// 16-byte aligned rows: the row rounded up to 16 bytes, plus 16 bytes
+    /// (a column slice of a wider, aligned matrix).
+    Aligned,
+}
+
+impl Ld {
+    /// The stride in elements of T for rows of `cols`.
+    pub fn of<T>(self, cols: usize) -> usize {
+        let v = 16 / std::mem::size_of::<T>();
+        match self {
+            Ld::Dense => cols,
+            Ld::Pad(p) => cols + p,
+            Ld::Aligned => cols.next_multiple_of(v) + v,
+        }
+    }
+}
+
+/// Guard cells after every placed matrix.
+pub const GUARD: usize = 8;
+/// What an output's gaps and guard cells hold (and must still hold after a
+/// launch).
+pub const SENTINEL: f64 = 1234.5;
+
+/// A matrix placed `off` elements into a device buffer (whose allocation is
+/// 16-byte aligned, so `off` decides the alignment the kernel sees), with
+/// `off` guard cells before it and [`GUARD`] after, all holding `guard`.
+/// Inputs get NaN guards (a read outside the matrix poisons the result),
+/// outputs [`SENTINEL`] guards (checked by [`Placed::read`]).
+pub struct Placed<T: DType> {
+    pub buf: CudaSlice<T>,
+    pub off: usize,
+    pub len: usize,
+    guard: f64,
+}
+
+impl<T: DType> Placed<T> {
+    pub fn new(gpu: &Gpu, data: &[f64], off: usize, guard: f64) -> Self {
+        let mut host = vec![guard; off];
+        host.extend_from_slice(data);
+        host.extend(std::iter::repeat(guard).take(GUARD));
+        let buf = upload::<T>(gpu, &host);
+        {
+            let (base, _record) = buf.device_ptr(&gpu.stream);
+            assert_eq!(base % 16, 0, "device allocations are 16-byte aligned");
+        }
+        Self {
+            buf,
+            off,
+            len: data.len(),
+            guard,
+        }
+    }
+
+    /// An input: NaN guard cells.
+    pub fn input(gpu: &Gpu, data: &[f64], off: usize) -> Self {
+        Self::new(gpu, data, off, f64::NAN)
+    }
+
+    /// An output: [`SENTINEL`] guard cells.
+    pub fn output(gpu: &Gpu, data: &[f64], off: usize) -> Self {
+        Self::new(gpu, data, off, SENTINEL)
+    }
+
+    /// Whether the kernel sees a base address off 16-byte alignment.
+    pub fn misaligned(&self) -> bool {
+        (self.off * std::mem::size_of::<T>()) % 16 != 0
+    }
+
+    pub fn view(&self) -> CudaView<'_, T> {
+        self.buf.slice(self.off..self.off + self.len)
+    }
+
+    pub fn view_mut(&mut self) -> CudaViewMut<'_, T> {
+        self.buf.slice_mut(self.off..self.off + self.len)
+    }
+
+    /// The matrix, after checking that every guard cell still holds its
+    /// value (bit for bit; NaN guards stay NaN).
+    pub fn read(&self, gpu: &Gpu, what: &str) -> Vec<f64> {
+        let all = download(gpu, &self.buf);
+        let want = T::from_f64(self.guard).to_f64();
+        let after = self.off + self.len;
+        for (i, &v) in all.iter().enumerate() {
+            if i < self.off || i >= after {
+                assert!(
+                    v.to_bits() == want.to_bits() || (v.is_nan() && want.is_nan()),
+                    "{what}: guard cell {} elements {} the matrix was written ({v:e})",
+                    if i < self.off {
+                        self.off - i
+                    } else {
+                        i - after + 1
+                    },
+                    if i < self.off { "before" } else { "after" },
+                );
+            }
+        }
+        all[self.off..after].to_vec()
+    }
+}
+
+/// Asserts the gaps of a strided (`rows × ld`, rows of `cols`) output still
+/// hold [`SENTINEL`].
+pub fn assert_gaps_untouched<T: DType>(
+    what: &str,
+    all: &[f64],
+    rows: usize,
+    cols: usize,
+    ld: usize,
+) {
+    let want = T::from_f64(SENTINEL).to_f64();
+    for row in 0..rows.saturating_sub(1) {
+        for col in cols..ld {
+            assert_eq!(
+                all[row * ld + col],
+                want,
+                "{what}: gap ({row},{col}) written"
+            );
+        }
     }
 }

@@ -1,13 +1,14 @@
-//! fill: the smoke kernel's launcher (kernels/fill.cu).
+//! fill: the smoke kernel's launcher (kernels/fill/).
 
 use std::sync::Arc;
 
 use cudarc::driver::{CudaStream, DevicePtrMut};
 
-use crate::device::{launch, Kernels};
 use crate::dtype::DType;
 use crate::error::Result;
 use crate::params::singlora_fill_params;
+use crate::runtime::launch::{launch, THREADS};
+use crate::runtime::registry::{Family, KernelId, Kernels};
 
 /// Sets every element of `out` to the bit pattern `bits` (the low 16 bits for
 /// f16/bf16). Tests poison outputs with `fill_bits(stream, out, T::NAN_BITS)`.
@@ -21,7 +22,7 @@ pub fn fill_bits<T: DType>(
     if n == 0 {
         return Ok(());
     }
-    let blocks = n.div_ceil(crate::device::THREADS as usize).min(4096) as u32;
+    let blocks = n.div_ceil(THREADS as usize).min(4096) as u32;
     let (ptr, _record) = out.device_ptr_mut(stream);
     let params = singlora_fill_params {
         out: ptr,
@@ -32,5 +33,12 @@ pub fn fill_bits<T: DType>(
     // SAFETY: `ptr` addresses `n` elements of size_of::<T>() bytes on this
     // stream's context (borrowed mutably until the launch is enqueued), and
     // the kernel writes exactly elements 0..n.
-    unsafe { launch(stream, kernels.kernel("fill")?, (blocks, 1, 1), &params) }
+    unsafe {
+        launch(
+            stream,
+            kernels.kernel(KernelId::untyped(Family::Fill))?,
+            (blocks, 1, 1),
+            &params,
+        )
+    }
 }

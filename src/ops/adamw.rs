@@ -1,14 +1,15 @@
-//! adamw: the launcher of kernels/adamw.cu, one fused AdamW step over A.
+//! adamw: the launcher of kernels/adamw/, one fused AdamW step over A.
 
 use std::sync::Arc;
 
 use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut};
 
-use crate::device::{launch, typed_kernel_name, Kernels, THREADS};
 use crate::dims::check_len;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::params::singlora_adamw_params;
+use crate::runtime::launch::{launch, opt_ptr_mut, THREADS};
+use crate::runtime::registry::{Family, KernelId, Kernels};
 
 /// AdamW hyper-parameters (PyTorch's `torch.optim.AdamW` defaults).
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -36,11 +37,8 @@ impl AdamW {
     /// Checks every hyper-parameter and the step (1-based) and returns the
     /// bias corrections `(1 − beta1^t, 1 − beta2^t)`, computed in f64.
     pub fn bias_corrections(&self, step: u64) -> Result<(f64, f64)> {
-        let bad = |name: &'static str, expected: &'static str, v: f32| Error::InvalidArgument {
-            name,
-            expected,
-            actual: v.to_string(),
-        };
+        let bad =
+            |name: &'static str, expected: &'static str, v: f32| Error::invalid(name, expected, v);
         if !(self.lr.is_finite() && self.lr >= 0.0) {
             return Err(bad("lr", "a finite number >= 0", self.lr));
         }
@@ -60,11 +58,11 @@ impl AdamW {
             ));
         }
         if step == 0 {
-            return Err(Error::InvalidArgument {
-                name: "step",
-                expected: "the 1-based optimizer step (>= 1)",
-                actual: "0".into(),
-            });
+            return Err(Error::invalid(
+                "step",
+                "the 1-based optimizer step (>= 1)",
+                "0",
+            ));
         }
         let t = step.min(i32::MAX as u64) as i32;
         Ok((
@@ -100,11 +98,7 @@ pub fn adamw<T: DType>(
     let n = a.len();
     let (bias1, bias2) = cfg.bias_corrections(step)?;
     if !grad_scale.is_finite() {
-        return Err(Error::InvalidArgument {
-            name: "grad_scale",
-            expected: "a finite number",
-            actual: grad_scale.to_string(),
-        });
+        return Err(Error::invalid("grad_scale", "a finite number", grad_scale));
     }
     check_len("grad", grad.len(), n)?;
     check_len("m", state.m.len(), n)?;
@@ -113,7 +107,7 @@ pub fn adamw<T: DType>(
         check_len("master", master.len(), n)?;
     }
     let kernels = Kernels::for_stream(stream)?;
-    let kernel = kernels.kernel(&typed_kernel_name::<T>("adamw"))?;
+    let kernel = kernels.kernel(KernelId::of::<T>(Family::Adamw, 0).expect("adamw is unranked"))?;
     if n == 0 {
         return Ok(());
     }
@@ -121,13 +115,7 @@ pub fn adamw<T: DType>(
     let (g_ptr, _g_rec) = grad.device_ptr(stream);
     let (m_ptr, _m_rec) = state.m.device_ptr_mut(stream);
     let (v_ptr, _v_rec) = state.v.device_ptr_mut(stream);
-    let (master_ptr, _master_rec) = match state.master {
-        Some(p) => {
-            let (ptr, rec) = p.device_ptr_mut(stream);
-            (ptr, Some(rec))
-        }
-        None => (0, None),
-    };
+    let (master_ptr, _master_rec) = opt_ptr_mut(stream, state.master);
     let params = singlora_adamw_params {
         a: a_ptr,
         master: master_ptr,

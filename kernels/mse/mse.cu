@@ -7,7 +7,7 @@
 // its squared errors in a fixed order (shuffle tree, then warp sums in warp
 // order) into partial[b]; the host adds the partials in order. The loss is
 // therefore bitwise reproducible.
-#include "common.cuh"
+#include "common/elements.cuh"
 
 namespace singlora {
 
@@ -46,6 +46,4 @@ __device__ __forceinline__ void mse_kernel(const singlora_mse_params& p) {
     }                                                                                                     \
     SINGLORA_KERNEL_INFO(mse_##tname, 0, 0, 0, 0)
 
-SINGLORA_MSE(f32, float)
-SINGLORA_MSE(f16, __half)
-SINGLORA_MSE(bf16, __nv_bfloat16)
+SINGLORA_DTYPES(SINGLORA_MSE)

@@ -7,8 +7,8 @@
  * Plain C only: stdint types, device pointers as uint64_t (a CUdeviceptr),
  * every struct passed to a kernel by value.
  */
-#ifndef SINGLORA_H
-#define SINGLORA_H
+#ifndef SINGLORA_PARAMS_H
+#define SINGLORA_PARAMS_H
 
 #include <stdint.h>
 
@@ -17,14 +17,47 @@
 /* Rank is padded (with zeros, on chip) to a multiple of this: the mma.sync
  * m16n8k16 k extent, and two n8 tiles. */
 #define SINGLORA_RANK_ALIGN 16
-/* Kernels are instantiated for these rank capacities ("buckets"); a rank
- * runs in the smallest bucket that holds it. Four buckets keep the build at
- * a dozen instantiations per kernel family. */
-#define SINGLORA_NUM_RANK_BUCKETS 4
-#define SINGLORA_RANK_BUCKET_0 32
-#define SINGLORA_RANK_BUCKET_1 64
-#define SINGLORA_RANK_BUCKET_2 128
-#define SINGLORA_RANK_BUCKET_3 256
+/* ---------------------------------------------------------------- the kernel list
+ * The one list of kernels, as X-macros. The .cu files instantiate from them,
+ * and build.rs parses them (plain text, one entry per line as written here)
+ * into the host's typed registry (src/runtime/registry.rs), so a kernel's
+ * name, element types and rank buckets are spelled once.
+ *
+ * Element types: X(name, device type). */
+#define SINGLORA_DTYPES(X) \
+    X(f32, float)          \
+    X(f16, __half)         \
+    X(bf16, __nv_bfloat16)
+
+/* Rank buckets: kernels are instantiated for these rank capacities; a rank
+ * runs in the smallest bucket that holds it. Four buckets keep the build at a
+ * dozen instantiations per ranked family. X(tname, T, bucket). */
+#define SINGLORA_RANK_BUCKETS(X, tname, T) \
+    X(tname, T, 32)                        \
+    X(tname, T, 64)                        \
+    X(tname, T, 128)                       \
+    X(tname, T, 256)
+/* The decode-size forward exists for ranks up to 64 only. */
+#define SINGLORA_DECODE_RANK_BUCKETS(X, tname, T) \
+    X(tname, T, 32)                               \
+    X(tname, T, 64)
+
+/* Kernel families: X(name, by_dtype, buckets). A kernel is named
+ * name[_<dtype>][_r<bucket>]: by_dtype 1 adds the element type, buckets
+ * RANKED / DECODE adds the rank bucket (over SINGLORA_RANK_BUCKETS /
+ * SINGLORA_DECODE_RANK_BUCKETS), UNRANKED adds nothing. A family whose name
+ * ends in _sm90 is sm_90a code: it lives in its own translation unit
+ * (kernels/<family>/*_sm90.cu), compiled for sm_90a alone, and is absent from
+ * the module on every other GPU (the host then takes the portable path). */
+#define SINGLORA_FAMILIES(X)                   \
+    X(fill, 0, UNRANKED)                       \
+    X(forward, 1, RANKED)                      \
+    X(forward_decode_sm90, 1, DECODE)          \
+    X(backward_da_partial, 1, RANKED)          \
+    X(backward_da_reduce, 0, UNRANKED)         \
+    X(merge, 1, UNRANKED)                      \
+    X(adamw, 1, UNRANKED)                      \
+    X(mse, 1, UNRANKED)
 
 /* Every kernel runs 256 threads (8 warps) per block. */
 #define SINGLORA_THREADS 256
@@ -32,12 +65,11 @@
  * 256 blocks at 16k tokens, two to three per SM, while the L2 re-reads of A
  * stay below the HBM traffic for ranks up to 64. */
 #define SINGLORA_FORWARD_BM 64
-/* Decode-size forward on sm_90 (tokens <= SINGLORA_FORWARD_BM, rank <= 64):
+/* Decode-size forward on sm_90 (tokens <= SINGLORA_FORWARD_BM, ranks of SINGLORA_DECODE_RANK_BUCKETS):
  * a thread-block cluster of this many blocks splits the shrink's reduction
  * over d_in and sums the partial S tiles through distributed shared memory,
  * in a fixed order. */
 #define SINGLORA_DECODE_CLUSTER 8
-#define SINGLORA_DECODE_MAX_RANK 64
 
 /* Rows of dA (a band of d) per block of the dA partial kernel. */
 #define SINGLORA_DA_BD 128
@@ -198,4 +230,4 @@ typedef struct singlora_mse_params {
     int32_t pad_;
 } singlora_mse_params;
 
-#endif /* SINGLORA_H */
+#endif /* SINGLORA_PARAMS_H */

@@ -11,14 +11,16 @@ use std::sync::Arc;
 use cudarc::cublas::{sys::cublasOperation_t, CudaBlas, Gemm, GemmConfig};
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
 
-use crate::adamw::{adamw, AdamW, AdamWState};
-use crate::backward::{backward, backward_workspace_len, DxOut};
 use crate::dims::{check_len, Dims};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
-use crate::forward::forward;
-use crate::merge::{merge, unmerge};
-use crate::ramp::Ramp;
+use crate::nn::init::kaiming_uniform;
+use crate::nn::ramp::Ramp;
+use crate::ops::adamw::{adamw, AdamW, AdamWState};
+use crate::ops::backward::{backward, backward_kernels, backward_workspace_len, DxOut};
+use crate::ops::forward::{forward, forward_kernels};
+use crate::ops::merge::{merge, unmerge};
+use crate::runtime::registry::Kernels;
 
 /// What [`SingLoraLinear::forward`] saves for [`SingLoraLinear::backward`].
 pub struct ForwardCtx {
@@ -113,11 +115,7 @@ where
     ) -> Result<Self> {
         let dims = Dims::new(0, d_in, d_out, rank)?;
         if !alpha.is_finite() {
-            return Err(Error::InvalidArgument {
-                name: "alpha",
-                expected: "a finite number",
-                actual: alpha.to_string(),
-            });
+            return Err(Error::invalid("alpha", "a finite number", alpha));
         }
         let init = kaiming_uniform::<T>(dims.d(), rank, seed);
         let a = stream.clone_htod(&init)?;
@@ -152,7 +150,7 @@ where
     /// `x·W0ᵀ` with cuBLAS before adding the adapter, backward adds `g·W0`
     /// to `dX`, and [`merge`](Self::merge) becomes available.
     pub fn with_frozen(mut self, w0: CudaSlice<T>) -> Result<Self> {
-        check_len("w0", w0.len(), self.dims.d_out * self.dims.d_in)?;
+        check_len("w0", w0.len(), self.dims.d_out() * self.dims.d_in())?;
         let blas = CudaBlas::new(self.stream.clone())?;
         self.frozen = Some(Frozen {
             w0,
@@ -163,8 +161,14 @@ where
     }
 
     /// Replaces `A` (and the master copy) with `a` (`D × rank`, row-major),
-    /// e.g. to load a checkpoint.
+    /// e.g. to load a checkpoint. Refused while merged: `unmerge` must
+    /// subtract the product that was added.
     pub fn set_a(&mut self, a: &[T]) -> Result<()> {
+        if self.is_merged() {
+            return Err(merged_refusal(
+                "an unmerged layer (call unmerge before replacing A)",
+            ));
+        }
         check_len("a", a.len(), self.dims.a_len())?;
         let a = &a[..self.dims.a_len()];
         self.stream.memcpy_htod(a, &mut self.a)?;
@@ -240,13 +244,9 @@ where
         x: &impl DevicePtr<T>,
         y: &mut impl DevicePtrMut<T>,
     ) -> Result<ForwardCtx> {
-        let dims = Dims {
-            tokens,
-            ..self.dims
-        };
-        dims.validate()?;
-        check_len("x", x.len(), tokens * dims.d_in)?;
-        check_len("y", y.len(), tokens * dims.d_out)?;
+        let dims = self.dims.with_tokens(tokens)?;
+        check_len("x", x.len(), tokens * dims.d_in())?;
+        check_len("y", y.len(), tokens * dims.d_out())?;
         let scale = self.scale();
         if tokens == 0 {
             return Ok(ForwardCtx {
@@ -255,19 +255,25 @@ where
                 s: None,
             });
         }
+        let merged = self.is_merged();
+        if !merged {
+            // Look the kernels up before cuBLAS writes y: a device that
+            // cannot run them refuses the call with y untouched.
+            forward_kernels::<T>(&*Kernels::for_stream(&self.stream)?, dims.rank())?;
+        }
         if let Some(f) = &self.frozen {
             // Row-major y (tokens × d_out) is column-major yᵀ = W0 · xᵀ, and
             // row-major W0 is column-major W0ᵀ (d_in × d_out): op T.
             let cfg = gemm_config::<T>(
                 cublasOperation_t::CUBLAS_OP_T,
-                (dims.d_out, tokens, dims.d_in),
-                (dims.d_in, dims.d_in, dims.d_out),
+                (dims.d_out(), tokens, dims.d_in()),
+                (dims.d_in(), dims.d_in(), dims.d_out()),
             )?;
             // SAFETY: W0 holds d_out·d_in and x tokens·d_in elements, y
             // tokens·d_out (checked above): exactly the extents the config
             // describes; cuBLAS runs on the layer's stream.
             unsafe { f.blas.gemm(cfg, &f.w0, x, y)? };
-            if f.merged.is_some() {
+            if merged {
                 return Ok(ForwardCtx {
                     tokens,
                     scale,
@@ -281,10 +287,10 @@ where
             &self.stream,
             &dims,
             x,
-            dims.d_in,
+            dims.d_in(),
             &self.a,
             y,
-            dims.d_out,
+            dims.d_out(),
             Some(&mut s),
             scale,
             1.0,
@@ -314,31 +320,30 @@ where
         dx: Option<&mut CudaSlice<T>>,
         accumulate: bool,
     ) -> Result<()> {
-        let dims = Dims {
-            tokens: ctx.tokens,
-            ..self.dims
-        };
+        let dims = self.dims.with_tokens(ctx.tokens)?;
         let Some(s) = &ctx.s else {
-            return Err(Error::InvalidArgument {
-                name: "ctx",
-                expected: "the context of an unmerged forward with tokens > 0",
-                actual: if ctx.tokens == 0 {
-                    "a forward of 0 tokens".into()
+            return Err(Error::invalid(
+                "ctx",
+                "the context of an unmerged forward with tokens > 0",
+                if ctx.tokens == 0 {
+                    "a forward of 0 tokens"
                 } else {
-                    "a forward that ran merged".into()
+                    "a forward that ran merged"
                 },
-            });
+            ));
         };
         if self.is_merged() {
             return Err(merged_refusal(
                 "an unmerged layer (call unmerge before training)",
             ));
         }
-        check_len("x", x.len(), dims.tokens * dims.d_in)?;
-        check_len("g", g.len(), dims.tokens * dims.d_out)?;
+        check_len("x", x.len(), dims.tokens() * dims.d_in())?;
+        check_len("g", g.len(), dims.tokens() * dims.d_out())?;
         if let Some(dx) = &dx {
-            check_len("dx", dx.len(), dims.tokens * dims.d_in)?;
+            check_len("dx", dx.len(), dims.tokens() * dims.d_in())?;
         }
+        // Before cuBLAS writes dx: a refused call touches no output.
+        backward_kernels::<T>(&*Kernels::for_stream(&self.stream)?, dims.rank())?;
         let ws_len = backward_workspace_len(&dims, true)?;
         if self.workspace.as_ref().map_or(true, |w| w.len() < ws_len) {
             // SAFETY of the allocation: the backward writes every workspace
@@ -352,8 +357,8 @@ where
             // with row-major W0 read as column-major W0ᵀ (op N).
             let cfg = gemm_config::<T>(
                 cublasOperation_t::CUBLAS_OP_N,
-                (dims.d_in, dims.tokens, dims.d_out),
-                (dims.d_in, dims.d_out, dims.d_in),
+                (dims.d_in(), dims.tokens(), dims.d_out()),
+                (dims.d_in(), dims.d_out(), dims.d_in()),
             )?;
             // SAFETY: W0, g and dx hold the extents the config describes
             // (checked above); cuBLAS runs on the layer's stream.
@@ -363,16 +368,16 @@ where
         // already there (from the GEMM above, or from the caller).
         let dx_out = dx.map(|dx| DxOut {
             dx,
-            ld_dx: dims.d_in,
+            ld_dx: dims.d_in(),
             beta: 1.0,
         });
         backward(
             &self.stream,
             &dims,
             x,
-            dims.d_in,
+            dims.d_in(),
             g,
-            dims.d_out,
+            dims.d_out(),
             &self.a,
             Some(s),
             ctx.scale,
@@ -422,7 +427,7 @@ where
         if f.merged.is_some() {
             return Err(merged_refusal("an unmerged layer"));
         }
-        merge(&self.stream, &dims, &mut f.w0, dims.d_in, &self.a, scale)?;
+        merge(&self.stream, &dims, &mut f.w0, dims.d_in(), &self.a, scale)?;
         f.merged = Some(scale);
         Ok(())
     }
@@ -433,13 +438,9 @@ where
         let dims = self.dims;
         let f = self.frozen.as_mut().ok_or_else(|| no_frozen("unmerge"))?;
         let Some(scale) = f.merged else {
-            return Err(Error::InvalidArgument {
-                name: "self",
-                expected: "a merged layer",
-                actual: "unmerged".into(),
-            });
+            return Err(Error::invalid("self", "a merged layer", "unmerged"));
         };
-        unmerge(&self.stream, &dims, &mut f.w0, dims.d_in, &self.a, scale)?;
+        unmerge(&self.stream, &dims, &mut f.w0, dims.d_in(), &self.a, scale)?;
         f.merged = None;
         Ok(())
     }
@@ -447,19 +448,15 @@ where
 
 /// The refusal of an operation that needs the adapter out of `W0`.
 fn merged_refusal(expected: &'static str) -> Error {
-    Error::InvalidArgument {
-        name: "self",
-        expected,
-        actual: "merged".into(),
-    }
+    Error::invalid("self", expected, "merged")
 }
 
 fn no_frozen(op: &'static str) -> Error {
-    Error::InvalidArgument {
-        name: "self",
-        expected: "a layer with a frozen W0 (with_frozen)",
-        actual: format!("no W0 to {op} into"),
-    }
+    Error::invalid(
+        "self",
+        "a layer with a frozen W0 (with_frozen)",
+        format!("no W0 to {op} into"),
+    )
 }
 
 /// A cuBLAS config for column-major `C (m × n) = op(A) · B` with `alpha = 1`,
@@ -484,24 +481,4 @@ fn gemm_config<T: DType>(
         beta: T::from_f64(0.0),
         ldc: int(ldc, "cuBLAS ldc")?,
     })
-}
-
-/// `D × rank` values uniform in `±1/√D` (kaiming_uniform with a = √5 and
-/// fan-in D), from a SplitMix64 stream seeded by `seed`, rounded to `T`.
-pub fn kaiming_uniform<T: DType>(d: usize, rank: usize, seed: u64) -> Vec<T> {
-    let bound = 1.0 / (d as f64).sqrt();
-    let mut state = seed;
-    (0..d * rank)
-        .map(|_| {
-            // SplitMix64 (Steele et al.): a full-period 64-bit generator that
-            // needs no dependency and is the same on every platform.
-            state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
-            let mut z = state;
-            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-            z ^= z >> 31;
-            let u = (z >> 11) as f64 / (1u64 << 53) as f64; // [0, 1)
-            T::from_f64((2.0 * u - 1.0) * bound)
-        })
-        .collect()
 }

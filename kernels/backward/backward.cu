@@ -11,7 +11,8 @@
 //
 // backward_da_reduce: sums the partials of every split and both parts in a
 // fixed order, so dA's bits do not depend on scheduling.
-#include "common.cuh"
+#include "common/copies.cuh"
+#include "common/mma.cuh"
 
 namespace singlora {
 
@@ -28,7 +29,7 @@ template <typename T, int RP> struct DaConfig {
     static constexpr int WTM = BD / WARPS_M, WTN = RPB / WARPS_N;
     static constexpr int MT = WTM / 16, NT = WTN / 8;
     static constexpr int STAGES = 3;
-    // Blocks per SM the registers must allow (see forward.cu): two up to
+    // Blocks per SM the registers must allow (see shrink_expand.cuh): two up to
     // rank 64; the 128-column tiles need more than 128 registers.
     static constexpr int MIN_BLOCKS = RPB >= 128 ? 1 : 2;
     static constexpr int SRC_LD = BD + PAD;
@@ -204,12 +205,5 @@ SINGLORA_KERNEL_INFO(backward_da_reduce, 0, 0, 0, SINGLORA_MAX_RANK)
     SINGLORA_KERNEL_INFO(backward_da_partial_##tname##_r##RP, (singlora::DaConfig<T, RP>::SMEM_BYTES),   \
                          (singlora::DaConfig<T, RP>::BD), (singlora::DaConfig<T, RP>::RPB), RP)
 
-#define SINGLORA_DA_PARTIAL_ALL_RANKS(tname, T) \
-    SINGLORA_DA_PARTIAL(tname, T, 32)           \
-    SINGLORA_DA_PARTIAL(tname, T, 64)           \
-    SINGLORA_DA_PARTIAL(tname, T, 128)          \
-    SINGLORA_DA_PARTIAL(tname, T, 256)
-
-SINGLORA_DA_PARTIAL_ALL_RANKS(f32, float)
-SINGLORA_DA_PARTIAL_ALL_RANKS(f16, __half)
-SINGLORA_DA_PARTIAL_ALL_RANKS(bf16, __nv_bfloat16)
+#define SINGLORA_DA_PARTIAL_RANKS(tname, T) SINGLORA_RANK_BUCKETS(SINGLORA_DA_PARTIAL, tname, T)
+SINGLORA_DTYPES(SINGLORA_DA_PARTIAL_RANKS)

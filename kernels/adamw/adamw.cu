@@ -1,7 +1,7 @@
 // adamw: one fused AdamW step over A, so a training loop never copies dA to
 // the host. Elementwise with f32 moments; see singlora_adamw_params for the
 // update (PyTorch's torch.optim.AdamW order of operations).
-#include "common.cuh"
+#include "common/elements.cuh"
 
 namespace singlora {
 
@@ -35,6 +35,4 @@ __device__ __forceinline__ void adamw_kernel(const singlora_adamw_params& p) {
     }                                                                                                     \
     SINGLORA_KERNEL_INFO(adamw_##tname, 0, 0, 0, 0)
 
-SINGLORA_ADAMW(f32, float)
-SINGLORA_ADAMW(f16, __half)
-SINGLORA_ADAMW(bf16, __nv_bfloat16)
+SINGLORA_DTYPES(SINGLORA_ADAMW)

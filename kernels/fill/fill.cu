@@ -1,7 +1,7 @@
 // fill: the smoke kernel. Sets n elements of 2 or 4 bytes to one bit pattern.
 // It proves the fatbin loads and launches, and tests poison outputs with NaN
 // through it, whatever the element type.
-#include "common.cuh"
+#include "common/kernel.cuh"
 
 extern "C" __global__ void __launch_bounds__(singlora::kThreads, 1) fill(const singlora_fill_params p) {
     const uint64_t stride = (uint64_t)gridDim.x * blockDim.x;

@@ -9,7 +9,7 @@
 // CUDA cores: the product has only rank ≤ 256 terms, W's traffic dominates,
 // and f32 FMAs in a fixed order make the product bit-identical between merge
 // and unmerge (their only difference is the sign of scale, which is exact).
-#include "common.cuh"
+#include "common/elements.cuh"
 
 namespace singlora {
 
@@ -31,7 +31,8 @@ __device__ __forceinline__ void merge_kernel(const singlora_merge_params& p) {
     const T* a = reinterpret_cast<const T*>(p.a);
     T* w = reinterpret_cast<T*>(p.w);
     const int tx = threadIdx.x % (kMergeBN / 8), ty = threadIdx.x / (kMergeBN / 8);
-    const int row0 = blockIdx.y * kMergeBM, col0 = blockIdx.x * kMergeBN;
+    const int row0 = blockIdx.y * kMergeBM;
+    const int64_t col0 = (int64_t)blockIdx.x * kMergeBN;
     const int rank = p.rank;
 
     float acc[4][8];
@@ -50,7 +51,7 @@ __device__ __forceinline__ void merge_kernel(const singlora_merge_params& p) {
         }
         for (int e = threadIdx.x; e < kMergeBN * kMergeBK; e += kThreads) {
             const int n = e / kMergeBK, k = e % kMergeBK;
-            const int col = col0 + n;
+            const int64_t col = col0 + n;
             a_in[k][n] = (col < p.d_in && k0 + k < rank) ? to_f32(a[(int64_t)col * rank + k0 + k]) : 0.0f;
         }
         __syncthreads();
@@ -78,7 +79,9 @@ __device__ __forceinline__ void merge_kernel(const singlora_merge_params& p) {
     // one (two) 16-byte accesses per row when W allows them, so a warp
     // moves two full 256-byte row segments per instruction.
     constexpr int kChunks = 8 * (int)sizeof(T) / 16;
-    const int col = col0 + tx * 8;
+    // 64-bit: with d_in near INT_MAX, col + 8 would wrap in 32 bits and pass
+    // the bounds test below, touching elements past the row.
+    const int64_t col = (int64_t)col0 + tx * 8;
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
         const int row = row0 + ty * 4 + i;
@@ -119,6 +122,4 @@ __device__ __forceinline__ void merge_kernel(const singlora_merge_params& p) {
     }                                                                                                     \
     SINGLORA_KERNEL_INFO(merge_##tname, 0, SINGLORA_MERGE_BM, SINGLORA_MERGE_BN, SINGLORA_MAX_RANK)
 
-SINGLORA_MERGE(f32, float)
-SINGLORA_MERGE(f16, __half)
-SINGLORA_MERGE(bf16, __nv_bfloat16)
+SINGLORA_DTYPES(SINGLORA_MERGE)

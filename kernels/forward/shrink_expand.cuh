@@ -1,4 +1,5 @@
-// forward: the fused shrink-expand.
+// The fused shrink-expand kernel body, shared by forward.cu (the portable
+// kernels) and forward_decode_sm90.cu (the cluster variant).
 //
 //   s_out = in · A[:k_dim]                      (f32, tokens × rank)
 //   out   = beta·out + scale · s_out · A[:n_dim]ᵀ
@@ -24,9 +25,12 @@
 // blocks of a cluster each reduce 1/CL of d_in, then add the CL partial S
 // tiles read from each other's shared memory (in rank order, so every block
 // gets the same bits) before expanding their own columns.
+#pragma once
+
 #include <cooperative_groups.h>
 
-#include "common.cuh"
+#include "common/copies.cuh"
+#include "common/mma.cuh"
 
 namespace singlora {
 
@@ -46,15 +50,15 @@ template <typename T, int RP> struct ForwardConfig {
     static constexpr int EWARPS_M = 4, EWARPS_N = 2;
     static constexpr int EMT = BM / EWARPS_M / 16, ENT = BN / EWARPS_N / 8;
     // Pipeline depth of both phases (shrink: X and A chunks; expand: A and Y
-    // tiles). The first H200 run, with 3 shrink stages and a 2-deep expand,
-    // reached only ~52 % of the copy bandwidth: too few bytes in flight.
+    // tiles): enough bytes in flight per SM to cover HBM latency (see
+    // benches/RESULTS.md for the measurements behind the choice).
     // Four stages keep three 8 KiB tiles in flight per block for ranks <= 64
     // (83 KB of smem at rank 64: two blocks per SM; 63 KB at rank 32: three).
     // Big ranks and f32 use fewer so that two blocks still fit.
     static constexpr int STAGES = sizeof(T) == 4 || RP >= 256 ? 2 : RP >= 128 ? 3 : 4;
-    // Blocks per SM the registers must allow (the smem allows 2-3): without a
-    // minimum, ptxas spilled a few bytes in some instantiations (measured with
-    // the 13.0 ptxas); two blocks cap it at 128 registers, where none spill.
+    // Blocks per SM the registers must allow (the smem allows 2-3): two
+    // blocks cap a thread at 128 registers, where no instantiation spills
+    // (the kernel-quality tests hold every kernel to zero spills).
     static constexpr int MIN_BLOCKS = 2;
 
     static constexpr int X_LD = BK + PAD;
@@ -192,7 +196,9 @@ __device__ __forceinline__ void forward_kernel(const singlora_forward_params& p)
         }
         __syncthreads();
 #else
-        __trap();  // the host launches the cluster variant on sm_90 only
+        // The cluster variant is compiled in forward_decode_sm90.cu, for
+        // sm_90a alone; the portable translation unit instantiates CL = 1.
+        static_assert(CL == 1, "the cluster variant exists for sm_90a only");
 #endif
     }
 
@@ -304,38 +310,3 @@ __device__ __forceinline__ void forward_kernel(const singlora_forward_params& p)
 
 }  // namespace singlora
 
-#define SINGLORA_FORWARD(tname, T, RP)                                                           \
-    extern "C" __global__ void __launch_bounds__(singlora::kThreads,                             \
-                                                 (singlora::ForwardConfig<T, RP>::MIN_BLOCKS))   \
-        forward_##tname##_r##RP(const singlora_forward_params p) {                               \
-        singlora::forward_kernel<T, RP, 1>(p);                                                   \
-    }                                                                                            \
-    SINGLORA_KERNEL_INFO(forward_##tname##_r##RP, (singlora::ForwardConfig<T, RP>::SMEM_BYTES),  \
-                         (singlora::ForwardConfig<T, RP>::BM), (singlora::ForwardConfig<T, RP>::BN), RP)
-
-// The cluster shape exists from sm_90 on; older targets compile a stub.
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
-#define SINGLORA_DECODE_CLUSTER_DIMS
-#else
-#define SINGLORA_DECODE_CLUSTER_DIMS __cluster_dims__(SINGLORA_DECODE_CLUSTER, 1, 1)
-#endif
-
-#define SINGLORA_FORWARD_DECODE(tname, T, RP)                                                           \
-    extern "C" __global__ void __launch_bounds__(singlora::kThreads, 1) SINGLORA_DECODE_CLUSTER_DIMS    \
-        forward_decode_##tname##_r##RP(const singlora_forward_params p) {                               \
-        singlora::forward_kernel<T, RP, SINGLORA_DECODE_CLUSTER>(p);                                    \
-    }                                                                                                   \
-    SINGLORA_KERNEL_INFO(forward_decode_##tname##_r##RP, (singlora::ForwardConfig<T, RP>::SMEM_BYTES),  \
-                         (singlora::ForwardConfig<T, RP>::BM), (singlora::ForwardConfig<T, RP>::BN), RP)
-
-#define SINGLORA_FORWARD_ALL_RANKS(tname, T) \
-    SINGLORA_FORWARD(tname, T, 32)           \
-    SINGLORA_FORWARD(tname, T, 64)           \
-    SINGLORA_FORWARD(tname, T, 128)          \
-    SINGLORA_FORWARD(tname, T, 256)          \
-    SINGLORA_FORWARD_DECODE(tname, T, 32)    \
-    SINGLORA_FORWARD_DECODE(tname, T, 64)
-
-SINGLORA_FORWARD_ALL_RANKS(f32, float)
-SINGLORA_FORWARD_ALL_RANKS(f16, __half)
-SINGLORA_FORWARD_ALL_RANKS(bf16, __nv_bfloat16)

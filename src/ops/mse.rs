@@ -1,15 +1,16 @@
-//! mse: the launcher of kernels/mse.cu, the mean-squared-error loss and its
+//! mse: the launcher of kernels/mse/, the mean-squared-error loss and its
 //! gradient on the device (the training loss of examples/finetune.rs).
 
 use std::sync::Arc;
 
 use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut};
 
-use crate::device::{launch, typed_kernel_name, Kernels};
-use crate::dims::{check_len, check_matrix};
+use crate::dims::{check_len, Matrix};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::params::{singlora_mse_params, SINGLORA_MSE_BLOCKS};
+use crate::runtime::launch::launch;
+use crate::runtime::registry::{Family, KernelId, Kernels};
 
 /// f32 elements of the partial-sum buffer [`mse`] writes.
 pub const MSE_PARTIALS: usize = SINGLORA_MSE_BLOCKS as usize;
@@ -48,20 +49,20 @@ pub fn mse<T: DType>(
         }
     }
     if !(loss_scale.is_finite() && loss_scale > 0.0) {
-        return Err(Error::InvalidArgument {
-            name: "loss_scale",
-            expected: "a finite number > 0",
-            actual: loss_scale.to_string(),
-        });
+        return Err(Error::invalid(
+            "loss_scale",
+            "a finite number > 0",
+            loss_scale,
+        ));
     }
-    check_matrix("pred", "ld_pred", pred.len(), rows, cols, ld_pred)?;
-    check_matrix("target", "ld_target", target.len(), rows, cols, ld_target)?;
+    Matrix::new("pred", "ld_pred", rows, cols, ld_pred)?.check_len(pred.len())?;
+    Matrix::new("target", "ld_target", rows, cols, ld_target)?.check_len(target.len())?;
     if let Some((g, ld)) = &grad {
-        check_matrix("grad", "ld_grad", g.len(), rows, cols, *ld)?;
+        Matrix::new("grad", "ld_grad", rows, cols, *ld)?.check_len(g.len())?;
     }
     check_len("partial", partial.len(), MSE_PARTIALS)?;
     let kernels = Kernels::for_stream(stream)?;
-    let kernel = kernels.kernel(&typed_kernel_name::<T>("mse"))?;
+    let kernel = kernels.kernel(KernelId::of::<T>(Family::Mse, 0).expect("mse is unranked"))?;
     let (p_ptr, _p_rec) = pred.device_ptr(stream);
     let (t_ptr, _t_rec) = target.device_ptr(stream);
     let (g_ptr, ld_grad, _g_rec) = match grad {

@@ -1,0 +1,368 @@
+//! forward: the launcher of kernels/forward/.
+//!
+//! `S = X·A[:d_in]` (f32, optional) and `Y = beta·Y + s·S·A[:d_out]ᵀ` in one
+//! launch. The same kernel runs the backward's `dX` with G in X's place, so
+//! the launch logic (`ShrinkExpand`) is shared with [`crate::ops::backward`].
+//!
+//! Three faces, as every op: [`check_forward`] (no GPU), [`forward_raw`]
+//! (raw pointers, checked shapes) and [`forward`] (cudarc buffers).
+
+use std::sync::Arc;
+
+use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut};
+
+use crate::dims::{check_beta, check_len, check_scale, Dims, Matrix};
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+use crate::ops::regions::{check_disjoint, Region};
+use crate::params::{singlora_forward_params, SINGLORA_DECODE_CLUSTER};
+use crate::runtime::launch::{launch, opt_ptr_mut, vec_ok};
+use crate::runtime::registry::{Family, KernelId, Kernels};
+
+/// The checked shapes and scalars of one forward call.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ForwardShape {
+    dims: Dims,
+    x: Matrix,
+    y: Matrix,
+    scale: f32,
+    beta: f32,
+}
+
+impl ForwardShape {
+    /// Checks the strides (`ld_x ≥ d_in`, `ld_y ≥ d_out`), the scale
+    /// (finite) and beta (0 or 1).
+    pub fn new(dims: &Dims, ld_x: usize, ld_y: usize, scale: f32, beta: f32) -> Result<Self> {
+        let x = dims.x(ld_x)?;
+        let y = dims.out_rows("y", "ld_y", ld_y)?;
+        check_scale(scale)?;
+        check_beta("beta", beta)?;
+        Ok(Self {
+            dims: *dims,
+            x,
+            y,
+            scale,
+            beta,
+        })
+    }
+
+    /// Checks buffer lengths in elements (`s_len`: `None` when no S is stored).
+    pub fn check_lens(
+        &self,
+        x_len: usize,
+        a_len: usize,
+        y_len: usize,
+        s_len: Option<usize>,
+    ) -> Result<()> {
+        self.x.check_len(x_len)?;
+        check_len("a", a_len, self.dims.a_len())?;
+        self.y.check_len(y_len)?;
+        if let Some(n) = s_len {
+            check_len("s", n, self.dims.s_len())?;
+        }
+        Ok(())
+    }
+
+    pub fn dims(&self) -> &Dims {
+        &self.dims
+    }
+
+    /// Refuses outputs (`y`, `s`) that overlap any other argument, and
+    /// ranges that wrap past the end of the address space, for elements of
+    /// `elem` bytes. Needs no GPU.
+    pub fn check_ptrs(&self, ptrs: &ForwardPtrs, elem: usize) -> Result<()> {
+        check_disjoint(
+            &[
+                Region::matrix(ptrs.y, &self.y, elem)?,
+                Region::contiguous("s", ptrs.s, self.dims.s_len(), 4)?,
+            ],
+            &[
+                Region::matrix(ptrs.x, &self.x, elem)?,
+                Region::contiguous("a", ptrs.a, self.dims.a_len(), elem)?,
+            ],
+        )
+    }
+}
+
+/// The device pointers of a forward (`s` = 0: S is not stored).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ForwardPtrs {
+    pub x: u64,
+    pub a: u64,
+    pub y: u64,
+    pub s: u64,
+}
+
+/// Runs the adapter forward on `stream`:
+///
+/// * `s` (if given, `tokens × rank` f32, contiguous) ← `X · A[:d_in]`
+/// * `y` (`tokens × d_out`, row stride `ld_y`) ← `beta·y + scale · S · A[:d_out]ᵀ`
+///
+/// `x` is `tokens × d_in` with row stride `ld_x`; `a` is `D × rank`,
+/// contiguous. `beta` is 0 (overwrite; `y` is never read) or 1 (add onto the
+/// frozen layer's output). A row stride larger than the row lets `y` be a
+/// column slice of a wider output (fused QKV): elements outside the slice are
+/// never touched.
+///
+/// Every argument is checked before anything is enqueued; a refused call
+/// leaves `y` and `s` untouched. The call only enqueues work (no allocation,
+/// no synchronisation), so it can be captured in a CUDA graph.
+#[allow(clippy::too_many_arguments)]
+pub fn forward<T: DType>(
+    stream: &Arc<CudaStream>,
+    dims: &Dims,
+    x: &impl DevicePtr<T>,
+    ld_x: usize,
+    a: &impl DevicePtr<T>,
+    y: &mut impl DevicePtrMut<T>,
+    ld_y: usize,
+    s: Option<&mut dyn DevicePtrMut<f32>>,
+    scale: f32,
+    beta: f32,
+) -> Result<()> {
+    let shape = ForwardShape::new(dims, ld_x, ld_y, scale, beta)?;
+    shape.check_lens(x.len(), a.len(), y.len(), s.as_ref().map(|s| s.len()))?;
+    let (x_ptr, _x_rec) = x.device_ptr(stream);
+    let (a_ptr, _a_rec) = a.device_ptr(stream);
+    let (y_ptr, _y_rec) = y.device_ptr_mut(stream);
+    let (s_ptr, _s_rec) = opt_ptr_mut(stream, s);
+    let ptrs = ForwardPtrs {
+        x: x_ptr,
+        a: a_ptr,
+        y: y_ptr,
+        s: s_ptr,
+    };
+    // SAFETY: the lengths checked above cover every element the kernel
+    // touches for these dims and strides; the pointers come from borrows that
+    // live (with cudarc's event records) until the launch is enqueued.
+    unsafe { forward_raw::<T>(stream, &shape, &ptrs) }
+}
+
+/// The same forward on raw device pointers, for frameworks that own their
+/// memory. Refuses outputs (`y`, `s`) that overlap any other argument and
+/// ranges that wrap past the end of the address space.
+///
+/// # Safety
+/// `x`, `a`, `y` and `s` must be device pointers of `stream`'s context
+/// addressing at least the matrices `shape` describes (see [`forward`]),
+/// valid until the kernel completes.
+pub unsafe fn forward_raw<T: DType>(
+    stream: &Arc<CudaStream>,
+    shape: &ForwardShape,
+    ptrs: &ForwardPtrs,
+) -> Result<()> {
+    let dims = shape.dims;
+    shape.check_ptrs(ptrs, std::mem::size_of::<T>())?;
+    let kernels = Kernels::for_stream(stream)?;
+    if dims.tokens() == 0 {
+        return Ok(());
+    }
+    let op = ShrinkExpand {
+        input: ptrs.x,
+        ld_in: shape.x.ld(),
+        k_dim: dims.d_in(),
+        a: ptrs.a,
+        out: ptrs.y,
+        ld_out: shape.y.ld(),
+        n_dim: dims.d_out(),
+        s_out: ptrs.s,
+        tokens: dims.tokens(),
+        rank: dims.rank(),
+        scale: shape.scale,
+        beta: shape.beta,
+    };
+    op.launch::<T>(stream, &kernels)
+}
+
+/// Every check [`forward`] runs before it enqueues anything, given the
+/// buffers' lengths in elements (`s_len`: `None` when no S is stored). Needs
+/// no GPU.
+#[allow(clippy::too_many_arguments)]
+pub fn check_forward(
+    dims: &Dims,
+    x_len: usize,
+    ld_x: usize,
+    a_len: usize,
+    y_len: usize,
+    ld_y: usize,
+    s_len: Option<usize>,
+    scale: f32,
+    beta: f32,
+) -> Result<()> {
+    ForwardShape::new(dims, ld_x, ld_y, scale, beta)?.check_lens(x_len, a_len, y_len, s_len)
+}
+
+/// Resolves the kernels a forward of this rank needs, so a caller that
+/// writes an output before the forward (the layer's frozen GEMM) can be
+/// refused first. The decode variant is optional and never refuses.
+pub(crate) fn forward_kernels<T: DType>(kernels: &Kernels, rank: usize) -> Result<()> {
+    kernels.kernel(shrink_expand_id::<T>(rank))?;
+    Ok(())
+}
+
+fn shrink_expand_id<T: DType>(rank: usize) -> KernelId {
+    KernelId::of::<T>(Family::Forward, rank).expect("validated ranks fit the forward's buckets")
+}
+
+/// One launch of the shrink-expand kernel: `s_out = input · A[:k_dim]`,
+/// `out = beta·out + scale · s_out · A[:n_dim]ᵀ` (`out == 0`: shrink only).
+pub(crate) struct ShrinkExpand {
+    pub input: u64,
+    pub ld_in: usize,
+    pub k_dim: usize,
+    pub a: u64,
+    pub out: u64,
+    pub ld_out: usize,
+    pub n_dim: usize,
+    pub s_out: u64,
+    pub tokens: usize,
+    pub rank: usize,
+    pub scale: f32,
+    pub beta: f32,
+}
+
+/// The grid of one shrink-expand launch, a pure function of the shapes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Grid {
+    pub grid: (u64, u64),
+    pub cols_per_block: usize,
+}
+
+/// Regular path: one block per `bm` token rows; when those row blocks
+/// cannot fill the `sm` SMs, the output columns are split over grid.y into
+/// about `sm / row_blocks` column groups of whole `bn` chunks (each block
+/// recomputes its rows' S: a re-read of few rows). Shrink-only launches
+/// never split.
+pub(crate) fn regular_grid(
+    tokens: usize,
+    n_dim: usize,
+    bm: usize,
+    bn: usize,
+    sm: usize,
+    expand: bool,
+) -> Grid {
+    let row_blocks = tokens.div_ceil(bm);
+    let col_chunks = n_dim.div_ceil(bn);
+    let splits = if !expand || row_blocks >= sm {
+        1
+    } else {
+        col_chunks.min(sm.div_ceil(row_blocks))
+    };
+    let cols_per_block = col_chunks.div_ceil(splits) * bn;
+    Grid {
+        grid: (row_blocks as u64, n_dim.div_ceil(cols_per_block) as u64),
+        cols_per_block,
+    }
+}
+
+/// Decode path (one row block, sm_90a): grid.x is the cluster of `cl`
+/// blocks that split the S reduction; grid.y the column groups, about two
+/// blocks per SM in all.
+pub(crate) fn decode_grid(n_dim: usize, bn: usize, sm: usize, cl: usize) -> Grid {
+    let col_chunks = n_dim.div_ceil(bn);
+    let groups = col_chunks.div_ceil(cl).min((2 * sm).div_ceil(cl)).max(1);
+    let cols_per_block = col_chunks.div_ceil(groups * cl) * bn;
+    Grid {
+        grid: (cl as u64, n_dim.div_ceil(cols_per_block * cl) as u64),
+        cols_per_block,
+    }
+}
+
+impl ShrinkExpand {
+    /// # Safety
+    /// The pointers must address the matrices the fields describe (validated
+    /// dims, strides ≥ rows), on `stream`'s context, until completion.
+    pub(crate) unsafe fn launch<T: DType>(
+        &self,
+        stream: &Arc<CudaStream>,
+        kernels: &Kernels,
+    ) -> Result<()> {
+        let sm = kernels.sm_count() as usize;
+        let normal = kernels.kernel(shrink_expand_id::<T>(self.rank))?;
+        let bm = normal.info.block_rows as usize;
+        let bn = normal.info.block_cols as usize;
+        // Decode sizes where the module has the cluster kernels (sm_90a).
+        let decode = KernelId::of::<T>(Family::ForwardDecodeSm90, self.rank)
+            .filter(|id| self.out != 0 && self.tokens <= bm && kernels.has(*id));
+        let (kernel, grid) = match decode {
+            Some(id) => (
+                kernels.kernel(id)?,
+                decode_grid(self.n_dim, bn, sm, SINGLORA_DECODE_CLUSTER as usize),
+            ),
+            None => (
+                normal,
+                regular_grid(self.tokens, self.n_dim, bm, bn, sm, self.out != 0),
+            ),
+        };
+        let grid_x = u32::try_from(grid.grid.0).map_err(|_| Error::Overflow {
+            what: "forward grid (tokens / 64)",
+        })?;
+        let params = singlora_forward_params {
+            in_: self.input,
+            a: self.a,
+            out: self.out,
+            s_out: self.s_out,
+            tokens: self.tokens as i64,
+            ld_in: self.ld_in as i64,
+            ld_out: self.ld_out as i64,
+            k_dim: self.k_dim as i32,
+            n_dim: self.n_dim as i32,
+            rank: self.rank as i32,
+            cols_per_block: grid.cols_per_block.min(i32::MAX as usize) as i32,
+            scale: self.scale,
+            beta: self.beta,
+            in_vec: vec_ok::<T>(self.input, self.ld_in),
+            out_vec: vec_ok::<T>(self.out, self.ld_out),
+            a_vec: vec_ok::<T>(self.a, self.rank),
+            pad_: 0,
+        };
+        launch(stream, kernel, (grid_x, grid.grid.1 as u32, 1), &params)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn training_sizes_take_one_column_split() {
+        // 16384 tokens: 256 row blocks fill 132 SMs.
+        let g = regular_grid(16384, 4096, 64, 64, 132, true);
+        assert_eq!(
+            g,
+            Grid {
+                grid: (256, 1),
+                cols_per_block: 4096
+            }
+        );
+    }
+
+    #[test]
+    fn few_rows_split_the_columns_in_whole_chunks() {
+        // 128 tokens: 2 row blocks, 66 column groups wanted, 64 chunks there.
+        let g = regular_grid(128, 4096, 64, 64, 132, true);
+        assert_eq!(g.cols_per_block, 64);
+        assert_eq!(g.grid, (2, 64));
+        // Odd widths: the last group is partial, none is empty.
+        let g = regular_grid(100, 3424, 64, 64, 132, true);
+        assert_eq!(g.grid.0, 2);
+        assert!((g.grid.1 as usize - 1) * g.cols_per_block < 3424);
+        assert!(g.grid.1 as usize * g.cols_per_block >= 3424);
+        // Shrink only: never split.
+        assert_eq!(regular_grid(100, 3424, 64, 64, 132, false).grid, (2, 1));
+    }
+
+    #[test]
+    fn decode_grid_covers_every_column_with_clusters_of_eight() {
+        for n in [1, 64, 4096, 11008, 65536] {
+            let g = decode_grid(n, 64, 132, 8);
+            assert_eq!(g.grid.0, 8);
+            let covered = g.grid.1 as usize * 8 * g.cols_per_block;
+            assert!(
+                covered >= n && covered - n < 8 * g.cols_per_block,
+                "n = {n}: {g:?}"
+            );
+            assert!(g.grid.1 * 8 <= 2 * 132 + 8, "about two blocks per SM");
+        }
+    }
+}

@@ -1,0 +1,9 @@
+//! The runtime: opening devices, the typed kernel registry (modules loaded
+//! once per context), and the launch helpers every op shares.
+
+pub mod device;
+pub(crate) mod launch;
+pub mod registry;
+
+pub use device::open_device;
+pub use registry::{kernel_names, Family, KernelId, Kernels, RANK_BUCKETS};
