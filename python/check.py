@@ -16,7 +16,13 @@ bars: 1e-5 (f32), 2e-3 (f16), 1e-2 (bf16). A is scaled so that the adapter and
 the frozen product have about the same size (so the adapter's error is not
 hidden under the frozen product's). Also: strided inputs (a column slice and
 3-D batches), a strided gradient, the in-place `base` form, tokens = 0, the
-SingLoraLinear module (ramp, merge/unmerge), and torch.autograd.gradcheck.
+SingLoraLinear module (ramp, merge/unmerge; merging a merged layer and
+unmerging an unmerged one raise), an f32 model under
+torch.autocast("cuda", bfloat16) against float64 autograd of the formula on
+the f32 values (bf16 bar; A's gradient f32), the merge state machine (an
+optimizer step, reset_parameters or a state_dict round trip while merged,
+then unmerge gives W0 back to within one rounding), and
+torch.autograd.gradcheck.
 
 gradcheck, float64-upcast form: the kernels take no float64, so gradcheck runs
 on f(x64, A64) = singlora_linear(x64.float(), W, b, A64.float(), s).double(),
@@ -264,11 +270,136 @@ def check_module(dev):
             layer.unmerge()
         merge_err = rel_l2(y_merged, y_unmerged)
         w_back = (base.weight.detach().double() - w_before.double()).abs().max().item()
+        never = raises_runtime(layer.unmerge)
+        with torch.no_grad():
+            layer.merge()
+        twice = raises_runtime(layer.merge)
+        layer.unmerge()
         w_ulp = w_before.abs().max().item() * (2.0 ** -7 if dtype == torch.bfloat16 else 2.0 ** -23)
-        ok = ok and bound_ok and same and s_ok and grad_ok and merge_err <= 2 * TOL[dtype] and w_back <= 2 * w_ulp
+        ok = (ok and bound_ok and same and s_ok and grad_ok and merge_err <= 2 * TOL[dtype]
+              and w_back <= 2 * w_ulp and twice and never)
         report(ok, f"{NAME[dtype]:>4} SingLoraLinear: init bound {bound_ok}, starts frozen {same}, ramp {s_ok}, "
                    f"grad {grad_ok}, merged vs unmerged {merge_err:.1e}, unmerge max |ΔW| {w_back:.1e} "
-                   f"(≤ {2 * w_ulp:.1e})")
+                   f"(≤ {2 * w_ulp:.1e}), merge twice raises {twice}, unmerge unmerged raises {never}")
+
+
+def raises_runtime(fn):
+    """fn() raises RuntimeError (the merge state machine's refusals)."""
+    try:
+        fn()
+    except RuntimeError:
+        return True
+    return False
+
+
+def w_back_within(w_after, w_before, w_merged, dtype):
+    """The worst ratio of |W - W0| to one rounding of the merged value (the
+    dtype's eps times max(|W0|, |W_merged|), per element), and whether it is
+    within 2 (one rounding in merge, one in unmerge)."""
+    eps = 2.0 ** -7 if dtype == torch.bfloat16 else 2.0 ** -23
+    err = (w_after.detach().double() - w_before.double()).abs()
+    unit = eps * torch.maximum(w_before.double().abs(), w_merged.double().abs()) + 1e-30
+    ratio = (err / unit).max().item()
+    return ratio, ratio <= 2.0
+
+
+def check_merge_state(dev):
+    """A changed while merged (an optimizer step, reset_parameters, a state
+    dict round trip then a step): unmerge takes out exactly the merged A."""
+    for dtype in (torch.float32, torch.bfloat16):
+        torch.manual_seed(11)
+        base = torch.nn.Linear(200, 136, bias=False).to(dev, dtype)
+        layer = SingLoraLinear(base, rank=16, alpha=32.0)
+        with torch.no_grad():
+            layer.a.mul_(8.0)  # an adapter the size of W0, so a wrong unmerge shows
+        results = []
+
+        def merged_copy():
+            w0 = base.weight.detach().clone()
+            layer.merge()
+            return w0, base.weight.detach().clone()
+
+        # 1. an optimizer step on A while merged
+        w0, wm = merged_copy()
+        opt = torch.optim.SGD([layer.a], lr=0.5)
+        layer.a.grad = torch.randn_like(layer.a)
+        opt.step()
+        layer.unmerge()
+        results.append(("optimizer step",) + w_back_within(base.weight, w0, wm, dtype))
+        # 2. reset_parameters while merged
+        w0, wm = merged_copy()
+        layer.reset_parameters()
+        layer.unmerge()
+        results.append(("reset_parameters",) + w_back_within(base.weight, w0, wm, dtype))
+        # 3. a merged layer's state dict into a fresh layer, then a step, then unmerge
+        with torch.no_grad():
+            layer.a.mul_(8.0)
+        w0, wm = merged_copy()
+        fresh = SingLoraLinear(torch.nn.Linear(200, 136, bias=False).to(dev, dtype), rank=16, alpha=32.0)
+        fresh.load_state_dict(layer.state_dict())
+        with torch.no_grad():
+            fresh.a.add_(torch.randn_like(fresh.a))
+        fresh.unmerge()
+        layer.unmerge()
+        r_fresh = w_back_within(fresh.base.weight, w0, wm, dtype)
+        r_layer = w_back_within(base.weight, w0, wm, dtype)
+        results.append(("state_dict round trip", max(r_fresh[0], r_layer[0]), r_fresh[1] and r_layer[1]))
+        ok = all(r[2] for r in results)
+        text = ", ".join(f"{name} {ratio:.2f}" for name, ratio, _ in results)
+        report(ok, f"{NAME[dtype]:>4} merged, A changed, unmerge: max |ΔW| in roundings of the merged W: "
+                   f"{text} (≤ 2)")
+
+
+def check_autocast(dev):
+    try:
+        _check_autocast(dev)
+    except Exception as e:  # e.g. a dtype mismatch inside the autograd function
+        report(False, f" f32 model under autocast(cuda, bf16) | raised {type(e).__name__}: {e}")
+
+
+def _check_autocast(dev):
+    """An f32 model under torch.autocast("cuda", bfloat16): the layer and the
+    adapter run in bf16 (one dtype per launch), A's gradient comes back f32,
+    and y, dX, dA match float64 autograd of the formula on the f32 values at
+    the bf16 bar."""
+    torch.manual_seed(12)
+    d_in, d_out, rank, tokens = 320, 208, 16, 96
+    base = torch.nn.Linear(d_in, d_out, bias=True).to(dev)
+    layer = SingLoraLinear(base, rank=rank, alpha=16.0)
+    s = f32(layer.scale)
+    sigma = (s * math.sqrt(d_in * rank)) ** -0.5
+    with torch.no_grad():
+        layer.a.copy_(torch.randn_like(layer.a) * sigma)
+    x = torch.randn(2, tokens // 2, d_in, device=dev, requires_grad=True)
+    g = torch.randn(2, tokens // 2, d_out, device=dev)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y = layer(x)
+    y.backward(g.to(y.dtype))
+    xr = x.detach().double().requires_grad_(True)
+    ar = layer.a.detach().double().requires_grad_(True)
+    yr = xr @ base.weight.double().T + base.bias.double() + s * (xr @ ar[:d_in]) @ ar[:d_out].T
+    yr.backward(g.double())
+    errs = {"y": rel_l2(y, yr), "dX": rel_l2(x.grad, xr.grad), "dA": rel_l2(layer.a.grad, ar.grad)}
+    dtypes_ok = y.dtype == torch.bfloat16 and layer.a.grad.dtype == torch.float32 and x.grad.dtype == torch.float32
+    # The adapter alone, with an f32 base (cast, so base itself is untouched).
+    a = layer.a.detach().clone().requires_grad_(True)
+    xa = x.detach().clone().requires_grad_(True)
+    base_t = torch.randn(2, tokens // 2, d_out, device=dev)
+    base0 = base_t.clone()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        ya = singlora_adapter(xa, a, s, base=base_t)
+    ya.backward(g.to(ya.dtype))
+    xr = xa.detach().double().requires_grad_(True)
+    ar = a.detach().double().requires_grad_(True)
+    yr = base0.double() + s * (xr @ ar[:d_in]) @ ar[:d_out].T
+    yr.backward(g.double())
+    errs.update({"adapter y": rel_l2(ya, yr), "adapter dX": rel_l2(xa.grad, xr.grad),
+                 "adapter dA": rel_l2(a.grad, ar.grad)})
+    dtypes_ok = dtypes_ok and a.grad.dtype == torch.float32 and torch.equal(base_t, base0)
+    worst = max(errs.values())
+    text = " ".join(f"{k} {v:.1e}" for k, v in errs.items())
+    report(worst <= TOL[torch.bfloat16] and dtypes_ok,
+           f" f32 model under autocast(cuda, bf16) | {text} | dtypes {dtypes_ok} | bar {TOL[torch.bfloat16]:.0e}")
 
 
 def shapes(rng):
@@ -314,6 +445,8 @@ def main():
     check_zero_tokens(dev)
     check_gradcheck(dev)
     check_module(dev)
+    check_merge_state(dev)
+    check_autocast(dev)
     torch.cuda.synchronize()
     took = time.time() - started
     print(f"\ncheck.py: {passes} passed, {len(failures)} failed ({took:.1f} s)")

@@ -11,6 +11,10 @@
 #                     $CUDA_PATH and PATH)
 #   .toolchain/tools  cuobjdump + nvdisasm 13.2.51 (no 13.0 release exists;
 #                     13.2 reads 13.0 fatbins)
+#   .toolchain/torch  torch 2.11.0 with its dependencies, when python3 has no
+#                     torch (for python/tests/test_torch_cpu.py, which
+#                     scripts/test.sh runs with it on PYTHONPATH; ~4.6 GB,
+#                     ~2 min from PyPI; the GPU runner's torch is 2.11)
 # The versions are pinned exactly: an unpinned nvidia-nvvm resolves to a newer
 # release whose PTX the 13.0 ptxas rejects.
 #
@@ -37,6 +41,8 @@ CUDA_WHEELS=(
 )
 LIBCLANG_WHEEL=libclang==18.1.1
 TOOLS_WHEELS=(nvidia-cuda-cuobjdump==13.2.51 nvidia-cuda-nvdisasm==13.2.51)
+TORCH_TARGET="$TC/torch"
+TORCH_WHEEL=torch==2.11.0
 
 die() {
     echo "setup.sh: ERROR: $*" >&2
@@ -213,6 +219,26 @@ else
     echo "installed cuobjdump + nvdisasm 13.2.51 at $(dirname "$cuobjdump")"
 fi
 "$cuobjdump" --version >/dev/null 2>&1 || die "$cuobjdump does not run"
+
+# ---------------------------------------------------------------- torch
+# For the CPU test of the torch binding only (no GPU needed). Unlike the
+# wheels above, torch is installed WITH its dependencies (sympy, networkx,
+# the nvidia-* runtime wheels, ...), into its own folder.
+if python3 -c "import torch" >/dev/null 2>&1; then
+    echo "found torch $(python3 -c 'import torch; print(torch.__version__)' 2>/dev/null)"
+elif PYTHONPATH="$TORCH_TARGET" python3 -c "import torch" >/dev/null 2>&1; then
+    echo "found torch at $TORCH_TARGET"
+else
+    python3 -m pip --version >/dev/null 2>&1 ||
+        die "python3 -m pip is not available; it is needed to install $TORCH_WHEEL"
+    mkdir -p "$TORCH_TARGET"
+    PIP_ROOT_USER_ACTION=ignore python3 -m pip install --disable-pip-version-check -q --upgrade \
+        --target "$TORCH_TARGET" "$TORCH_WHEEL" ||
+        die "pip could not install $TORCH_WHEEL into $TORCH_TARGET"
+    PYTHONPATH="$TORCH_TARGET" python3 -c "import torch" >/dev/null 2>&1 ||
+        die "pip installed $TORCH_WHEEL into $TORCH_TARGET, but python3 cannot import it"
+    echo "installed $TORCH_WHEEL at $TORCH_TARGET"
+fi
 
 # ---------------------------------------------------------------- env.sh
 # Deliberately no LIBCLANG_PATH, PATH or NVCC here: build.rs already finds the

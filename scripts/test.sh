@@ -4,11 +4,14 @@
 # Installs any missing toolchain piece (scripts/setup.sh), then runs, in order:
 #   cargo fmt --check
 #   cargo clippy --release --all-targets -- -D warnings   (with DOCS_RS=1)
-#   cargo test --release "$@"
+#   cargo doc --release --no-deps, warnings as errors (broken intra-doc links)
+#   cargo test --release "$@", then a count of the GPU tests skipped and why
 #   cargo build --release --lib, then python3 python/tests/test_nogpu.py
 #     (the Python package against target/release/libsinglora.so, without torch
 #     and without a GPU; `cargo test` builds the cdylib under target/release/deps
 #     only, `cargo build` puts it where the package looks)
+#   python3 python/tests/test_torch_cpu.py   (the torch binding's logic on CPU
+#     with faked launches; torch from .toolchain/torch, see setup.sh)
 # Release for the tests because the CPU reference tests do big f64 matmuls.
 # Clippy cannot share the tests' build-script run (cargo builds build.rs
 # separately under clippy-driver), so it would compile the kernels with nvcc a
@@ -28,9 +31,30 @@ echo "==> cargo fmt --check"
 cargo fmt --check
 echo "==> cargo clippy --release --all-targets -- -D warnings"
 DOCS_RS=1 cargo clippy --release --all-targets -- -D warnings
+echo "==> cargo doc --release --no-deps (warnings are errors)"
+DOCS_RS=1 RUSTDOCFLAGS="-D warnings" cargo doc --release --no-deps --quiet
 echo "==> cargo test --release $*"
-cargo test --release "$@"
+# The tests' own output is shown (RUST_TEST_NOCAPTURE) so that every GPU
+# test's skip line can be counted below: libtest counts a skipped GPU test
+# as passed.
+log="$(mktemp)"
+trap 'rm -f "$log"' EXIT
+RUST_TEST_NOCAPTURE=1 cargo test --release "$@" 2>&1 | tee "$log"
 echo "==> cargo build --release --lib"
 cargo build --release --lib
 echo "==> python3 python/tests/test_nogpu.py"
 python3 python/tests/test_nogpu.py
+echo "==> python3 python/tests/test_torch_cpu.py"
+SINGLORA_REQUIRE_TORCH=1 PYTHONPATH=".toolchain/torch${PYTHONPATH:+:$PYTHONPATH}" \
+    python3 python/tests/test_torch_cpu.py
+
+# The GPU tests this machine skipped, and why (a GPU test prints
+# "skipped: no CUDA device (<reason>)" and passes; with SINGLORA_REQUIRE_GPU=1
+# a skip fails instead).
+skipped="$(grep -o 'skipped: no CUDA device ([^)]*)' "$log" | sort | uniq -c || true)"
+total="$(grep -o 'skipped: no CUDA device' "$log" | wc -l)"
+echo "==> GPU tests skipped: $total"
+if [[ -n "$skipped" ]]; then
+    echo "$skipped" | sed 's/^ */    /'
+fi
+
