@@ -223,7 +223,6 @@ fn generate_kernel_list(kernels: &Path, out_dir: &Path) {
             .collect()
     };
     let ranked = buckets("SINGLORA_RANK_BUCKETS");
-    let decode = buckets("SINGLORA_DECODE_RANK_BUCKETS");
     let families = xmacro_entries(&header, "SINGLORA_FAMILIES");
     let camel = |s: &str| -> String {
         s.split('_')
@@ -249,12 +248,6 @@ fn generate_kernel_list(kernels: &Path, out_dir: &Path) {
         ranked.len(),
         ranked.join(", ")
     );
-    rs += &format!(
-        "/// Rank capacities of the decode forward (`SINGLORA_DECODE_RANK_BUCKETS`).\n\
-         pub const DECODE_RANK_BUCKETS: [usize; {}] = [{}];\n",
-        decode.len(),
-        decode.join(", ")
-    );
     rs += "/// The kernel families of `SINGLORA_FAMILIES`.\n\
            #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]\npub enum Family {\n";
     for f in &families {
@@ -267,17 +260,17 @@ fn generate_kernel_list(kernels: &Path, out_dir: &Path) {
         families.len()
     );
     for f in &families {
-        let buckets = match f[2].as_str() {
-            "RANKED" => "Buckets::Ranked",
-            "DECODE" => "Buckets::Decode",
-            "UNRANKED" => "Buckets::Unranked",
-            other => panic!("SINGLORA_FAMILIES: unknown bucket scheme {other}"),
+        // The family's bucket list, named by the X-macro in the third column.
+        let list = match f[2].as_str() {
+            "NONE" => Vec::new(),
+            name => buckets(name),
         };
         rs += &format!(
-            "    FamilySpec {{ family: Family::{}, name: {:?}, by_dtype: {}, buckets: {buckets}, sm90: {} }},\n",
+            "    FamilySpec {{ family: Family::{}, name: {:?}, by_dtype: {}, buckets: &[{}], sm90: {} }},\n",
             camel(&f[0]),
             f[0],
             f[1] == "1",
+            list.join(", "),
             f[0].ends_with("_sm90")
         );
     }

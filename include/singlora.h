@@ -67,8 +67,9 @@ extern "C" {
 #endif
 
 /* The ABI version this header describes; singlora_abi_version() returns
- * the library's. They must be equal. */
-#define SINGLORA_ABI_VERSION 1
+ * the library's. They must be equal. Version 2 added the _dscale forms (the
+ * scale read from device memory); version 1's functions are unchanged. */
+#define SINGLORA_ABI_VERSION 2
 
 /* Status codes. */
 typedef int32_t singlora_status;
@@ -184,6 +185,32 @@ singlora_status singlora_merge(int32_t dtype, int32_t device, int64_t d_in, int6
 singlora_status singlora_unmerge(int32_t dtype, int32_t device, int64_t d_in, int64_t d_out,
                                  int64_t rank, uint64_t w, int64_t ld_w, uint64_t a, float scale,
                                  void *stream);
+
+/* The device-scalar forms (ABI 2): the same calls with the scale read from
+ * device memory when the kernels run, instead of passed by value:
+ *   scale_ptr  a 4-byte aligned device float on `device` (e.g. a framework's
+ *              scale tensor, computed on the device from its step), valid
+ *              until the work completes; NULL or misaligned is refused.
+ * A captured CUDA graph of these calls follows the scale as it changes (a
+ * by-value scale stays the one it was captured with). Its finiteness cannot
+ * be checked before the launch. */
+singlora_status singlora_forward_dscale(int32_t dtype, int32_t device, int64_t tokens,
+                                        int64_t d_in, int64_t d_out, int64_t rank, uint64_t x,
+                                        int64_t ld_x, uint64_t a, uint64_t y, int64_t ld_y,
+                                        uint64_t s, uint64_t scale_ptr, float beta, void *stream);
+singlora_status singlora_backward_dscale(int32_t dtype, int32_t device, int64_t tokens,
+                                         int64_t d_in, int64_t d_out, int64_t rank, uint64_t x,
+                                         int64_t ld_x, uint64_t g, int64_t ld_g, uint64_t a,
+                                         uint64_t saved_s, uint64_t scale_ptr, uint64_t dx,
+                                         int64_t ld_dx, float dx_beta, uint64_t da, float da_beta,
+                                         uint64_t workspace, uint64_t workspace_bytes,
+                                         void *stream);
+singlora_status singlora_merge_dscale(int32_t dtype, int32_t device, int64_t d_in, int64_t d_out,
+                                      int64_t rank, uint64_t w, int64_t ld_w, uint64_t a,
+                                      uint64_t scale_ptr, void *stream);
+singlora_status singlora_unmerge_dscale(int32_t dtype, int32_t device, int64_t d_in,
+                                        int64_t d_out, int64_t rank, uint64_t w, int64_t ld_w,
+                                        uint64_t a, uint64_t scale_ptr, void *stream);
 
 #ifdef __cplusplus
 }

@@ -41,23 +41,43 @@
 #define SINGLORA_DECODE_RANK_BUCKETS(X, tname, T) \
     X(tname, T, 32)                               \
     X(tname, T, 64)
+/* The small configurations, for devices that grant SINGLORA_SMALL_SMEM_BYTES
+ * of shared memory per block (sm_86, sm_89): only the buckets whose regular
+ * configuration needs more (the kernel-quality tests check both claims from
+ * the kernels' published sizes). */
+#define SINGLORA_SMALL_FORWARD_RANK_BUCKETS(X, tname, T) \
+    X(tname, T, 256)
+#define SINGLORA_SMALL_DA_RANK_BUCKETS(X, tname, T) \
+    X(tname, T, 128)                                \
+    X(tname, T, 256)
 
 /* Kernel families: X(name, by_dtype, buckets). A kernel is named
- * name[_<dtype>][_r<bucket>]: by_dtype 1 adds the element type, buckets
- * RANKED / DECODE adds the rank bucket (over SINGLORA_RANK_BUCKETS /
- * SINGLORA_DECODE_RANK_BUCKETS), UNRANKED adds nothing. A family whose name
- * ends in _sm90 is sm_90a code: it lives in its own translation unit
- * (kernels/<family>/*_sm90.cu), compiled for sm_90a alone, and is absent from
- * the module on every other GPU (the host then takes the portable path). */
-#define SINGLORA_FAMILIES(X)                   \
-    X(fill, 0, UNRANKED)                       \
-    X(forward, 1, RANKED)                      \
-    X(forward_decode_sm90, 1, DECODE)          \
-    X(backward_da_partial, 1, RANKED)          \
-    X(backward_da_reduce, 0, UNRANKED)         \
-    X(merge, 1, UNRANKED)                      \
-    X(adamw, 1, UNRANKED)                      \
-    X(mse, 1, UNRANKED)
+ * name[_<dtype>][_r<bucket>]: by_dtype 1 adds the element type; buckets,
+ * the name of one of the bucket lists above, adds the rank bucket, NONE adds
+ * nothing. A family whose name ends in _sm90 is sm_90a code: it lives in its
+ * own translation unit (kernels/<family>/*_sm90.cu), compiled for sm_90a
+ * alone, and is absent from the module on every other GPU (the host then
+ * takes the portable path). A family whose name ends in _small is the same
+ * kernel in a configuration that fits SINGLORA_SMALL_SMEM_BYTES, which the
+ * host takes where the regular one does not fit. */
+#define SINGLORA_FAMILIES(X)                                          \
+    X(fill, 0, NONE)                                                  \
+    X(forward, 1, SINGLORA_RANK_BUCKETS)                              \
+    X(forward_small, 1, SINGLORA_SMALL_FORWARD_RANK_BUCKETS)          \
+    X(forward_decode_sm90, 1, SINGLORA_DECODE_RANK_BUCKETS)           \
+    X(backward_da_partial, 1, SINGLORA_RANK_BUCKETS)                  \
+    X(backward_da_partial_small, 1, SINGLORA_SMALL_DA_RANK_BUCKETS)   \
+    X(backward_da_reduce, 0, NONE)                                    \
+    X(merge, 1, NONE)                                                 \
+    X(merge_mma, 1, NONE)                                             \
+    X(adamw, 1, NONE)                                                 \
+    X(step_advance, 0, NONE)                                          \
+    X(mse, 1, NONE)
+
+/* The shared memory per block of the smallest devices the kernels serve
+ * (sm_86 and sm_89 grant 99 KiB): every rank must have a configuration of
+ * each family that fits it. */
+#define SINGLORA_SMALL_SMEM_BYTES (99 * 1024)
 
 /* Every kernel runs 256 threads (8 warps) per block. */
 #define SINGLORA_THREADS 256
@@ -98,6 +118,25 @@ enum singlora_dtype {
     SINGLORA_DTYPE_BF16 = 2
 };
 
+/* Where a kernel takes the SingLoRA scale from, resolved when it runs:
+ *   ptr != 0:  *ptr, a device f32 (e.g. a framework's scale tensor);
+ *   step != 0: alpha_over_rank * min(t / warmup, 1) with t = *step, a device
+ *              count of optimizer steps (u64); computed in f64 and rounded
+ *              once to f32, the same operations as the host's Ramp::scale,
+ *              so both give the same bits; warmup 0 means u = 1;
+ *   neither:   value, computed on the host.
+ * The result is multiplied by sign (+1, or -1 for unmerge; exact). A
+ * captured CUDA graph that reads the scale from the device replays correctly
+ * as the ramp advances; a by-value scale stays the one it was captured with. */
+typedef struct singlora_scale {
+    uint64_t ptr;            /* const float *, or 0 */
+    uint64_t step;           /* const uint64_t *, or 0 */
+    double alpha_over_rank;
+    uint64_t warmup;
+    float value;
+    float sign;
+} singlora_scale;
+
 /* Fused shrink-expand over token rows:
  *   s_out = in · A[:k_dim]                (tokens × rank, f32)
  *   out   = beta·out + scale · s_out · A[:n_dim]ᵀ
@@ -116,7 +155,7 @@ typedef struct singlora_forward_params {
     int32_t n_dim;
     int32_t rank;
     int32_t cols_per_block;  /* expand columns per block (grid.y splits n_dim) */
-    float scale;
+    singlora_scale scale;
     float beta;              /* 0: overwrite out (never read), 1: add into it */
     int32_t in_vec;          /* 1: in and ld_in allow 16-byte loads */
     int32_t out_vec;         /* 1: out and ld_out allow 16-byte accesses */
@@ -145,10 +184,11 @@ typedef struct singlora_da_params {
     int32_t rank;
     int32_t rank_pad;
     int32_t splits;
-    float scale;
+    singlora_scale scale;
     float da_beta;           /* 0: overwrite dA (never read), 1: accumulate */
     int32_t x_vec;
     int32_t g_vec;
+    int32_t pad_;
 } singlora_da_params;
 
 /* The smoke kernel: every element of out (n elements of elem_bytes = 2 or 4)
@@ -179,9 +219,10 @@ typedef struct singlora_merge_params {
     int32_t d_in;
     int32_t d_out;
     int32_t rank;
-    float scale;
     int32_t w_pair;          /* 1: w and ld_w allow 2-element accesses */
     int32_t w_vec;           /* 1: w and ld_w allow 16-byte accesses */
+    int32_t pad_;
+    singlora_scale scale;    /* sign -1 for unmerge */
 } singlora_merge_params;
 
 /* AdamW over the n elements of A (PyTorch's torch.optim.AdamW semantics):
@@ -190,7 +231,12 @@ typedef struct singlora_merge_params {
  *   p  = p - lr · (m / bias1) / (sqrt(v / bias2) + eps)
  * p is the f32 master copy when `master` is set (A then receives p rounded
  * to T), else A itself read as f32. bias1 = 1 - beta1^t and bias2 =
- * 1 - beta2^t are computed on the host in f64 for step t. */
+ * 1 - beta2^t for the 1-based step t, in f64 and rounded once to f32: given
+ * by value (computed on the host), or, when step != 0, computed by the
+ * kernel from t = *step + 1 (a device count of optimizer steps taken, which
+ * step_advance then increments) with the same f64 operations as the host
+ * (binary powering, the same multiplications in the same order:
+ * kernels/common/scale.cuh and src/ops/adamw.rs), so both give the same bits. */
 typedef struct singlora_adamw_params {
     uint64_t a;              /* T, n */
     uint64_t master;         /* f32, n; 0: A is its own master */
@@ -206,7 +252,15 @@ typedef struct singlora_adamw_params {
     float grad_scale;
     float bias1;
     float bias2;
+    uint64_t step;           /* const uint64_t *, or 0: use bias1 / bias2 */
 } singlora_adamw_params;
+
+/* step_advance: *step += 1 (one thread), after the optimizer step that read
+ * it, in stream order; a separate launch so that no block of the optimizer
+ * can see the new value. */
+typedef struct singlora_step_params {
+    uint64_t step;           /* uint64_t * */
+} singlora_step_params;
 
 /* Blocks of the mse_grad kernel (grid-stride; each block writes one partial
  * sum, which the host adds in a fixed order). */

@@ -45,11 +45,9 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-try:
-    import torch
-except ImportError as e:
-    print(f"FAIL: bench.py needs PyTorch ({e})")
-    sys.exit(2)
+from gpu_script import banner, start, torch_or_exit  # noqa: E402
+
+torch = torch_or_exit("bench.py")
 
 import singlora  # noqa: E402
 from singlora.nn import singlora_adapter  # noqa: E402
@@ -241,17 +239,12 @@ def format_table(rows, peaks, gpu, bad):
 
 
 def main():
-    started = time.time()
-    if not torch.cuda.is_available():
-        print("FAIL: no CUDA device (torch.cuda.is_available() is False); bench.py needs a GPU")
-        sys.exit(2)
-    dev = torch.device("cuda", 0)
+    started, dev = start("bench.py")
     singlora.init(0)
     setup_compile()
     gen = torch.Generator(device=dev).manual_seed(0)
     gpu = torch.cuda.get_device_name(dev)
-    print(f"torch {torch.__version__}, {gpu}, singlora {singlora.version()} from "
-          f"{singlora.library_path()}", flush=True)
+    banner(gpu)
 
     rows = []  # (tokens, rank, pass, {method: µs}, notes)
     peaks = {}  # (tokens, rank) -> {method: MiB}

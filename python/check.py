@@ -47,11 +47,9 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-try:
-    import torch
-except ImportError as e:
-    print(f"FAIL: check.py needs PyTorch ({e})")
-    sys.exit(2)
+from gpu_script import banner, start, torch_or_exit  # noqa: E402
+
+torch = torch_or_exit("check.py")
 
 import singlora  # noqa: E402
 from singlora.nn import SingLoraLinear, singlora_adapter, singlora_linear  # noqa: E402
@@ -404,15 +402,9 @@ def _check_autocast(dev):
 
 def shapes(rng):
     """The shape grid: fixed corner cases, then random draws."""
-    fixed = [
-        (1, 4096, 4096, 16),
-        (16, 4096, 4096, 64),
-        (4096, 1024, 1024, 256),
-        (333, 3424, 1000, 33),
-        (77, 1001, 4097, 1),
-        (4096, 4097, 513, 8),
-        (64, 11008, 4096, 16),
-        (7, 11, 13, 5),
+    fixed = [  # (tokens, d_in, d_out, rank)
+        (1, 4096, 4096, 16), (16, 4096, 4096, 64), (4096, 1024, 1024, 256), (333, 3424, 1000, 33),
+        (77, 1001, 4097, 1), (4096, 4097, 513, 8), (64, 11008, 4096, 16), (7, 11, 13, 5),
     ]
     drawn = []
     for _ in range(6):
@@ -425,14 +417,9 @@ def shapes(rng):
 
 
 def main():
-    started = time.time()
-    if not torch.cuda.is_available():
-        print("FAIL: no CUDA device (torch.cuda.is_available() is False); check.py needs a GPU")
-        sys.exit(2)
-    dev = torch.device("cuda", 0)
+    started, dev = start("check.py")
     strict_fp()
-    print(f"torch {torch.__version__}, {torch.cuda.get_device_name(dev)}, "
-          f"singlora {singlora.version()} from {singlora.library_path()}", flush=True)
+    banner(torch.cuda.get_device_name(dev))
     singlora.init(0)
     rng = random.Random(2025)
     random.seed(7)

@@ -37,41 +37,39 @@ pub trait DType:
     fn from_f64(v: f64) -> Self;
 }
 
-impl DType for f32 {
-    const CODE: singlora_dtype = singlora_dtype::SINGLORA_DTYPE_F32;
-    const NAME: &'static str = "f32";
-    const TOLERANCE: f64 = 1e-5;
-    const NAN_BITS: u32 = 0x7fc0_0000;
-    fn to_f64(self) -> f64 {
-        self as f64
-    }
-    fn from_f64(v: f64) -> Self {
-        v as f32
-    }
+/// One element type: its code, name, bar and NaN pattern; f16 and bf16
+/// convert through `half`'s own f64 conversions.
+macro_rules! dtype {
+    ($t:ty, $code:ident, $name:literal, $tol:literal, $nan:literal, $from:expr) => {
+        impl DType for $t {
+            const CODE: singlora_dtype = singlora_dtype::$code;
+            const NAME: &'static str = $name;
+            const TOLERANCE: f64 = $tol;
+            const NAN_BITS: u32 = $nan;
+            fn to_f64(self) -> f64 {
+                self.into()
+            }
+            fn from_f64(v: f64) -> Self {
+                $from(v)
+            }
+        }
+    };
 }
 
-impl DType for f16 {
-    const CODE: singlora_dtype = singlora_dtype::SINGLORA_DTYPE_F16;
-    const NAME: &'static str = "f16";
-    const TOLERANCE: f64 = 2e-3;
-    const NAN_BITS: u32 = 0x7e00;
-    fn to_f64(self) -> f64 {
-        self.to_f64()
-    }
-    fn from_f64(v: f64) -> Self {
-        f16::from_f64(v)
-    }
-}
-
-impl DType for bf16 {
-    const CODE: singlora_dtype = singlora_dtype::SINGLORA_DTYPE_BF16;
-    const NAME: &'static str = "bf16";
-    const TOLERANCE: f64 = 1e-2;
-    const NAN_BITS: u32 = 0x7fc0;
-    fn to_f64(self) -> f64 {
-        self.to_f64()
-    }
-    fn from_f64(v: f64) -> Self {
-        bf16::from_f64(v)
-    }
-}
+dtype!(
+    f32,
+    SINGLORA_DTYPE_F32,
+    "f32",
+    1e-5,
+    0x7fc0_0000,
+    |v: f64| v as f32
+);
+dtype!(f16, SINGLORA_DTYPE_F16, "f16", 2e-3, 0x7e00, f16::from_f64);
+dtype!(
+    bf16,
+    SINGLORA_DTYPE_BF16,
+    "bf16",
+    1e-2,
+    0x7fc0,
+    bf16::from_f64
+);

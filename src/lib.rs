@@ -35,13 +35,14 @@ pub use dims::{Dims, Matrix, MAX_RANK};
 pub use dtype::DType;
 pub use error::{Error, Result};
 pub use nn::{kaiming_uniform, ForwardCtx, Ramp, SingLoraLinear, SplitMix64};
-pub use ops::adamw::{adamw, AdamW, AdamWState};
+pub use ops::adamw::{adamw, adamw_device_step, advance_step, AdamW, AdamWState};
 pub use ops::backward::{
     backward, backward_raw, backward_workspace_len, check_backward, BackwardLens, BackwardPtrs,
     BackwardShape, DxOut,
 };
 pub use ops::fill::fill_bits;
 pub use ops::forward::{check_forward, forward, forward_raw, ForwardPtrs, ForwardShape};
-pub use ops::merge::{check_merge, merge, merge_raw, unmerge, MergeShape};
+pub use ops::merge::{check_merge, merge, merge_raw, merge_with, unmerge, MergeKernel, MergeShape};
 pub use ops::mse::{mse, mse_loss, MSE_PARTIALS};
+pub use ops::scale::{RawScale, Scale};
 pub use runtime::{kernel_names, open_device, Family, KernelId, Kernels, RANK_BUCKETS};

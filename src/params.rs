@@ -13,3 +13,4 @@ unsafe impl cudarc::driver::DeviceRepr for singlora_fill_params {}
 unsafe impl cudarc::driver::DeviceRepr for singlora_merge_params {}
 unsafe impl cudarc::driver::DeviceRepr for singlora_adamw_params {}
 unsafe impl cudarc::driver::DeviceRepr for singlora_mse_params {}
+unsafe impl cudarc::driver::DeviceRepr for singlora_step_params {}

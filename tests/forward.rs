@@ -20,20 +20,12 @@ struct Off {
     s: usize,
 }
 
-const NO_OFF: Off = Off {
-    x: 0,
-    a: 0,
-    y: 0,
-    s: 0,
-};
+const NO_OFF: Off = off(0, 0, 0, 0);
 
 /// One forward case: shapes, row strides, beta, base offsets.
 #[derive(Clone, Copy, Debug)]
 struct Case {
-    tokens: usize,
-    d_in: usize,
-    d_out: usize,
-    rank: usize,
+    sh: Shape,
     /// Row stride of X.
     x_ld: Ld,
     /// Row stride of Y (Y is a slice of a wider output).
@@ -42,30 +34,15 @@ struct Case {
     off: Off,
 }
 
-impl Case {
-    fn shape(&self) -> Shape {
-        Shape {
-            tokens: self.tokens,
-            d_in: self.d_in,
-            d_out: self.d_out,
-            rank: self.rank,
-        }
-    }
-}
-
+/// A case of (tokens, d_in, d_out, rank): dense X, Y's rows padded by
+/// `y_pad` elements, no base offsets.
 const fn case(
-    tokens: usize,
-    d_in: usize,
-    d_out: usize,
-    rank: usize,
+    (tokens, d_in, d_out, rank): (usize, usize, usize, usize),
     y_pad: usize,
     beta: f32,
 ) -> Case {
     Case {
-        tokens,
-        d_in,
-        d_out,
-        rank,
+        sh: Shape::new(tokens, d_in, d_out, rank),
         x_ld: Ld::Dense,
         y_ld: if y_pad == 0 {
             Ld::Dense
@@ -77,47 +54,40 @@ const fn case(
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-const fn layout(
-    tokens: usize,
-    d_in: usize,
-    d_out: usize,
-    rank: usize,
-    x_ld: Ld,
-    y_ld: Ld,
-    beta: f32,
-    off: Off,
-) -> Case {
+/// `case` with a layout: row strides of X and Y, and base offsets.
+const fn layout(c: Case, x_ld: Ld, y_ld: Ld, off: Off) -> Case {
     Case {
-        tokens,
-        d_in,
-        d_out,
-        rank,
         x_ld,
         y_ld,
-        beta,
         off,
+        ..c
     }
+}
+
+/// Base offsets of (X, A, Y, S).
+const fn off(x: usize, a: usize, y: usize, s: usize) -> Off {
+    Off { x, a, y, s }
 }
 
 /// Square and non-square both ways, ranks 1..256 across every bucket, tokens
 /// 1, 7, 77, 4096, odd and unaligned d (3424, 11008, 1003), strided X and Y.
+#[rustfmt::skip]
 const CASES: &[Case] = &[
-    case(77, 256, 256, 16, 0, 0.0),
-    case(77, 256, 256, 16, 0, 1.0),
-    case(7, 96, 160, 8, 0, 1.0),
-    case(7, 160, 96, 24, 0, 0.0),
-    case(1, 200, 72, 1, 0, 1.0),
-    case(77, 3424, 64, 64, 0, 1.0),
-    case(33, 64, 3424, 128, 0, 0.0),
-    case(4096, 512, 512, 64, 0, 1.0),
-    case(130, 300, 260, 256, 16, 1.0),
-    case(77, 128, 192, 24, 64, 1.0),
-    case(5, 40, 11, 7, 0, 0.0),
-    case(65, 1000, 1003, 33, 3, 1.0),
-    case(16, 4096, 4096, 16, 0, 1.0),
-    case(9, 11008, 128, 16, 0, 1.0),
-    layout(50, 72, 88, 200, Ld::Pad(5), Ld::Pad(8), 1.0, NO_OFF),
+    case((77, 256, 256, 16), 0, 0.0),
+    case((77, 256, 256, 16), 0, 1.0),
+    case((7, 96, 160, 8), 0, 1.0),
+    case((7, 160, 96, 24), 0, 0.0),
+    case((1, 200, 72, 1), 0, 1.0),
+    case((77, 3424, 64, 64), 0, 1.0),
+    case((33, 64, 3424, 128), 0, 0.0),
+    case((4096, 512, 512, 64), 0, 1.0),
+    case((130, 300, 260, 256), 16, 1.0),
+    case((77, 128, 192, 24), 64, 1.0),
+    case((5, 40, 11, 7), 0, 0.0),
+    case((65, 1000, 1003, 33), 3, 1.0),
+    case((16, 4096, 4096, 16), 0, 1.0),
+    case((9, 11008, 128, 16), 0, 1.0),
+    layout(case((50, 72, 88, 200), 0, 1.0), Ld::Pad(5), Ld::Pad(8), NO_OFF),
 ];
 
 /// Layouts: row strides that keep every row 16-byte aligned (`Ld::Aligned`:
@@ -126,99 +96,16 @@ const CASES: &[Case] = &[
 /// (the element-wise paths; 4 is off for 16-bit types only, 8 for none),
 /// through views into larger buffers. Tokens are not multiples of 64 and
 /// some d not of 8; few-token cases take the decode kernel on sm_90.
+#[rustfmt::skip]
 const LAYOUT_CASES: &[Case] = &[
-    layout(77, 200, 131, 24, Ld::Aligned, Ld::Aligned, 1.0, NO_OFF),
-    layout(70, 333, 96, 40, Ld::Aligned, Ld::Dense, 0.0, NO_OFF),
-    layout(
-        65,
-        256,
-        200,
-        16,
-        Ld::Dense,
-        Ld::Dense,
-        1.0,
-        Off {
-            x: 1,
-            a: 1,
-            y: 3,
-            s: 1,
-        },
-    ),
-    layout(
-        130,
-        136,
-        75,
-        64,
-        Ld::Aligned,
-        Ld::Aligned,
-        0.0,
-        Off {
-            x: 3,
-            a: 0,
-            y: 1,
-            s: 3,
-        },
-    ),
-    layout(
-        33,
-        96,
-        160,
-        8,
-        Ld::Aligned,
-        Ld::Dense,
-        1.0,
-        Off {
-            x: 8,
-            a: 8,
-            y: 8,
-            s: 4,
-        },
-    ),
-    layout(
-        7,
-        1000,
-        72,
-        32,
-        Ld::Dense,
-        Ld::Aligned,
-        1.0,
-        Off {
-            x: 3,
-            a: 1,
-            y: 8,
-            s: 0,
-        },
-    ),
-    layout(
-        5,
-        4100,
-        4096,
-        16,
-        Ld::Aligned,
-        Ld::Dense,
-        0.0,
-        Off {
-            x: 0,
-            a: 3,
-            y: 1,
-            s: 1,
-        },
-    ),
-    layout(
-        100,
-        90,
-        260,
-        200,
-        Ld::Aligned,
-        Ld::Aligned,
-        1.0,
-        Off {
-            x: 1,
-            a: 4,
-            y: 4,
-            s: 0,
-        },
-    ),
+    layout(case((77, 200, 131, 24), 0, 1.0), Ld::Aligned, Ld::Aligned, NO_OFF),
+    layout(case((70, 333, 96, 40), 0, 0.0), Ld::Aligned, Ld::Dense, NO_OFF),
+    layout(case((65, 256, 200, 16), 0, 1.0), Ld::Dense, Ld::Dense, off(1, 1, 3, 1)),
+    layout(case((130, 136, 75, 64), 0, 0.0), Ld::Aligned, Ld::Aligned, off(3, 0, 1, 3)),
+    layout(case((33, 96, 160, 8), 0, 1.0), Ld::Aligned, Ld::Dense, off(8, 8, 8, 4)),
+    layout(case((7, 1000, 72, 32), 0, 1.0), Ld::Dense, Ld::Aligned, off(3, 1, 8, 0)),
+    layout(case((5, 4100, 4096, 16), 0, 0.0), Ld::Aligned, Ld::Dense, off(0, 3, 1, 1)),
+    layout(case((100, 90, 260, 200), 0, 1.0), Ld::Aligned, Ld::Aligned, off(1, 4, 4, 0)),
 ];
 
 const SCALE: f32 = 0.75;
@@ -316,31 +203,20 @@ fn check_outputs<T: DType>(
 /// Runs one case on the GPU and checks Y and S, every element written, and
 /// the gaps of strided Y and the cells around every output untouched.
 fn run_case<T: DType>(gpu: &Gpu, c: Case, seed: u64) {
-    let (sh, dims) = (c.shape(), c.shape().dims());
-    let (ld_x, ld_y) = (c.x_ld.of::<T>(c.d_in), c.y_ld.of::<T>(c.d_out));
+    let (sh, dims) = (c.sh, c.sh.dims());
+    let (tokens, d_in, d_out, _) = sh.parts();
+    let (ld_x, ld_y) = (c.x_ld.of::<T>(d_in), c.y_ld.of::<T>(d_out));
     let name = format!("{c:?}");
     let d = data::<T>(sh, c.beta, seed, false);
     let b = bounds::<T>(sh, &d, c.beta);
 
     // X's gaps and the cells around X and A hold NaN: the kernel must read
     // none of them.
-    let xd = Placed::<T>::input(
-        gpu,
-        &restride(&d.x, c.tokens, c.d_in, ld_x, f64::NAN),
-        c.off.x,
-    );
+    let xd = Placed::<T>::strided(gpu, &d.x, (tokens, d_in, ld_x), c.off.x, f64::NAN);
     let ad = Placed::<T>::input(gpu, &d.a, c.off.a);
     // beta = 0: Y is poisoned, so an unwritten element shows as NaN.
-    let y_init = if c.beta == 0.0 {
-        vec![f64::NAN; c.tokens * c.d_out]
-    } else {
-        d.y0.clone()
-    };
-    let mut yd = Placed::<T>::output(
-        gpu,
-        &restride(&y_init, c.tokens, c.d_out, ld_y, SENTINEL),
-        c.off.y,
-    );
+    let y_init = initial(&d.y0, c.beta);
+    let mut yd = Placed::<T>::strided(gpu, &y_init, (tokens, d_out, ld_y), c.off.y, SENTINEL);
     let mut sd = Placed::<f32>::output(gpu, &vec![f64::NAN; dims.s_len()], c.off.s);
     {
         let mut s_view = sd.view_mut();
@@ -360,47 +236,17 @@ fn run_case<T: DType>(gpu: &Gpu, c: Case, seed: u64) {
     }
 
     let y_all = yd.read(gpu, &format!("Y ({name})"));
-    assert_gaps_untouched::<T>(&format!("Y ({name})"), &y_all, c.tokens, c.d_out, ld_y);
-    let y = unstride(&y_all, c.tokens, c.d_out, ld_y);
+    assert_gaps_untouched::<T>(&format!("Y ({name})"), &y_all, tokens, d_out, ld_y);
+    let y = unstride(&y_all, tokens, d_out, ld_y);
     let s = sd.read(gpu, &format!("S ({name})"));
     check_outputs::<T>(&name, sh, c.beta, &d, &b, &y, &s);
 }
 
-fn all_cases<T: DType>(cases: &[Case], seed: u64) {
-    let Some(gpu) = gpu() else { return };
-    for (i, &c) in cases.iter().enumerate() {
-        run_case::<T>(&gpu, c, seed + i as u64);
-    }
-}
-
-#[test]
-fn forward_matches_reference_f32() {
-    all_cases::<f32>(CASES, 100);
-}
-
-#[test]
-fn forward_matches_reference_f16() {
-    all_cases::<f16>(CASES, 100);
-}
-
-#[test]
-fn forward_matches_reference_bf16() {
-    all_cases::<bf16>(CASES, 100);
-}
-
-#[test]
-fn forward_layouts_f32() {
-    all_cases::<f32>(LAYOUT_CASES, 300);
-}
-
-#[test]
-fn forward_layouts_f16() {
-    all_cases::<f16>(LAYOUT_CASES, 300);
-}
-
-#[test]
-fn forward_layouts_bf16() {
-    all_cases::<bf16>(LAYOUT_CASES, 300);
+typed_tests! {
+    forward_matches_reference_f32, forward_matches_reference_f16, forward_matches_reference_bf16
+        => run_typed!(CASES, run_case: T => 100);
+    forward_layouts_f32, forward_layouts_f16, forward_layouts_bf16
+        => run_typed!(LAYOUT_CASES, run_case: T => 300);
 }
 
 /// The layout cases take both the 16-byte and the element-wise paths of X,
@@ -410,37 +256,15 @@ fn forward_layouts_bf16() {
 #[test]
 fn layout_cases_take_vector_and_elementwise_paths() {
     fn check<T: DType>() {
-        let v = 16 / std::mem::size_of::<T>();
-        let vec_ok = |off: usize, ld: usize| off % v == 0 && ld % v == 0;
-        let paths = |name: &str, f: &dyn Fn(&Case) -> (usize, usize, usize)| {
-            let p: Vec<(bool, bool)> = LAYOUT_CASES
-                .iter()
-                .map(|c| {
-                    let (off, ld, cols) = f(c);
-                    (vec_ok(off, ld), cols % v != 0)
-                })
-                .collect();
-            assert!(
-                p.iter().any(|&(ok, _)| !ok) && p.iter().any(|&(ok, tail)| ok && tail),
-                "{} {name}: (16-byte path, tail) per case {p:?}",
-                T::NAME
-            );
-        };
-        paths("X", &|c| (c.off.x, c.x_ld.of::<T>(c.d_in), c.d_in));
-        paths("Y", &|c| (c.off.y, c.y_ld.of::<T>(c.d_out), c.d_out));
-        let a: Vec<bool> = LAYOUT_CASES
-            .iter()
-            .map(|c| vec_ok(c.off.a, c.rank))
-            .collect();
-        assert!(
-            a.contains(&true) && a.contains(&false),
-            "{} A: {a:?}",
-            T::NAME
-        );
+        assert_takes_both_paths::<T, _, 2>(LAYOUT_CASES, ["X", "Y"], |c| {
+            let x = (c.off.x, c.x_ld.of::<T>(c.sh.d_in), c.sh.d_in);
+            (
+                [x, (c.off.y, c.y_ld.of::<T>(c.sh.d_out), c.sh.d_out)],
+                (c.off.a, c.sh.rank),
+            )
+        });
     }
-    check::<f32>();
-    check::<f16>();
-    check::<bf16>();
+    each_dtype!(check);
 }
 
 /// The bounds' self-check (CPU, always runs): for f32, f16 and bf16, a
@@ -450,9 +274,7 @@ fn layout_cases_take_vector_and_elementwise_paths() {
 /// element of Y (or S) moved by a few percent of the term's RMS does not.
 #[test]
 fn forward_bounds_admit_a_simulated_kernel_and_reject_one_wrong_element() {
-    self_check::<f32>();
-    self_check::<f16>();
-    self_check::<bf16>();
+    each_dtype!(self_check);
 }
 
 fn self_check<T: DType>() {
@@ -510,34 +332,16 @@ fn self_check<T: DType>() {
 /// misaligned base addresses.
 #[test]
 fn sanitizer_forward_small() {
-    let Some(gpu) = gpu() else { return };
+    #[rustfmt::skip]
     let cases = [
-        case(37, 72, 40, 24, 8, 1.0),
-        case(37, 40, 72, 64, 0, 0.0),
-        case(20, 33, 17, 100, 0, 1.0),
-        case(9, 64, 48, 256, 0, 0.0),
-        layout(
-            37,
-            45,
-            72,
-            24,
-            Ld::Aligned,
-            Ld::Aligned,
-            1.0,
-            Off {
-                x: 1,
-                a: 3,
-                y: 1,
-                s: 1,
-            },
-        ),
-        layout(70, 72, 33, 40, Ld::Aligned, Ld::Aligned, 0.0, NO_OFF),
+        case((37, 72, 40, 24), 8, 1.0),
+        case((37, 40, 72, 64), 0, 0.0),
+        case((20, 33, 17, 100), 0, 1.0),
+        case((9, 64, 48, 256), 0, 0.0),
+        layout(case((37, 45, 72, 24), 0, 1.0), Ld::Aligned, Ld::Aligned, off(1, 3, 1, 1)),
+        layout(case((70, 72, 33, 40), 0, 0.0), Ld::Aligned, Ld::Aligned, NO_OFF),
     ];
-    for (i, &c) in cases.iter().enumerate() {
-        run_case::<bf16>(&gpu, c, 7 + i as u64);
-        run_case::<f16>(&gpu, c, 17 + i as u64);
-        run_case::<f32>(&gpu, c, 27 + i as u64);
-    }
+    run_typed!(&cases, run_case: bf16 => 7, f16 => 17, f32 => 27);
 }
 
 /// Large f16 values: S far outside f16's range still gives a finite, exact Y
@@ -545,8 +349,8 @@ fn sanitizer_forward_small() {
 #[test]
 fn forward_f16_large_s() {
     let Some(gpu) = gpu() else { return };
-    let dims = Dims::new(64, 512, 256, 16).unwrap();
     let mut r = rng(5);
+    let dims = Dims::new(64, 512, 256, 16).unwrap();
     let x = quantize::<f16>(&randn(&mut r, 64 * 512, 300.0));
     let a = quantize::<f16>(&randn(&mut r, dims.a_len(), 30.0));
     let mut y_ref = vec![0.0; 64 * 256];
@@ -579,23 +383,11 @@ fn forward_f16_large_s() {
 fn forward_zero_tokens_is_noop() {
     let Some(gpu) = gpu() else { return };
     let dims = Dims::new(0, 64, 64, 8).unwrap();
-    let xd = upload::<bf16>(&gpu, &[1.0]);
-    let ad = upload::<bf16>(&gpu, &vec![1.0; dims.a_len()]);
-    let mut yd = upload::<bf16>(&gpu, &[3.0]);
-    forward(
-        &gpu.stream,
-        &dims,
-        &xd,
-        64,
-        &ad,
-        &mut yd,
-        64,
-        None,
-        1.0,
-        0.0,
-    )
-    .unwrap();
-    assert_eq!(download(&gpu, &yd), vec![3.0]);
+    let x = upload::<bf16>(&gpu, &[1.0]);
+    let a = upload::<bf16>(&gpu, &vec![1.0; dims.a_len()]);
+    let mut y = upload::<bf16>(&gpu, &[3.0]);
+    forward(&gpu.stream, &dims, &x, 64, &a, &mut y, 64, None, 1.0, 0.0).unwrap();
+    assert_eq!(download(&gpu, &y), vec![3.0]);
 }
 
 /// A refused launch names the argument and leaves the outputs untouched.

@@ -185,10 +185,12 @@ fn sass_of_half_precision_kernels_uses_tensor_cores() {
         assert!(hmma > 0, "{name}: no HMMA in its sm_90a SASS");
         checked += 1;
     }
-    // f16/bf16 × (forward and dA in 4 rank buckets + decode forward in 2).
+    // f16/bf16 × (forward and dA in 4 rank buckets, decode forward in 2,
+    // the small forward in 1 and the small dA in 2).
     assert_eq!(
-        checked, 20,
-        "f16/bf16 forward, decode forward and dA kernels"
+        checked,
+        2 * (2 * 4 + 2 + 1 + 2),
+        "f16/bf16 forward, decode forward and dA kernels, small configurations included"
     );
 }
 
@@ -225,4 +227,65 @@ fn sm90_kernels_live_in_the_sm90_module_only() {
             );
         }
     }
+}
+
+/// Every kernel's published launch shape (`name_info`: smem bytes, block
+/// rows, block columns, rank capacity), read from the portable module's PTX
+/// (the `.const` initialisers; trailing zero bytes are left out there).
+fn published_info() -> Vec<(String, [u32; 4])> {
+    let ptx = run_cuobjdump(&["-ptx"]);
+    let mut out = Vec::new();
+    for line in ptx.lines() {
+        let Some(rest) = line.trim().strip_prefix(".const .align 4 .b8 ") else {
+            continue;
+        };
+        let Some((name, init)) = rest.split_once("_info[16]") else {
+            continue;
+        };
+        let mut bytes = [0u8; 16];
+        if let Some((_, list)) = init.split_once('{') {
+            for (i, b) in list.trim_end_matches(['}', ';']).split(',').enumerate() {
+                bytes[i] = b.trim().parse().unwrap();
+            }
+        }
+        let word = |i: usize| u32::from_le_bytes(bytes[4 * i..4 * i + 4].try_into().unwrap());
+        out.push((name.to_string(), [word(0), word(1), word(2), word(3)]));
+    }
+    out
+}
+
+/// Devices that grant 99 KiB per block (sm_86, sm_89) run every rank: for
+/// each element type and rank bucket, the regular forward and dA kernels fit
+/// SINGLORA_SMALL_SMEM_BYTES or a small configuration exists that does, and a
+/// small configuration exists only where the regular one does not fit.
+#[test]
+fn every_rank_has_a_configuration_that_fits_99_kib() {
+    let limit = singlora::params::SINGLORA_SMALL_SMEM_BYTES;
+    let info = published_info();
+    let smem = |name: &str| info.iter().find(|(n, _)| n == name).map(|(_, i)| i[0]);
+    let mut checked = 0;
+    for t in ["f32", "f16", "bf16"] {
+        for r in singlora::RANK_BUCKETS {
+            for family in ["forward", "backward_da_partial"] {
+                let regular = smem(&format!("{family}_{t}_r{r}"))
+                    .unwrap_or_else(|| panic!("{family}_{t}_r{r}: no published info"));
+                let small = smem(&format!("{family}_small_{t}_r{r}"));
+                match small {
+                    None => assert!(
+                        regular <= limit,
+                        "{family}_{t}_r{r} needs {regular} bytes > {limit} and has no small configuration"
+                    ),
+                    Some(s) => {
+                        assert!(s <= limit, "{family}_small_{t}_r{r} needs {s} bytes > {limit}");
+                        assert!(
+                            regular > limit,
+                            "{family}_small_{t}_r{r} exists although the regular one fits ({regular} bytes)"
+                        );
+                    }
+                }
+                checked += 1;
+            }
+        }
+    }
+    assert_eq!(checked, 3 * 4 * 2);
 }

@@ -6,7 +6,9 @@ mod common;
 
 use common::*;
 use half::{bf16, f16};
-use singlora::{check_merge, merge, reference, unmerge, DType, Dims, Error};
+use singlora::{
+    check_merge, merge, merge_with, reference, unmerge, DType, Dims, Error, MergeKernel,
+};
 
 /// (d_in, d_out, rank, extra columns per row of W)
 const CASES: &[(usize, usize, usize, usize)] = &[
@@ -28,15 +30,26 @@ const SENTINEL: f64 = 1234.5;
 /// Merges, checks every element against the exact result (one rounding to T
 /// plus the f32 accumulation bound), the gaps of a strided W untouched, then
 /// unmerges and checks the round trip and the merged product.
-fn run_case<T: DType>(
+fn run_case<T: DType>(gpu: &Gpu, case: (usize, usize, usize, usize), seed: u64) {
+    for kernel in [MergeKernel::Fma, MergeKernel::TensorCore] {
+        run_case_with::<T>(gpu, case, seed, kernel);
+    }
+}
+
+/// One case with the product formed by `kernel`. The accumulation bound per
+/// element: f32 FMAs, one rounding per rank term; tensor cores, the model of
+/// tests/common/bounds.rs (2^-18 per 16-deep mma step, which allows the
+/// hardware's truncating alignment with margin), plus the final roundings.
+fn run_case_with<T: DType>(
     gpu: &Gpu,
     (d_in, d_out, rank, pad): (usize, usize, usize, usize),
     seed: u64,
+    kernel: MergeKernel,
 ) {
     let dims = Dims::new(0, d_in, d_out, rank).unwrap();
     let ld_w = d_in + pad;
     let name = format!(
-        "{} d_in={d_in} d_out={d_out} rank={rank} ld_w={ld_w}",
+        "{} d_in={d_in} d_out={d_out} rank={rank} ld_w={ld_w} {kernel:?}",
         T::NAME
     );
     let mut r = rng(seed);
@@ -48,7 +61,17 @@ fn run_case<T: DType>(
 
     let a_dev = upload::<T>(gpu, &a);
     let mut w_dev = upload::<T>(gpu, &w0_strided);
-    merge(&gpu.stream, &dims, &mut w_dev, ld_w, &a_dev, SCALE).unwrap();
+    merge_with(
+        &gpu.stream,
+        &dims,
+        &mut w_dev,
+        ld_w,
+        &a_dev,
+        SCALE,
+        false,
+        kernel,
+    )
+    .unwrap();
     let w1_strided = download(gpu, &w_dev);
     for rr in 0..d_out {
         for c in d_in..ld_w.min(w1_strided.len() - rr * ld_w) {
@@ -67,12 +90,25 @@ fn run_case<T: DType>(
     let mut magnitude = vec![0.0; d_out * d_in];
     let abs_a: Vec<f64> = a.iter().map(|v| v.abs()).collect();
     reference::merge(&dims, &mut magnitude, d_in, &abs_a, SCALE as f64).unwrap();
-    let f32_eps = 2f64.powi(-24);
+    let acc_eps = match kernel {
+        MergeKernel::Fma => (rank as f64 + 2.0) * 2f64.powi(-24),
+        MergeKernel::TensorCore => (rank.div_ceil(16) as f64 + 2.0) * 2f64.powi(-18),
+    };
     assert_each_within(&format!("merged W ({name})"), &w1, &exact, |i| {
-        ulp::<T>(exact[i]) + (rank as f64 + 2.0) * f32_eps * magnitude[i] + 1e-40
+        ulp::<T>(exact[i]) + acc_eps * magnitude[i] + 1e-40
     });
 
-    unmerge(&gpu.stream, &dims, &mut w_dev, ld_w, &a_dev, SCALE).unwrap();
+    merge_with(
+        &gpu.stream,
+        &dims,
+        &mut w_dev,
+        ld_w,
+        &a_dev,
+        SCALE,
+        true,
+        kernel,
+    )
+    .unwrap();
     let w2 = unstride(&download(gpu, &w_dev), d_out, d_in, ld_w);
     // W1 = round(W0 + d), W2 = round(W1 − d) with the same f32 d: each
     // rounding is at most half a unit of the larger magnitude.
@@ -105,12 +141,7 @@ fn run_case<T: DType>(
 
 #[test]
 fn merge_matches_reference_and_round_trips() {
-    let Some(gpu) = gpu() else { return };
-    for (i, &c) in CASES.iter().enumerate() {
-        run_case::<f32>(&gpu, c, 100 + i as u64);
-        run_case::<f16>(&gpu, c, 200 + i as u64);
-        run_case::<bf16>(&gpu, c, 300 + i as u64);
-    }
+    run_typed!(CASES, run_case: f32 => 100, f16 => 200, bf16 => 300);
 }
 
 #[test]

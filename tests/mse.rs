@@ -3,6 +3,7 @@
 mod common;
 
 use common::*;
+use cudarc::driver::{CudaSlice, DevicePtrMut};
 use half::{bf16, f16};
 use singlora::{mse, mse_loss, reference, DType, MSE_PARTIALS};
 
@@ -24,19 +25,13 @@ fn run_case<T: DType>(gpu: &Gpu, (rows, cols, pads): (usize, usize, [usize; 3]),
     let target_dev = upload::<T>(gpu, &restride(&target, rows, cols, lt, 0.0));
     let mut grad_dev = poisoned::<T>(gpu, (rows - 1) * lg + cols);
     let mut partial = poisoned::<f32>(gpu, MSE_PARTIALS);
-    mse(
-        &gpu.stream,
-        rows,
-        cols,
-        &pred_dev,
-        lp,
-        &target_dev,
-        lt,
-        Some((&mut grad_dev, lg)),
-        1.0,
-        &mut partial,
-    )
-    .unwrap();
+    let run = |grad: Option<(&mut dyn DevicePtrMut<T>, usize)>,
+               scale: f32,
+               partial: &mut CudaSlice<f32>| {
+        let (p, t) = (&pred_dev, &target_dev);
+        mse(&gpu.stream, rows, cols, p, lp, t, lt, grad, scale, partial).unwrap();
+    };
+    run(Some((&mut grad_dev, lg)), 1.0, &mut partial);
     let (loss, grad) = reference::mse(&pred, &target).unwrap();
     let partials: Vec<f32> = gpu.stream.clone_dtoh(&partial).unwrap();
     let got = mse_loss(&partials, rows, cols);
@@ -58,50 +53,23 @@ fn run_case<T: DType>(gpu: &Gpu, (rows, cols, pads): (usize, usize, [usize; 3]),
     // 2/count is below f16's normal range for large outputs) after a few
     // f32 roundings.
     let f32_eps = 2f64.powi(-24);
-    let got = unstride(&got_grad, rows, cols, lg);
-    assert_each_within(&format!("grad ({name})"), &got, &grad, |i| {
-        ulp::<T>(grad[i]) + 4.0 * f32_eps * grad[i].abs()
-    });
+    let assert_grad = |what: &str, got: &[f64], want: &[f64]| {
+        assert_each_within(&format!("{what} ({name})"), got, want, |i| {
+            ulp::<T>(want[i]) + 4.0 * f32_eps * want[i].abs()
+        });
+    };
+    assert_grad("grad", &unstride(&got_grad, rows, cols, lg), &grad);
 
     // A loss scale of 2^k scales the gradient exactly (powers of two).
     let mut scaled = poisoned::<T>(gpu, (rows - 1) * lg + cols);
-    mse(
-        &gpu.stream,
-        rows,
-        cols,
-        &pred_dev,
-        lp,
-        &target_dev,
-        lt,
-        Some((&mut scaled, lg)),
-        1024.0,
-        &mut partial,
-    )
-    .unwrap();
+    run(Some((&mut scaled, lg)), 1024.0, &mut partial);
     let scaled_ref: Vec<f64> = grad.iter().map(|g| g * 1024.0).collect();
     let got = unstride(&download(gpu, &scaled), rows, cols, lg);
-    assert_each_within(
-        &format!("grad, loss scale 1024 ({name})"),
-        &got,
-        &scaled_ref,
-        |i| ulp::<T>(scaled_ref[i]) + 4.0 * f32_eps * scaled_ref[i].abs(),
-    );
+    assert_grad("grad, loss scale 1024", &got, &scaled_ref);
 
     // Without a gradient buffer, the same partials, bit for bit.
     let mut again = poisoned::<f32>(gpu, MSE_PARTIALS);
-    mse(
-        &gpu.stream,
-        rows,
-        cols,
-        &pred_dev,
-        lp,
-        &target_dev,
-        lt,
-        None,
-        1.0,
-        &mut again,
-    )
-    .unwrap();
+    run(None, 1.0, &mut again);
     let again: Vec<f32> = gpu.stream.clone_dtoh(&again).unwrap();
     assert!(
         partials
@@ -114,19 +82,26 @@ fn run_case<T: DType>(gpu: &Gpu, (rows, cols, pads): (usize, usize, [usize; 3]),
 
 #[test]
 fn mse_matches_reference() {
-    let Some(gpu) = gpu() else { return };
-    for (i, &c) in CASES.iter().enumerate() {
-        run_case::<f32>(&gpu, c, 10 + i as u64);
-        run_case::<f16>(&gpu, c, 20 + i as u64);
-        run_case::<bf16>(&gpu, c, 30 + i as u64);
-    }
+    run_typed!(CASES, run_case: f32 => 10, f16 => 20, bf16 => 30);
 }
 
 #[test]
 fn sanitizer_mse() {
-    let Some(gpu) = gpu() else { return };
-    run_case::<bf16>(&gpu, (600, 33, [1, 2, 3]), 40);
+    run_typed!(&[(600, 33, [1, 2, 3])], run_case: bf16 => 40);
 }
+
+/// A refused mse: (rows, cols, ld_pred, ld_target, the ld of a grad buffer,
+/// loss scale, a short partial buffer, the argument named).
+type Refusal = (
+    usize,
+    usize,
+    usize,
+    usize,
+    Option<usize>,
+    f32,
+    bool,
+    &'static str,
+);
 
 #[test]
 fn mse_refuses_bad_arguments() {
@@ -137,39 +112,25 @@ fn mse_refuses_bad_arguments() {
     let mut part = poisoned::<f32>(&gpu, MSE_PARTIALS);
     let mut short_part = poisoned::<f32>(&gpu, MSE_PARTIALS - 1);
     let s = &gpu.stream;
-    let named = |e: singlora::Error| argument_named(&e);
-    assert_eq!(
-        named(mse(s, 0, 4, &p, 4, &t, 4, None, 1.0, &mut part).unwrap_err()),
-        "rows"
-    );
-    assert_eq!(
-        named(mse(s, 3, 0, &p, 4, &t, 4, None, 1.0, &mut part).unwrap_err()),
-        "cols"
-    );
-    assert_eq!(
-        named(mse(s, 3, 4, &p, 3, &t, 4, None, 1.0, &mut part).unwrap_err()),
-        "ld_pred"
-    );
-    assert_eq!(
-        named(mse(s, 4, 4, &p, 4, &t, 4, None, 1.0, &mut part).unwrap_err()),
-        "pred"
-    );
-    assert_eq!(
-        named(mse(s, 3, 4, &p, 4, &t, 5, None, 1.0, &mut part).unwrap_err()),
-        "target"
-    );
-    assert_eq!(
-        named(mse(s, 3, 4, &p, 4, &t, 4, Some((&mut g, 5)), 1.0, &mut part).unwrap_err()),
-        "grad"
-    );
-    assert_eq!(
-        named(mse(s, 3, 4, &p, 4, &t, 4, None, 1.0, &mut short_part).unwrap_err()),
-        "partial"
-    );
-    assert_eq!(
-        named(mse(s, 3, 4, &p, 4, &t, 4, None, 0.0, &mut part).unwrap_err()),
-        "loss_scale"
-    );
+    let cases: [Refusal; 8] = [
+        (0, 4, 4, 4, None, 1.0, false, "rows"),
+        (3, 0, 4, 4, None, 1.0, false, "cols"),
+        (3, 4, 3, 4, None, 1.0, false, "ld_pred"),
+        (4, 4, 4, 4, None, 1.0, false, "pred"),
+        (3, 4, 4, 5, None, 1.0, false, "target"),
+        (3, 4, 4, 4, Some(5), 1.0, false, "grad"),
+        (3, 4, 4, 4, None, 1.0, true, "partial"),
+        (3, 4, 4, 4, None, 0.0, false, "loss_scale"),
+    ];
+    for (rows, cols, lp, lt, lg, loss_scale, short, want) in cases {
+        let partial = if short { &mut short_part } else { &mut part };
+        let grad: Option<(&mut dyn DevicePtrMut<f32>, usize)> = match lg {
+            Some(ld) => Some((&mut g, ld)),
+            None => None,
+        };
+        let err = mse(s, rows, cols, &p, lp, &t, lt, grad, loss_scale, partial).unwrap_err();
+        assert_eq!(argument_named(&err), want);
+    }
     assert!(download(&gpu, &g).iter().all(|v| v.is_nan()));
     assert!(download(&gpu, &part).iter().all(|v| v.is_nan()));
 }

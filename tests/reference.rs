@@ -10,6 +10,10 @@ use rand::{Rng, SeedableRng};
 use rand_distr::{Normal, StandardNormal};
 use singlora::{reference, Dims, Error, Ramp};
 
+mod common;
+
+use common::transpose;
+
 // ---------------------------------------------------------------- helpers
 
 /// `n` standard-normal values (never all zero).
@@ -36,15 +40,17 @@ fn matmul(p: &[f64], q: &[f64], m: usize, k: usize, n: usize) -> Vec<f64> {
     out
 }
 
-/// Row-major transpose of an `m × n` matrix.
-fn transpose(p: &[f64], m: usize, n: usize) -> Vec<f64> {
-    let mut out = vec![0.0; m * n];
-    for i in 0..m {
-        for j in 0..n {
-            out[j * m + i] = p[i * n + j];
-        }
-    }
-    out
+/// Random X (tokens × d_in, drawn first) and A for `dm`.
+fn x_and_a(rng: &mut StdRng, dm: &Dims) -> (Vec<f64>, Vec<f64>) {
+    let x = randn(rng, dm.tokens() * dm.d_in());
+    (x, rand_a(rng, dm))
+}
+
+/// A generator seeded with `seed`, `dm`, and [`x_and_a`] from it.
+fn seeded(seed: u64, dm: Dims) -> (StdRng, Dims, Vec<f64>, Vec<f64>) {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let (x, a) = x_and_a(&mut rng, &dm);
+    (rng, dm, x, a)
 }
 
 fn dims(tokens: usize, d_in: usize, d_out: usize, rank: usize) -> Dims {
@@ -76,8 +82,7 @@ fn forward_matches_dense_delta_w() {
     let mut rng = StdRng::seed_from_u64(1);
     for &(t, d_in, d_out, r) in &shapes {
         let dm = dims(t, d_in, d_out, r);
-        let x = randn(&mut rng, t * d_in);
-        let a = rand_a(&mut rng, &dm);
+        let (x, a) = x_and_a(&mut rng, &dm);
         let scale = 0.75;
 
         let dw = reference::delta_w(&dm, &a, scale);
@@ -119,10 +124,7 @@ fn forward_zero_tokens_is_a_no_op() {
 
 #[test]
 fn longer_slices_use_only_their_prefix() {
-    let mut rng = StdRng::seed_from_u64(3);
-    let dm = dims(3, 5, 8, 2);
-    let x = randn(&mut rng, 3 * 5);
-    let a = rand_a(&mut rng, &dm);
+    let (_, dm, x, a) = seeded(3, dims(3, 5, 8, 2));
     let mut y = vec![0.0; 3 * 8];
     reference::forward(&dm, &x, &a, 1.5, 0.0, &mut y).unwrap();
 
@@ -184,8 +186,7 @@ fn central_diff(
 fn check_backward_fd(dm: &Dims, n_check: usize, seed: u64) {
     let mut rng = StdRng::seed_from_u64(seed);
     let (t, d_in, d_out) = (dm.tokens(), dm.d_in(), dm.d_out());
-    let x = randn(&mut rng, t * d_in);
-    let a = rand_a(&mut rng, dm);
+    let (x, a) = x_and_a(&mut rng, dm);
     let r = randn(&mut rng, t * d_out);
     let scale = 1.25;
 
@@ -235,8 +236,7 @@ fn backward_accumulates_and_overwrites_poison() {
     let mut rng = StdRng::seed_from_u64(30);
     for &(t, d_in, d_out, r) in SMALL_SHAPES {
         let dm = dims(t, d_in, d_out, r);
-        let x = randn(&mut rng, t * d_in);
-        let a = rand_a(&mut rng, &dm);
+        let (x, a) = x_and_a(&mut rng, &dm);
         let g = randn(&mut rng, t * d_out);
         let scale = 0.5;
 
@@ -273,10 +273,7 @@ fn backward_accumulates_and_overwrites_poison() {
 
 #[test]
 fn forward_beta_zero_overwrites_poison_exactly() {
-    let mut rng = StdRng::seed_from_u64(31);
-    let dm = dims(3, 7, 12, 3);
-    let x = randn(&mut rng, 3 * 7);
-    let a = rand_a(&mut rng, &dm);
+    let (mut rng, dm, x, a) = seeded(31, dims(3, 7, 12, 3));
     let mut y0 = vec![0.0; 3 * 12];
     reference::forward(&dm, &x, &a, 2.0, 0.0, &mut y0).unwrap();
     let mut y = vec![f64::NAN; 3 * 12];
@@ -295,8 +292,7 @@ fn backward_square_identity() {
     let mut rng = StdRng::seed_from_u64(40);
     for &(t, d, r) in &[(5, 6, 3), (1, 4, 1), (7, 9, 9)] {
         let dm = dims(t, d, d, r);
-        let x = randn(&mut rng, t * d);
-        let a = rand_a(&mut rng, &dm);
+        let (x, a) = x_and_a(&mut rng, &dm);
         let g = randn(&mut rng, t * d);
         let scale = 0.3;
 
@@ -398,10 +394,7 @@ fn assert_too_small<T: std::fmt::Debug>(r: Result<T, Error>, want: &str, require
 
 #[test]
 fn forward_rejects_short_slices_without_writing() {
-    let mut rng = StdRng::seed_from_u64(50);
-    let dm = dims(3, 5, 9, 2);
-    let x = randn(&mut rng, 3 * 5);
-    let a = rand_a(&mut rng, &dm);
+    let (mut rng, dm, x, a) = seeded(50, dims(3, 5, 9, 2));
     let y0 = randn(&mut rng, 3 * 9);
 
     let mut y = y0.clone();
@@ -425,10 +418,7 @@ fn forward_rejects_short_slices_without_writing() {
 
 #[test]
 fn backward_rejects_short_slices_without_writing() {
-    let mut rng = StdRng::seed_from_u64(51);
-    let dm = dims(3, 9, 5, 2);
-    let x = randn(&mut rng, 3 * 9);
-    let a = rand_a(&mut rng, &dm);
+    let (mut rng, dm, x, a) = seeded(51, dims(3, 9, 5, 2));
     let g = randn(&mut rng, 3 * 5);
     let dx0 = randn(&mut rng, 3 * 9);
     let da0 = randn(&mut rng, dm.a_len());

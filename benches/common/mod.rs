@@ -9,10 +9,19 @@ use std::io::Write;
 use std::sync::Arc;
 use std::time::Duration;
 
-use cudarc::driver::{sys::CUevent_flags, CudaContext, CudaSlice, CudaStream};
+use criterion::Criterion;
+use cudarc::cublas::{sys::cublasOperation_t, GemmConfig};
+use cudarc::driver::{
+    sys::CUevent_flags, CudaContext, CudaSlice, CudaStream, DeviceRepr, ValidAsZeroBits,
+};
 use half::bf16;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+
+/// The hidden size of the forward and backward benchmarks.
+pub const D: usize = 4096;
+/// The adapter scale every benchmark launches with.
+pub const SCALE: f32 = 0.5;
 
 pub struct Gpu {
     pub ctx: Arc<CudaContext>,
@@ -89,12 +98,17 @@ pub fn random_f32(gpu: &Gpu, n: usize, seed: u64) -> CudaSlice<f32> {
     gpu.stream.clone_htod(&host).unwrap()
 }
 
+/// `n` zeros on the device.
+pub fn zeros<T: DeviceRepr + ValidAsZeroBits>(gpu: &Gpu, n: usize) -> CudaSlice<T> {
+    gpu.stream.alloc_zeros::<T>(n).unwrap()
+}
+
 /// Device-to-device copy bandwidth (bytes read + written per second) of a
 /// 2 GiB copy, median of 10: the roofline the kernels' GB/s is compared to.
 pub fn copy_bandwidth(gpu: &Gpu) -> f64 {
     let n = 1usize << 30; // bf16 elements = 2 GiB
-    let src = gpu.stream.alloc_zeros::<bf16>(n).unwrap();
-    let mut dst = gpu.stream.alloc_zeros::<bf16>(n).unwrap();
+    let src = zeros::<bf16>(gpu, n);
+    let mut dst = zeros::<bf16>(gpu, n);
     let mut times: Vec<f64> = (0..10)
         .map(|_| {
             time_launches(&gpu.stream, 1, || {
@@ -153,5 +167,114 @@ pub fn print_table(title: &str, rows: &[Row]) {
             .open(path)
             .unwrap();
         f.write_all(out.as_bytes()).unwrap();
+    }
+}
+
+/// The label of a forward or backward at `tokens` × D, rank `rank`, and its
+/// minimal bytes: three tokens × D bf16 matrices moved once.
+pub fn token_shape(tokens: usize, rank: usize) -> (String, f64) {
+    let bytes = (3 * tokens * D * 2) as f64;
+    (format!("t={tokens} d={D} r={rank}"), bytes)
+}
+
+/// A cuBLAS bf16 GEMM configuration (column-major; `trans*` true for
+/// CUBLAS_OP_T).
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_cfg(
+    transa: bool,
+    transb: bool,
+    m: usize,
+    n: usize,
+    k: usize,
+    alpha: f32,
+    lda: usize,
+    ldb: usize,
+    beta: f32,
+    ldc: usize,
+) -> GemmConfig<bf16> {
+    let op = |t: bool| {
+        if t {
+            cublasOperation_t::CUBLAS_OP_T
+        } else {
+            cublasOperation_t::CUBLAS_OP_N
+        }
+    };
+    GemmConfig {
+        transa: op(transa),
+        transb: op(transb),
+        m: m as i32,
+        n: n as i32,
+        k: k as i32,
+        alpha: bf16::from_f32(alpha),
+        lda: lda as i32,
+        ldb: ldb as i32,
+        beta: bf16::from_f32(beta),
+        ldc: ldc as i32,
+    }
+}
+
+/// Which side of a comparison a launch is: ours, or the peer's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Side {
+    Ours,
+    Peer,
+}
+
+/// One benchmark binary (of one op, against one peer): criterion (10
+/// samples), the copy bandwidth measured at the start, and the summary
+/// table's rows.
+pub struct Bench<'a> {
+    op: &'static str,
+    peer: &'static str,
+    stream: &'a Arc<CudaStream>,
+    c: Criterion,
+    copy_bw: f64,
+    rows: Vec<Row>,
+}
+
+impl<'a> Bench<'a> {
+    pub fn new(gpu: &'a Gpu, op: &'static str, peer: &'static str) -> Self {
+        let c = Criterion::default().sample_size(10).configure_from_args();
+        let copy_bw = copy_bandwidth(gpu);
+        Self {
+            op,
+            peer,
+            stream: &gpu.stream,
+            c,
+            copy_bw,
+            rows: Vec::new(),
+        }
+    }
+
+    /// Times `launch(Side::Ours)` ("singlora") and then `launch(Side::Peer)`
+    /// ("cublas") as the group `op/shape`, one launch per call, and adds
+    /// their row (`bytes`: the minimal bytes moved).
+    pub fn compare(&mut self, (shape, bytes): (String, f64), mut launch: impl FnMut(Side)) {
+        let stream = self.stream;
+        let mut group = self.c.benchmark_group(format!("{}/{shape}", self.op));
+        group.bench_function("singlora", |b| {
+            b.iter_custom(|iters| timed(stream, iters, || launch(Side::Ours)))
+        });
+        let ours_s = take_median();
+        group.bench_function("cublas", |b| {
+            b.iter_custom(|iters| timed(stream, iters, || launch(Side::Peer)))
+        });
+        let peer_s = take_median();
+        group.finish();
+        self.rows.push(Row {
+            op: self.op,
+            shape,
+            ours_s,
+            bytes,
+            copy_bw: self.copy_bw,
+            peer: self.peer,
+            peer_s,
+        });
+    }
+
+    /// Criterion's summary, then the table.
+    pub fn finish(self, title: &str) {
+        self.c.final_summary();
+        print_table(title, &self.rows);
     }
 }

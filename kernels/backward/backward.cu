@@ -13,10 +13,14 @@
 // fixed order, so dA's bits do not depend on scheduling.
 #include "common/copies.cuh"
 #include "common/mma.cuh"
+#include "common/scale.cuh"
 
 namespace singlora {
 
-template <typename T, int RP> struct DaConfig {
+// SMALL: two pipeline stages instead of three, so that the 128-column tiles
+// fit SINGLORA_SMALL_SMEM_BYTES (sm_86/sm_89); used only where the regular
+// configuration does not fit.
+template <typename T, int RP, bool SMALL = false> struct DaConfig {
     static constexpr int BD = SINGLORA_DA_BD;
     static constexpr int BT = 128 / (int)sizeof(T);
     static constexpr int PAD = vec_elems<T>();
@@ -28,7 +32,7 @@ template <typename T, int RP> struct DaConfig {
     static constexpr int WARPS_M = kWarps / WARPS_N;
     static constexpr int WTM = BD / WARPS_M, WTN = RPB / WARPS_N;
     static constexpr int MT = WTM / 16, NT = WTN / 8;
-    static constexpr int STAGES = 3;
+    static constexpr int STAGES = SMALL ? 2 : 3;
     // Blocks per SM the registers must allow (see shrink_expand.cuh): two up to
     // rank 64; the 128-column tiles need more than 128 registers.
     static constexpr int MIN_BLOCKS = RPB >= 128 ? 1 : 2;
@@ -38,11 +42,12 @@ template <typename T, int RP> struct DaConfig {
     static constexpr int SMEM_BYTES =
         STAGES * (BT * SRC_LD + BT * SS_LD) * (int)sizeof(T) + (2 * RPB + NG * RPB) * 4;
     static_assert(WTM % 16 == 0 && WTN % 16 == 0 && BT % 16 == 0, "warp tile");
+    static_assert(!SMALL || SMEM_BYTES <= SINGLORA_SMALL_SMEM_BYTES, "small configuration fits");
 };
 
-template <typename T, int RP>
+template <typename T, int RP, bool SMALL = false>
 __device__ __forceinline__ void da_partial_kernel(const singlora_da_params& p) {
-    using C = DaConfig<T, RP>;
+    using C = DaConfig<T, RP, SMALL>;
     constexpr int BD = C::BD, BT = C::BT, RPB = C::RPB, STAGES = C::STAGES;
     extern __shared__ __align__(128) unsigned char smem[];
     T* srcs = reinterpret_cast<T*>(smem);             // [STAGES][BT][SRC_LD]
@@ -86,7 +91,7 @@ __device__ __forceinline__ void da_partial_kernel(const singlora_da_params& p) {
         __syncthreads();
     }
 
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int warp = threadIdx.x >> 5;
     const int wm = warp / C::WARPS_N, wn = warp % C::WARPS_N;
     float acc[C::MT][C::NT][4];
     zero_acc(acc);
@@ -160,19 +165,11 @@ __device__ __forceinline__ void da_partial_kernel(const singlora_da_params& p) {
     // Write this block's partial (rows it owns, padded rank columns).
     float* out = reinterpret_cast<float*>(p.partial) +
                  ((int64_t)(part * p.splits + split) * p.d) * p.rank_pad + rcol0;
-    const int g = lane >> 2, t = lane & 3;
-#pragma unroll
-    for (int mt = 0; mt < C::MT; ++mt)
-#pragma unroll
-        for (int nt = 0; nt < C::NT; ++nt)
-#pragma unroll
-            for (int h = 0; h < 2; ++h) {
-                const int64_t row = band0 + wm * C::WTM + mt * 16 + g + 8 * h;
-                const int c = wn * C::WTN + nt * 8 + 2 * t;
-                if (row >= rows_limit || c >= rpad_local) continue;
-                *reinterpret_cast<float2*>(out + row * p.rank_pad + c) =
-                    make_float2(acc[mt][nt][2 * h] * col_inv[c], acc[mt][nt][2 * h + 1] * col_inv[c + 1]);
-            }
+    for_each_pair(acc, wm * C::WTM, wn * C::WTN, [&](int, int, int r, int c, float v0, float v1) {
+        const int64_t row = band0 + r;
+        if (row >= rows_limit || c >= rpad_local) return;
+        *reinterpret_cast<float2*>(out + row * p.rank_pad + c) = make_float2(v0 * col_inv[c], v1 * col_inv[c + 1]);
+    });
 }
 
 }  // namespace singlora
@@ -192,18 +189,26 @@ extern "C" __global__ void __launch_bounds__(singlora::kThreads, 1) backward_da_
         for (int s = 0; s < p.splits; ++s) sum += part1[((int64_t)s * p.d + i) * p.rank_pad + j];
     float* da = reinterpret_cast<float*>(p.da);
     const float prev = p.da_beta != 0.0f ? p.da_beta * da[idx] : 0.0f;
-    da[idx] = prev + p.scale * sum;
+    da[idx] = prev + singlora::resolve_scale(p.scale) * sum;
 }
 SINGLORA_KERNEL_INFO(backward_da_reduce, 0, 0, 0, SINGLORA_MAX_RANK)
 
-#define SINGLORA_DA_PARTIAL(tname, T, RP)                                                              \
-    extern "C" __global__ void __launch_bounds__(singlora::kThreads,                                   \
-                                                 (singlora::DaConfig<T, RP>::MIN_BLOCKS))              \
-        backward_da_partial_##tname##_r##RP(const singlora_da_params p) {                              \
-        singlora::da_partial_kernel<T, RP>(p);                                                         \
-    }                                                                                                  \
-    SINGLORA_KERNEL_INFO(backward_da_partial_##tname##_r##RP, (singlora::DaConfig<T, RP>::SMEM_BYTES),   \
-                         (singlora::DaConfig<T, RP>::BD), (singlora::DaConfig<T, RP>::RPB), RP)
+#define SINGLORA_DA_PARTIAL_KERNEL(family, SMALL, tname, T, RP)                                   \
+    extern "C" __global__ void __launch_bounds__(singlora::kThreads,                             \
+                                                 (singlora::DaConfig<T, RP, SMALL>::MIN_BLOCKS)) \
+        family##_##tname##_r##RP(const singlora_da_params p) {                                   \
+        singlora::da_partial_kernel<T, RP, SMALL>(p);                                            \
+    }                                                                                            \
+    SINGLORA_KERNEL_INFO(family##_##tname##_r##RP, (singlora::DaConfig<T, RP, SMALL>::SMEM_BYTES), \
+                         (singlora::DaConfig<T, RP, SMALL>::BD), (singlora::DaConfig<T, RP, SMALL>::RPB), RP)
+
+// The regular configuration per element type and rank bucket; the small one
+// (SINGLORA_SMALL_SMEM_BYTES) where the regular one does not fit.
+#define SINGLORA_DA_PARTIAL(tname, T, RP) SINGLORA_DA_PARTIAL_KERNEL(backward_da_partial, false, tname, T, RP)
+#define SINGLORA_DA_PARTIAL_SMALL(tname, T, RP) \
+    SINGLORA_DA_PARTIAL_KERNEL(backward_da_partial_small, true, tname, T, RP)
 
 #define SINGLORA_DA_PARTIAL_RANKS(tname, T) SINGLORA_RANK_BUCKETS(SINGLORA_DA_PARTIAL, tname, T)
+#define SINGLORA_DA_PARTIAL_SMALL_RANKS(tname, T) SINGLORA_SMALL_DA_RANK_BUCKETS(SINGLORA_DA_PARTIAL_SMALL, tname, T)
 SINGLORA_DTYPES(SINGLORA_DA_PARTIAL_RANKS)
+SINGLORA_DTYPES(SINGLORA_DA_PARTIAL_SMALL_RANKS)

@@ -35,8 +35,12 @@ template <typename T, int ROWS, int COLS> struct TileCopy {
     static constexpr int V = vec_elems<T>();
     static constexpr int CPR = COLS / V;           // chunks per row
     static constexpr int RSTEP = kThreads / CPR;   // rows apart of a thread's chunks
-    static constexpr int PASSES = ROWS / RSTEP;
-    static_assert(COLS % V == 0 && kThreads % CPR == 0 && ROWS % RSTEP == 0, "tile shape");
+    // A tile of fewer chunks than threads (the small f32 configuration):
+    // one pass, and the threads past its last row idle. For every other
+    // tile PARTIAL is false and the guards below fold away.
+    static constexpr bool PARTIAL = ROWS < RSTEP;
+    static constexpr int PASSES = PARTIAL ? 1 : ROWS / RSTEP;
+    static_assert(COLS % V == 0 && kThreads % CPR == 0 && (PARTIAL || ROWS % RSTEP == 0), "tile shape");
 
     int r0, c;         // first row and column (elements) of this thread's chunks
     int64_t goff;      // r0 * ld + c
@@ -51,6 +55,7 @@ template <typename T, int ROWS, int COLS> struct TileCopy {
 #pragma unroll
         for (int p = 0; p < PASSES; ++p) {
             const int r = r0 + p * RSTEP;
+            if (PARTIAL && r >= ROWS) continue;
             T* dst = s + r * sld + c;
             const T* src = g + goff + p * gstep;
             if (r >= rows || c >= cols) {

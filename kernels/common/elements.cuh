@@ -61,4 +61,19 @@ __device__ __forceinline__ void store2(__nv_bfloat16* p, float2 v) {
     *reinterpret_cast<__nv_bfloat162*>(p) = __float22bfloat162_rn(v);
 }
 
+// w[0..8) += d[0..8) with one rounding to T per element, as one (16-bit T)
+// or two (f32) 16-byte accesses: the caller checked that w and its row stride
+// allow them and that the 8 elements are inside the row.
+template <typename T> __device__ __forceinline__ void add8_vec(T* w, const float* d) {
+    constexpr int kChunks = 8 * (int)sizeof(T) / 16;
+    uint4 raw[kChunks];
+#pragma unroll
+    for (int c = 0; c < kChunks; ++c) raw[c] = reinterpret_cast<const uint4*>(w)[c];
+    T* v = reinterpret_cast<T*>(raw);
+#pragma unroll
+    for (int j = 0; j < 8; ++j) v[j] = from_f32<T>(__fadd_rn(to_f32(v[j]), d[j]));
+#pragma unroll
+    for (int c = 0; c < kChunks; ++c) reinterpret_cast<uint4*>(w)[c] = raw[c];
+}
+
 }  // namespace singlora

@@ -31,14 +31,19 @@
 
 #include "common/copies.cuh"
 #include "common/mma.cuh"
+#include "common/scale.cuh"
 
 namespace singlora {
 
-template <typename T, int RP> struct ForwardConfig {
-    static constexpr int BM = SINGLORA_FORWARD_BM;
+// SMALL: the configuration for devices that grant SINGLORA_SMALL_SMEM_BYTES
+// per block (sm_86/sm_89), used for the buckets whose regular one needs more:
+// half the token rows, two stages, and for f32 half-width (64-byte) chunks.
+template <typename T, int RP, bool SMALL = false> struct ForwardConfig {
+    static constexpr int BM = SMALL ? SINGLORA_FORWARD_BM / 2 : SINGLORA_FORWARD_BM;
     // 128 bytes of a row per pipeline step / per expand step.
-    static constexpr int BK = 128 / (int)sizeof(T);
-    static constexpr int BN = 128 / (int)sizeof(T);
+    static constexpr int CHUNK_BYTES = SMALL && sizeof(T) == 4 ? 64 : 128;
+    static constexpr int BK = CHUNK_BYTES / (int)sizeof(T);
+    static constexpr int BN = CHUNK_BYTES / (int)sizeof(T);
     static constexpr int PAD = vec_elems<T>();
     // Shrink warp grid over the BM × RP tile of S. Rank 256 takes 2 × 4
     // (32 × 64 per warp) so an A fragment is reused over 8 n-tiles.
@@ -46,8 +51,10 @@ template <typename T, int RP> struct ForwardConfig {
     static constexpr int WARPS_M = kWarps / WARPS_N;
     static constexpr int WTM = BM / WARPS_M, WTN = RP / WARPS_N;
     static constexpr int MT = WTM / 16, NT = WTN / 8;
-    // Expand warp grid over the BM × BN output tile.
-    static constexpr int EWARPS_M = 4, EWARPS_N = 2;
+    // Expand warp grid over the BM × BN output tile (the small f32 tile,
+    // 32 × 16, is covered by two warps; the others skip the expand).
+    static constexpr int EWARPS_M = SMALL ? 2 : 4;
+    static constexpr int EWARPS_N = !SMALL ? 2 : sizeof(T) == 4 ? 1 : 4;
     static constexpr int EMT = BM / EWARPS_M / 16, ENT = BN / EWARPS_N / 8;
     // Pipeline depth of both phases (shrink: X and A chunks; expand: A and Y
     // tiles): enough bytes in flight per SM to cover HBM latency (see
@@ -55,7 +62,7 @@ template <typename T, int RP> struct ForwardConfig {
     // Four stages keep three 8 KiB tiles in flight per block for ranks <= 64
     // (83 KB of smem at rank 64: two blocks per SM; 63 KB at rank 32: three).
     // Big ranks and f32 use fewer so that two blocks still fit.
-    static constexpr int STAGES = sizeof(T) == 4 || RP >= 256 ? 2 : RP >= 128 ? 3 : 4;
+    static constexpr int STAGES = SMALL || sizeof(T) == 4 || RP >= 256 ? 2 : RP >= 128 ? 3 : 4;
     // Blocks per SM the registers must allow (the smem allows 2-3): two
     // blocks cap a thread at 128 registers, where no instantiation spills
     // (the kernel-quality tests hold every kernel to zero spills).
@@ -80,12 +87,14 @@ template <typename T, int RP> struct ForwardConfig {
 
     static_assert(WTM % 16 == 0 && WTN % 16 == 0, "shrink warp tile");
     static_assert(EMT >= 1 && ENT % 2 == 0, "expand warp tile");
+    static_assert(EWARPS_M * EWARPS_N <= kWarps && EWARPS_M * EMT * 16 == BM, "expand warp grid");
+    static_assert(!SMALL || SMEM_BYTES <= SINGLORA_SMALL_SMEM_BYTES, "small configuration fits");
     static_assert(BK % 16 == 0 && RP % 16 == 0, "k steps of 16");
 };
 
-template <typename T, int RP, int CL>
+template <typename T, int RP, int CL, bool SMALL = false>
 __device__ __forceinline__ void forward_kernel(const singlora_forward_params& p) {
-    using C = ForwardConfig<T, RP>;
+    using C = ForwardConfig<T, RP, SMALL>;
     constexpr int BM = C::BM, BK = C::BK, BN = C::BN, STAGES = C::STAGES;
     extern __shared__ __align__(128) unsigned char smem[];
     T* xs = reinterpret_cast<T*>(smem);                       // [STAGES][BM][X_LD]
@@ -155,19 +164,9 @@ __device__ __forceinline__ void forward_kernel(const singlora_forward_params& p)
     cp_async_wait<0>();
     __syncthreads();  // the pipeline buffers become the f32 staging of S
 
-    {
-        const int g = lane >> 2, t = lane & 3;
-#pragma unroll
-        for (int mt = 0; mt < C::MT; ++mt)
-#pragma unroll
-            for (int nt = 0; nt < C::NT; ++nt) {
-                const int r = wm * C::WTM + mt * 16 + g;
-                const int c = wn * C::WTN + nt * 8 + 2 * t;
-                *reinterpret_cast<float2*>(&sf[r * C::SF_LD + c]) = make_float2(acc[mt][nt][0], acc[mt][nt][1]);
-                *reinterpret_cast<float2*>(&sf[(r + 8) * C::SF_LD + c]) =
-                    make_float2(acc[mt][nt][2], acc[mt][nt][3]);
-            }
-    }
+    for_each_pair(acc, wm * C::WTM, wn * C::WTN, [&](int, int, int r, int c, float v0, float v1) {
+        *reinterpret_cast<float2*>(&sf[r * C::SF_LD + c]) = make_float2(v0, v1);
+    });
     __syncthreads();
 
     if constexpr (CL > 1) {
@@ -261,12 +260,13 @@ __device__ __forceinline__ void forward_kernel(const singlora_forward_params& p)
         cp_async_commit();
     }
 
-    const int g = lane >> 2, t = lane & 3;
+    const int g = lane >> 2;
     float rs[C::EMT][2];  // scale / row scale of this thread's rows
+    const float scale = resolve_scale(p.scale);
 #pragma unroll
     for (int mt = 0; mt < C::EMT; ++mt)
 #pragma unroll
-        for (int h = 0; h < 2; ++h) rs[mt][h] = p.scale * row_inv[em0 + mt * 16 + g + 8 * h];
+        for (int h = 0; h < 2; ++h) rs[mt][h] = expand_rows ? scale * row_inv[em0 + mt * 16 + g + 8 * h] : 0.0f;
 
     for (int j = 0; j < chunks; ++j) {
         const int buf = j % STAGES;
@@ -286,21 +286,16 @@ __device__ __forceinline__ void forward_kernel(const singlora_forward_params& p)
                 tile_mma_k16<T, C::EMT, C::ENT, true, true>(eacc, st, C::ST_LD, at, C::A_LD, em0, en0, k0, BN);
             }
             // Epilogue in place in the Y tile: each element pair has one owner.
-#pragma unroll
-            for (int mt = 0; mt < C::EMT; ++mt)
-#pragma unroll
-                for (int nt = 0; nt < C::ENT; ++nt)
-#pragma unroll
-                    for (int h = 0; h < 2; ++h) {
-                        T* y = yt + (em0 + mt * 16 + g + 8 * h) * C::Y_LD + en0 + nt * 8 + 2 * t;
-                        float2 v = make_float2(eacc[mt][nt][2 * h] * rs[mt][h], eacc[mt][nt][2 * h + 1] * rs[mt][h]);
-                        if (accumulate) {
-                            const float2 old = load2(y);
-                            v.x += old.x;
-                            v.y += old.y;
-                        }
-                        store2(y, v);
-                    }
+            for_each_pair(eacc, em0, en0, [&](int mt, int h, int r, int c, float v0, float v1) {
+                T* y = yt + r * C::Y_LD + c;
+                float2 v = make_float2(v0 * rs[mt][h], v1 * rs[mt][h]);
+                if (accumulate) {
+                    const float2 old = load2(y);
+                    v.x += old.x;
+                    v.y += old.y;
+                }
+                store2(y, v);
+            });
         }
         __syncthreads();
         // Coalesced write-out: consecutive threads cover consecutive 16 bytes.

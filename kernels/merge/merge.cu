@@ -10,6 +10,7 @@
 // and f32 FMAs in a fixed order make the product bit-identical between merge
 // and unmerge (their only difference is the sign of scale, which is exact).
 #include "common/elements.cuh"
+#include "common/scale.cuh"
 
 namespace singlora {
 
@@ -78,7 +79,7 @@ __device__ __forceinline__ void merge_kernel(const singlora_merge_params& p) {
     // A thread's 8 columns are 16 bytes of a 16-bit W (32 of an f32 one):
     // one (two) 16-byte accesses per row when W allows them, so a warp
     // moves two full 256-byte row segments per instruction.
-    constexpr int kChunks = 8 * (int)sizeof(T) / 16;
+    const float scale = resolve_scale(p.scale);
     // 64-bit: with d_in near INT_MAX, col + 8 would wrap in 32 bits and pass
     // the bounds test below, touching elements past the row.
     const int64_t col = (int64_t)col0 + tx * 8;
@@ -89,16 +90,9 @@ __device__ __forceinline__ void merge_kernel(const singlora_merge_params& p) {
         T* wr = w + (int64_t)row * p.ld_w + col;
         float d[8];
 #pragma unroll
-        for (int j = 0; j < 8; ++j) d[j] = __fmul_rn(p.scale, acc[i][j]);
+        for (int j = 0; j < 8; ++j) d[j] = __fmul_rn(scale, acc[i][j]);
         if (p.w_vec && col + 8 <= p.d_in) {
-            uint4 raw[kChunks];
-#pragma unroll
-            for (int c = 0; c < kChunks; ++c) raw[c] = reinterpret_cast<const uint4*>(wr)[c];
-            T* v = reinterpret_cast<T*>(raw);
-#pragma unroll
-            for (int j = 0; j < 8; ++j) v[j] = from_f32<T>(__fadd_rn(to_f32(v[j]), d[j]));
-#pragma unroll
-            for (int c = 0; c < kChunks; ++c) reinterpret_cast<uint4*>(wr)[c] = raw[c];
+            add8_vec(wr, d);
         } else {
 #pragma unroll
             for (int j = 0; j < 8; j += 2) {

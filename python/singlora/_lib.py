@@ -26,7 +26,7 @@ import threading
 from pathlib import Path
 
 #: The ABI version this module speaks (SINGLORA_ABI_VERSION in the header).
-ABI_VERSION = 1
+ABI_VERSION = 2
 
 # Status codes (include/singlora.h).
 OK = 0
@@ -126,6 +126,22 @@ _SIGNATURES = {
     ),
     "singlora_merge": (_i32, [_i32, _i32, _i64, _i64, _i64, _u64, _i64, _u64, _f32, _ptr]),
     "singlora_unmerge": (_i32, [_i32, _i32, _i64, _i64, _i64, _u64, _i64, _u64, _f32, _ptr]),
+    # ABI 2: the scale read from device memory (scale_ptr, a device float).
+    "singlora_forward_dscale": (
+        _i32,
+        [_i32, _i32, _i64, _i64, _i64, _i64, _u64, _i64, _u64, _u64, _i64, _u64, _u64, _f32, _ptr],
+    ),
+    "singlora_backward_dscale": (
+        _i32,
+        [
+            _i32, _i32, _i64, _i64, _i64, _i64,  # dtype, device, tokens, d_in, d_out, rank
+            _u64, _i64, _u64, _i64, _u64, _u64,  # x, ld_x, g, ld_g, a, saved_s
+            _u64, _u64, _i64, _f32,  # scale_ptr, dx, ld_dx, dx_beta
+            _u64, _f32, _u64, _u64, _ptr,  # da, da_beta, workspace, workspace_bytes, stream
+        ],
+    ),
+    "singlora_merge_dscale": (_i32, [_i32, _i32, _i64, _i64, _i64, _u64, _i64, _u64, _u64, _ptr]),
+    "singlora_unmerge_dscale": (_i32, [_i32, _i32, _i64, _i64, _i64, _u64, _i64, _u64, _u64, _ptr]),
 }
 
 
@@ -217,14 +233,18 @@ def workspace_size(tokens, d_in, d_out, rank, saved_s=True):
     return out.value
 
 
-def forward(dtype, device, tokens, d_in, d_out, rank, x, ld_x, a, y, ld_y, s, scale, beta, stream=0):
+def _run(function, stream, *args):
+    """Calls the launch function ``function`` with ``args`` and the stream,
+    raising :class:`SingLoraError` on failure."""
+    _check(getattr(lib(), function)(*args, _stream(stream)), function)
+
+
+def forward(
+    dtype, device, tokens, d_in, d_out, rank, x, ld_x, a, y, ld_y, s, scale, beta, stream=0,
+):
     """``S = X·A[:d_in]`` (f32, stored at ``s`` unless 0) and
     ``Y = beta·Y + scale·S·A[:d_out]ᵀ``; see include/singlora.h."""
-    status = lib().singlora_forward(
-        dtype, device, tokens, d_in, d_out, rank, x, ld_x, a, y, ld_y, s, scale, beta,
-        _stream(stream),
-    )
-    _check(status, "singlora_forward")
+    _run("singlora_forward", stream, dtype, device, tokens, d_in, d_out, rank, x, ld_x, a, y, ld_y, s, scale, beta)
 
 
 def backward(
@@ -233,20 +253,47 @@ def backward(
 ):
     """``Q = G·A[:d_out]``, ``dX = dx_beta·dX + scale·Q·A[:d_in]ᵀ`` (unless
     ``dx`` is 0), ``dA = da_beta·dA + scale·(GᵀS ⊕ XᵀQ)``; see the header."""
-    status = lib().singlora_backward(
-        dtype, device, tokens, d_in, d_out, rank, x, ld_x, g, ld_g, a, saved_s, scale,
-        dx, ld_dx, dx_beta, da, da_beta, workspace, workspace_bytes, _stream(stream),
-    )
-    _check(status, "singlora_backward")
+    _run("singlora_backward", stream, dtype, device, tokens, d_in, d_out, rank, x, ld_x, g, ld_g, a, saved_s, scale, dx, ld_dx, dx_beta, da, da_beta, workspace, workspace_bytes)
 
 
-def merge(dtype, device, d_in, d_out, rank, w, ld_w, a, scale, stream=0):
+def merge(
+    dtype, device, d_in, d_out, rank, w, ld_w, a, scale, stream=0,
+):
     """``W += scale·A[:d_out]·A[:d_in]ᵀ`` in place."""
-    status = lib().singlora_merge(dtype, device, d_in, d_out, rank, w, ld_w, a, scale, _stream(stream))
-    _check(status, "singlora_merge")
+    _run("singlora_merge", stream, dtype, device, d_in, d_out, rank, w, ld_w, a, scale)
 
 
-def unmerge(dtype, device, d_in, d_out, rank, w, ld_w, a, scale, stream=0):
+def unmerge(
+    dtype, device, d_in, d_out, rank, w, ld_w, a, scale, stream=0,
+):
     """``W -= scale·A[:d_out]·A[:d_in]ᵀ`` in place (undoes :func:`merge`)."""
-    status = lib().singlora_unmerge(dtype, device, d_in, d_out, rank, w, ld_w, a, scale, _stream(stream))
-    _check(status, "singlora_unmerge")
+    _run("singlora_unmerge", stream, dtype, device, d_in, d_out, rank, w, ld_w, a, scale)
+
+
+def forward_dscale(
+    dtype, device, tokens, d_in, d_out, rank, x, ld_x, a, y, ld_y, s, scale_ptr, beta, stream=0,
+):
+    """:func:`forward` with the scale read from the device float at ``scale_ptr`` (ABI 2)."""
+    _run("singlora_forward_dscale", stream, dtype, device, tokens, d_in, d_out, rank, x, ld_x, a, y, ld_y, s, scale_ptr, beta)
+
+
+def backward_dscale(
+    dtype, device, tokens, d_in, d_out, rank, x, ld_x, g, ld_g, a, saved_s, scale_ptr,
+    dx, ld_dx, dx_beta, da, da_beta, workspace, workspace_bytes, stream=0,
+):
+    """:func:`backward` with the scale read from the device float at ``scale_ptr`` (ABI 2)."""
+    _run("singlora_backward_dscale", stream, dtype, device, tokens, d_in, d_out, rank, x, ld_x, g, ld_g, a, saved_s, scale_ptr, dx, ld_dx, dx_beta, da, da_beta, workspace, workspace_bytes)
+
+
+def merge_dscale(
+    dtype, device, d_in, d_out, rank, w, ld_w, a, scale_ptr, stream=0,
+):
+    """:func:`merge` with the scale read from the device float at ``scale_ptr`` (ABI 2)."""
+    _run("singlora_merge_dscale", stream, dtype, device, d_in, d_out, rank, w, ld_w, a, scale_ptr)
+
+
+def unmerge_dscale(
+    dtype, device, d_in, d_out, rank, w, ld_w, a, scale_ptr, stream=0,
+):
+    """:func:`unmerge` with the scale read from the device float at ``scale_ptr`` (ABI 2)."""
+    _run("singlora_unmerge_dscale", stream, dtype, device, d_in, d_out, rank, w, ld_w, a, scale_ptr)

@@ -33,6 +33,7 @@ against the launch's dtype (TypeError naming it) before calling the library.
 """
 
 import contextlib
+import functools
 import math
 
 import torch
@@ -70,6 +71,16 @@ def _same_dtype(ref, ref_name, *named):
                 f"singlora: `{name}` is {t.dtype} but `{ref_name}` is {ref.dtype}; "
                 f"pass tensors of one dtype"
             )
+
+
+def _checked(name, t, *named):
+    """The checks every entry point opens with: ``t`` and the ``named``
+    tensors (``(name, tensor or None)``) on one CUDA device, ``t`` of a
+    kernel dtype and the others of ``t``'s. Returns (the device, its code)."""
+    dev = _device_check((name, t), *named)
+    code = _dtype_code(t, name)
+    _same_dtype(t, name, *named)
+    return dev, code
 
 
 def _check_buffers(code, named, f32_named=()):
@@ -146,6 +157,18 @@ def _no_autocast(device_type):
     if _autocast_dtype(device_type) is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type, enabled=False)
+
+
+def _autocast_off(forward):
+    """An autograd function's ``forward(ctx, x, ...)``, run with autocast
+    disabled for x's device type."""
+
+    @functools.wraps(forward)
+    def run(ctx, x, *args):
+        with _no_autocast(x.device.type):
+            return forward(ctx, x, *args)
+
+    return run
 
 
 def _autocast_inputs(x, *tensors):
@@ -264,15 +287,9 @@ def _grad_a(da, a):
 
 class _AdapterFn(torch.autograd.Function):
     @staticmethod
+    @_autocast_off
     def forward(ctx, x, a, base, scale, d_out, save_s):
-        with _no_autocast(x.device.type):
-            return _AdapterFn._forward(ctx, x, a, base, scale, d_out, save_s)
-
-    @staticmethod
-    def _forward(ctx, x, a, base, scale, d_out, save_s):
-        dev = _device_check(("x", x), ("a", a), ("base", base))
-        _dtype_code(x, "x")
-        _same_dtype(x, "x", ("a", a), ("base", base))
+        dev, _ = _checked("x", x, ("a", a), ("base", base))
         d_in = x.shape[-1]
         a_c = _check_a(a, d_in, d_out)
         x2, ld_x = _rows(x, d_in, "x")
@@ -326,15 +343,9 @@ class _AdapterFn(torch.autograd.Function):
 
 class _LinearFn(torch.autograd.Function):
     @staticmethod
+    @_autocast_off
     def forward(ctx, x, weight, bias, a, scale, save_s):
-        with _no_autocast(x.device.type):
-            return _LinearFn._forward(ctx, x, weight, bias, a, scale, save_s)
-
-    @staticmethod
-    def _forward(ctx, x, weight, bias, a, scale, save_s):
-        dev = _device_check(("x", x), ("weight", weight), ("bias", bias), ("a", a))
-        _dtype_code(x, "x")
-        _same_dtype(x, "x", ("weight", weight), ("bias", bias), ("a", a))
+        dev, _ = _checked("x", x, ("weight", weight), ("bias", bias), ("a", a))
         if weight.dim() != 2:
             raise ValueError(f"singlora: `weight` must be (d_out, d_in); got {tuple(weight.shape)}")
         d_out, d_in = weight.shape
@@ -421,9 +432,7 @@ def singlora_adapter(x, a, scale, base=None, d_out=None):
 
 
 def _fold(weight, a, scale, undo):
-    dev = _device_check(("weight", weight), ("a", a))
-    code = _dtype_code(weight, "weight")
-    _same_dtype(weight, "weight", ("a", a))
+    dev, code = _checked("weight", weight, ("a", a))
     d_out, d_in = weight.shape
     a_c = _check_a(a, d_in, d_out)
     ld_w = _row_stride(weight, d_out, d_in)

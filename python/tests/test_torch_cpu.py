@@ -230,11 +230,14 @@ results = []
 
 
 def case(fn):
+    """Runs the case ``fn(fake, problems)`` now: it appends to ``problems``
+    (by ``expect`` and ``raises``) what it finds wrong."""
     name = fn.__name__
     try:
         with Patched() as fake:
-            problems = fn(fake) or []
-            problems = list(problems) + fake.problems
+            problems = []
+            fn(fake, problems)
+            problems = problems + fake.problems
     except Exception:
         problems = ["raised:\n" + traceback.format_exc()]
     results.append((name, problems))
@@ -312,14 +315,21 @@ def w_back_ok(w_after, w0, w_merged):
     return bool((err <= bound).all()), err.max().item()
 
 
+def unmerges_to_w0(p, layer, w0, wm, what):
+    """Unmerges ``layer`` and expects W0 back (``w_back_ok``), ``what`` naming
+    the case in the message."""
+    layer.unmerge()
+    ok, err = w_back_ok(layer.base.weight, w0, wm)
+    expect(p, ok, f"{what} |W - W0| up to {err:.2e}")
+
+
 # ------------------------------------------------------------------ cases: autocast
 
 
 @case
-def autocast_layer_f32_model_bf16(fake):
+def autocast_layer_f32_model_bf16(fake, p):
     """An f32 model under torch.autocast("cpu", bfloat16): one dtype per launch,
     A's grad f32 and right; forward inside, backward outside autocast."""
-    p = []
     layer = make_layer(48, 40, 8)
     x = torch.randn(3, 7, 48, requires_grad=True)
     g = torch.randn(3, 7, 40)
@@ -340,14 +350,12 @@ def autocast_layer_f32_model_bf16(fake):
         print(f"    rel L2 vs float64: " + ", ".join(f"{k} {v:.1e}" for k, v in errs.items()))
         for k, v in errs.items():
             expect(p, v <= BF16_BAR, f"{k} rel L2 {v:.2e} > {BF16_BAR}")
-    return p
 
 
 @case
-def autocast_backward_inside_autocast(fake):
+def autocast_backward_inside_autocast(fake, p):
     """The same with backward also inside the autocast region (the function's
     backward must run with autocast off too)."""
-    p = []
     layer = make_layer(33, 65, 5, bias=False, seed=1)
     x = torch.randn(20, 33, requires_grad=True)
     g = torch.randn(20, 65)
@@ -360,13 +368,11 @@ def autocast_backward_inside_autocast(fake):
         _, dx_ref, da_ref = reference_linear(x, layer.base.weight, None, layer.a, f32(layer.scale), g)
         for k, v in dict(dx=rel_l2(x.grad, dx_ref), da=rel_l2(layer.a.grad, da_ref)).items():
             expect(p, v <= BF16_BAR, f"{k} rel L2 {v:.2e} > {BF16_BAR}")
-    return p
 
 
 @case
-def autocast_adapter_and_base(fake):
+def autocast_adapter_and_base(fake, p):
     """singlora_adapter under autocast: x, a (and base) cast first."""
-    p = []
     torch.manual_seed(2)
     d_in, d_out, rank, s = 40, 24, 6, 1.5
     a = (torch.randn(max(d_in, d_out), rank) * 0.3).requires_grad_(True)
@@ -397,14 +403,12 @@ def autocast_adapter_and_base(fake):
         y_ref, _, da_ref = reference_adapter(x, a, f32(s), d_out, g, base=base0)
         for k, v in dict(y=rel_l2(y, y_ref), da=rel_l2(a.grad, da_ref)).items():
             expect(p, v <= BF16_BAR, f"adapter+base {k} rel L2 {v:.2e} > {BF16_BAR}")
-    return p
 
 
 @case
-def no_autocast_f32_exact(fake):
+def no_autocast_f32_exact(fake, p):
     """Without autocast nothing is cast: f32 launches, results at the f32 bar
     (checks the fakes and the autograd plumbing, strided x included)."""
-    p = []
     layer = make_layer(30, 50, 4, seed=3)
     xw = torch.randn(11, 37)
     x = xw[:, 7:].requires_grad_(False).clone()  # a plain tensor for the reference
@@ -419,17 +423,15 @@ def no_autocast_f32_exact(fake):
     for k, v in dict(y=rel_l2(y, y_ref), dx=rel_l2(xs.grad[:, 7:], dx_ref), da=rel_l2(layer.a.grad, da_ref)).items():
         expect(p, v <= F32_BAR, f"{k} rel L2 {v:.2e} > {F32_BAR}")
     expect(p, xs.grad[:, :7].abs().max().item() == 0.0, "grad outside the slice must be 0")
-    return p
 
 
 # ------------------------------------------------------------------ cases: launch guards
 
 
 @case
-def launch_guards_name_the_buffer(fake):
+def launch_guards_name_the_buffer(fake, p):
     """_launch_forward/_launch_backward/_fold refuse a buffer whose dtype is not
     the launch's, naming it, before any library call."""
-    p = []
     T, di, do, r = 5, 8, 6, 2
     x = torch.randn(T, di)
     a = torch.randn(max(di, do), r)
@@ -458,29 +460,25 @@ def launch_guards_name_the_buffer(fake):
     # And the matching dtypes go through.
     snn._launch_forward(bf(x), di, bf(a), bf(y), do, s, 1.0, 0.0)
     expect(p, len(fake.calls) == 1 and fake.calls[0]["code"] == _lib.DTYPE_BF16, "bf16 forward launched")
-    return p
 
 
 @case
-def real_device_check_refuses_cpu(fake):
+def real_device_check_refuses_cpu(fake, p):
     """Without the seam the entry points still refuse CPU tensors (the kernels take CUDA)."""
-    p = []
     snn._device_check = snn._cuda_device
     x, w, a = torch.randn(2, 4), torch.randn(3, 4), torch.randn(4, 2)
     raises(p, ValueError, ["`x`", "CUDA"], lambda: singlora_linear(x, w, None, a, 1.0), "linear on CPU")
     raises(p, ValueError, ["`x`", "CUDA"], lambda: singlora_adapter(x, a, 1.0), "adapter on CPU")
     raises(p, ValueError, ["`weight`", "CUDA"], lambda: snn._fold(w, a, 1.0, undo=False), "fold on CPU")
     expect(p, not fake.calls, "nothing launched")
-    return p
 
 
 # ------------------------------------------------------------------ cases: layouts (one helper)
 
 
 @case
-def row_stride_layouts(fake):
+def row_stride_layouts(fake, p):
     """The one "unit column stride, row stride >= cols" rule, in its three users."""
-    p = []
     wide = torch.randn(6, 20)
     t2, ld = snn._rows(wide[:, 4:14], 10, "x")
     expect(p, ld == 20 and t2.data_ptr() == wide[:, 4:].data_ptr(), f"column slice in place (ld {ld})")
@@ -496,15 +494,13 @@ def row_stride_layouts(fake):
     raises(p, ValueError, ["unit column stride"],
            lambda: snn._fold(torch.randn(8, 8).t(), a, 1.0, undo=False), "transposed weight")
     expect(p, not fake.calls, "nothing launched")
-    return p
 
 
 # ------------------------------------------------------------------ cases: base overlapping x
 
 
 @case
-def base_overlapping_x_refused(fake):
-    p = []
+def base_overlapping_x_refused(fake, p):
     a = torch.randn(16, 3)
     buf = torch.randn(10, 16)
     for what, x, base in [
@@ -522,7 +518,6 @@ def base_overlapping_x_refused(fake):
     # Adjacent, not overlapping: accepted, in place.
     out = singlora_adapter(buf[:5], a, 1.0, base=buf[5:])
     expect(p, out.data_ptr() == buf[5:].data_ptr() and len(fake.calls) == 1, "adjacent base accepted")
-    return p
 
 
 # ------------------------------------------------------------------ cases: merge state
@@ -543,48 +538,35 @@ def merge_applied(p, layer, w0, wm):
 
 
 @case
-def merge_then_reset_parameters(fake):
-    p = []
+def merge_then_reset_parameters(fake, p):
     layer, w0, wm = merged_layer()
     merge_applied(p, layer, w0, wm)
     layer.reset_parameters()
-    layer.unmerge()
-    ok, err = w_back_ok(layer.base.weight, w0, wm)
-    expect(p, ok, f"after reset_parameters while merged, unmerge left |W - W0| up to {err:.2e}")
+    unmerges_to_w0(p, layer, w0, wm, "after reset_parameters while merged, unmerge left")
     expect(p, not layer.merged, "unmerged")
-    return p
 
 
 @case
-def merge_then_optimizer_step(fake):
-    p = []
+def merge_then_optimizer_step(fake, p):
     layer, w0, wm = merged_layer(seed=6)
     opt = torch.optim.SGD([layer.a], lr=0.5)
     layer.a.grad = torch.randn_like(layer.a)
     opt.step()  # in place on A while merged
-    layer.unmerge()
-    ok, err = w_back_ok(layer.base.weight, w0, wm)
-    expect(p, ok, f"after an optimizer step while merged, unmerge left |W - W0| up to {err:.2e}")
-    return p
+    unmerges_to_w0(p, layer, w0, wm, "after an optimizer step while merged, unmerge left")
 
 
 @case
-def merge_then_load_state_dict_a(fake):
-    p = []
+def merge_then_load_state_dict_a(fake, p):
     layer, w0, wm = merged_layer(seed=7)
     other = torch.randn_like(layer.a)
     res = layer.load_state_dict({"a": other}, strict=False)
     expect(p, torch.equal(layer.a.detach(), other), f"A loaded ({res})")
     expect(p, layer.merged, "still merged (the extra state was not in the dict)")
-    layer.unmerge()
-    ok, err = w_back_ok(layer.base.weight, w0, wm)
-    expect(p, ok, f"after loading A while merged, unmerge left |W - W0| up to {err:.2e}")
-    return p
+    unmerges_to_w0(p, layer, w0, wm, "after loading A while merged, unmerge left")
 
 
 @case
-def merged_state_dict_round_trip(fake):
-    p = []
+def merged_state_dict_round_trip(fake, p):
     layer, w0, wm = merged_layer(seed=8)
     sd = layer.state_dict()
     expect(p, set(sd) == {"a", "base.weight", "base.bias", "_extra_state"}, f"keys {sorted(sd)}")
@@ -596,9 +578,7 @@ def merged_state_dict_round_trip(fake):
     # Step A of the loaded layer, then unmerge: the original W0.
     with torch.no_grad():
         fresh.a.add_(torch.randn_like(fresh.a))
-    fresh.unmerge()
-    ok, err = w_back_ok(fresh.base.weight, w0, wm)
-    expect(p, ok, f"round-tripped merged layer unmerged to |W - W0| up to {err:.2e}")
+    unmerges_to_w0(p, fresh, w0, wm, "round-tripped merged layer unmerged to")
     # An old extra state (no merged_a): the loaded A stands for the merged one.
     old = dict(sd)
     old["_extra_state"] = {"steps": sd["_extra_state"]["steps"], "merged_scale": sd["_extra_state"]["merged_scale"]}
@@ -606,19 +586,15 @@ def merged_state_dict_round_trip(fake):
     older.load_state_dict(old)
     expect(p, older.merged and older.merged_a is not None and torch.equal(older.merged_a, sd["a"]),
            "old extra state: merged_a taken from the loaded A")
-    older.unmerge()
-    ok, err = w_back_ok(older.base.weight, w0, wm)
-    expect(p, ok, f"old-format merged state unmerged to |W - W0| up to {err:.2e}")
+    unmerges_to_w0(p, older, w0, wm, "old-format merged state unmerged to")
     # And an unmerged layer's state dict makes a merged layer unmerged.
     plain = make_layer(24, 40, 4, seed=97)
     layer.load_state_dict(plain.state_dict())
     expect(p, not layer.merged and layer.merged_a is None, "loading an unmerged state unmerges the record")
-    return p
 
 
 @case
-def merge_twice_and_unmerge_unmerged_raise(fake):
-    p = []
+def merge_twice_and_unmerge_unmerged_raise(fake, p):
     layer = make_layer(16, 12, 2, seed=9)
     raises(p, RuntimeError, ["not merged"], layer.unmerge, "unmerge of an unmerged layer")
     layer.merge()
@@ -629,13 +605,11 @@ def merge_twice_and_unmerge_unmerged_raise(fake):
     layer.unmerge()
     raises(p, RuntimeError, ["not merged"], layer.unmerge, "second unmerge")
     expect(p, [c["fn"] for c in fake.calls] == ["merge", "unmerge"], f"calls {[c['fn'] for c in fake.calls]}")
-    return p
 
 
 @case
-def merge_uses_the_remembered_copy(fake):
+def merge_uses_the_remembered_copy(fake, p):
     """merge and unmerge hand the kernel the same (copied) A, never the live parameter."""
-    p = []
     layer, w0, wm = merged_layer(seed=10)
     with torch.no_grad():
         layer.a.mul_(3.0)
@@ -644,19 +618,16 @@ def merge_uses_the_remembered_copy(fake):
     expect(p, m["ptrs"]["a"] == u["ptrs"]["a"], "unmerge used the A merge used")
     expect(p, m["ptrs"]["a"] != layer.a.data_ptr(), "merge used a copy of A, not the parameter")
     expect(p, torch.equal(m["a_value"], u["a_value"]), "the same A values")
-    return p
 
 
 @case
-def module_to_moves_merged_a(fake):
-    p = []
+def module_to_moves_merged_a(fake, p):
     layer, _, _ = merged_layer(seed=11)
     layer.to(torch.float16)
     expect(p, layer.merged_a.dtype == torch.float16 and layer.a.dtype == torch.float16,
            "merged_a follows .to() with A")
     layer.unmerge()
     expect(p, fake.calls[-1]["code"] == _lib.DTYPE_F16, "f16 unmerge")
-    return p
 
 
 # ------------------------------------------------------------------ summary

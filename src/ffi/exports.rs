@@ -16,6 +16,7 @@ use crate::ffi::status::{
 use crate::ops::backward::{backward_raw, backward_workspace_len, BackwardPtrs, BackwardShape};
 use crate::ops::forward::{forward_raw, ForwardPtrs, ForwardShape};
 use crate::ops::merge::{merge_raw, MergeShape};
+use crate::ops::scale::RawScale;
 
 const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), "\0");
 
@@ -139,31 +140,119 @@ pub unsafe extern "C" fn singlora_forward(
     beta: f32,
     stream: *mut c_void,
 ) -> i32 {
-    ffi_guard(|| {
-        let dt = dtype(dtype_code)?;
-        let dims = dims(tokens, d_in, d_out, rank)?;
-        let ld_x = non_negative("ld_x", ld_x)?;
-        let ld_y = non_negative("ld_y", ld_y)?;
-        let shape = ForwardShape::new(&dims, ld_x, ld_y, scale, beta)?;
-        let has_rows = dims.tokens() > 0;
-        pointer("x", x, dt.size(), has_rows)?;
-        pointer("a", a, dt.size(), true)?;
-        pointer("y", y, dt.size(), has_rows)?;
-        pointer("s", s, 4, false)?;
-        let device = device_ordinal(device)?;
-        let ptrs = ForwardPtrs { x, a, y, s };
-        shape.check_ptrs(&ptrs, dt.size() as usize)?;
-        // SAFETY: the caller's contract (see above) is forward_raw's: the
-        // pointers address the matrices the checked shape describes, on
-        // `device`'s primary context, until completion.
-        unsafe {
-            on_stream(
-                device,
-                stream,
-                |st| with_dtype!(dt, T => forward_raw::<T>(st, &shape, &ptrs)),
-            )
-        }
-    })
+    let call = ForwardCall {
+        dtype_code,
+        device,
+        dims: [tokens, d_in, d_out, rank],
+        x,
+        ld_x,
+        a,
+        y,
+        ld_y,
+        s,
+        beta,
+    };
+    // SAFETY: the caller's contract, forwarded.
+    unsafe { call.run(RawScale::Value(scale), stream) }
+}
+
+/// [`singlora_forward`] with the scale read from the device when the
+/// kernels run: `scale_ptr` is a 4-byte aligned device `float` of the same
+/// context (ABI 2), so a captured CUDA graph follows the scale as it changes.
+///
+/// # Safety
+/// As for [`singlora_forward`]; `scale_ptr` must address one `float`, valid
+/// until the work completes.
+#[no_mangle]
+pub unsafe extern "C" fn singlora_forward_dscale(
+    dtype_code: i32,
+    device: i32,
+    tokens: i64,
+    d_in: i64,
+    d_out: i64,
+    rank: i64,
+    x: u64,
+    ld_x: i64,
+    a: u64,
+    y: u64,
+    ld_y: i64,
+    s: u64,
+    scale_ptr: u64,
+    beta: f32,
+    stream: *mut c_void,
+) -> i32 {
+    let call = ForwardCall {
+        dtype_code,
+        device,
+        dims: [tokens, d_in, d_out, rank],
+        x,
+        ld_x,
+        a,
+        y,
+        ld_y,
+        s,
+        beta,
+    };
+    // SAFETY: the caller's contract, forwarded.
+    unsafe { call.run(RawScale::Device(scale_ptr), stream) }
+}
+
+/// The C arguments of a forward, but the scale and the stream.
+struct ForwardCall {
+    dtype_code: i32,
+    device: i32,
+    dims: [i64; 4],
+    x: u64,
+    ld_x: i64,
+    a: u64,
+    y: u64,
+    ld_y: i64,
+    s: u64,
+    beta: f32,
+}
+
+impl ForwardCall {
+    /// # Safety
+    /// As for [`singlora_forward`].
+    unsafe fn run(self, scale: RawScale, stream: *mut c_void) -> i32 {
+        let ForwardCall {
+            dtype_code,
+            device,
+            dims: [tokens, d_in, d_out, rank],
+            x,
+            ld_x,
+            a,
+            y,
+            ld_y,
+            s,
+            beta,
+        } = self;
+        ffi_guard(|| {
+            let dt = dtype(dtype_code)?;
+            let dims = dims(tokens, d_in, d_out, rank)?;
+            let ld_x = non_negative("ld_x", ld_x)?;
+            let ld_y = non_negative("ld_y", ld_y)?;
+            let shape = ForwardShape::new(&dims, ld_x, ld_y, scale, beta)?;
+            let has_rows = dims.tokens() > 0;
+            pointer("x", x, dt.size(), has_rows)?;
+            pointer("a", a, dt.size(), true)?;
+            pointer("y", y, dt.size(), has_rows)?;
+            pointer("s", s, 4, false)?;
+            let device = device_ordinal(device)?;
+            let ptrs = ForwardPtrs { x, a, y, s };
+            shape.check_ptrs(&ptrs, dt.size() as usize)?;
+            // SAFETY: the caller's contract (see above) is forward_raw's: the
+            // pointers address the matrices the checked shape describes, on
+            // `device`'s primary context, until completion.
+            unsafe {
+                on_stream(
+                    device,
+                    stream,
+                    |st| with_dtype!(dt, T => forward_raw::<T>(st, &shape, &ptrs)),
+                )
+            }
+        })
+    }
 }
 
 /// The adapter backward on `stream`:
@@ -202,6 +291,119 @@ pub unsafe extern "C" fn singlora_backward(
     a: u64,
     saved_s: u64,
     scale: f32,
+    dx: u64,
+    ld_dx: i64,
+    dx_beta: f32,
+    da: u64,
+    da_beta: f32,
+    workspace: u64,
+    workspace_bytes: u64,
+    stream: *mut c_void,
+) -> i32 {
+    // SAFETY: the caller's contract, forwarded.
+    unsafe {
+        backward_call(
+            dtype_code,
+            device,
+            tokens,
+            d_in,
+            d_out,
+            rank,
+            x,
+            ld_x,
+            g,
+            ld_g,
+            a,
+            saved_s,
+            RawScale::Value(scale),
+            dx,
+            ld_dx,
+            dx_beta,
+            da,
+            da_beta,
+            workspace,
+            workspace_bytes,
+            stream,
+        )
+    }
+}
+
+/// [`singlora_backward`] with the scale read from the device when the
+/// kernels run (`scale_ptr`: a 4-byte aligned device `float`; ABI 2).
+///
+/// # Safety
+/// As for [`singlora_backward`]; `scale_ptr` must address one `float`.
+#[no_mangle]
+pub unsafe extern "C" fn singlora_backward_dscale(
+    dtype_code: i32,
+    device: i32,
+    tokens: i64,
+    d_in: i64,
+    d_out: i64,
+    rank: i64,
+    x: u64,
+    ld_x: i64,
+    g: u64,
+    ld_g: i64,
+    a: u64,
+    saved_s: u64,
+    scale_ptr: u64,
+    dx: u64,
+    ld_dx: i64,
+    dx_beta: f32,
+    da: u64,
+    da_beta: f32,
+    workspace: u64,
+    workspace_bytes: u64,
+    stream: *mut c_void,
+) -> i32 {
+    // SAFETY: the caller's contract, forwarded.
+    unsafe {
+        backward_call(
+            dtype_code,
+            device,
+            tokens,
+            d_in,
+            d_out,
+            rank,
+            x,
+            ld_x,
+            g,
+            ld_g,
+            a,
+            saved_s,
+            RawScale::Device(scale_ptr),
+            dx,
+            ld_dx,
+            dx_beta,
+            da,
+            da_beta,
+            workspace,
+            workspace_bytes,
+            stream,
+        )
+    }
+}
+
+/// The body of [`singlora_backward`] and its `_dscale` form.
+///
+/// # Safety
+/// As for [`singlora_backward`].
+#[allow(clippy::too_many_arguments)]
+unsafe fn backward_call(
+    dtype_code: i32,
+    device: i32,
+    tokens: i64,
+    d_in: i64,
+    d_out: i64,
+    rank: i64,
+    x: u64,
+    ld_x: i64,
+    g: u64,
+    ld_g: i64,
+    a: u64,
+    saved_s: u64,
+    scale: RawScale,
     dx: u64,
     ld_dx: i64,
     dx_beta: f32,
@@ -279,7 +481,7 @@ unsafe fn fold(
     w: u64,
     ld_w: i64,
     a: u64,
-    scale: f32,
+    scale: RawScale,
     stream: *mut c_void,
     undo: bool,
 ) -> i32 {
@@ -331,7 +533,17 @@ pub unsafe extern "C" fn singlora_merge(
     // SAFETY: the caller's contract, forwarded.
     unsafe {
         fold(
-            dtype_code, device, d_in, d_out, rank, w, ld_w, a, scale, stream, false,
+            dtype_code,
+            device,
+            d_in,
+            d_out,
+            rank,
+            w,
+            ld_w,
+            a,
+            RawScale::Value(scale),
+            stream,
+            false,
         )
     }
 }
@@ -355,6 +567,69 @@ pub unsafe extern "C" fn singlora_unmerge(
     scale: f32,
     stream: *mut c_void,
 ) -> i32 {
+    // SAFETY: the caller's contract, forwarded.
+    unsafe {
+        fold(
+            dtype_code,
+            device,
+            d_in,
+            d_out,
+            rank,
+            w,
+            ld_w,
+            a,
+            RawScale::Value(scale),
+            stream,
+            true,
+        )
+    }
+}
+
+/// [`singlora_merge`] with the scale read from the device (`scale_ptr`: a
+/// 4-byte aligned device `float`; ABI 2).
+///
+/// # Safety
+/// As for [`singlora_merge`]; `scale_ptr` must address one `float`.
+#[no_mangle]
+pub unsafe extern "C" fn singlora_merge_dscale(
+    dtype_code: i32,
+    device: i32,
+    d_in: i64,
+    d_out: i64,
+    rank: i64,
+    w: u64,
+    ld_w: i64,
+    a: u64,
+    scale_ptr: u64,
+    stream: *mut c_void,
+) -> i32 {
+    let scale = RawScale::Device(scale_ptr);
+    // SAFETY: the caller's contract, forwarded.
+    unsafe {
+        fold(
+            dtype_code, device, d_in, d_out, rank, w, ld_w, a, scale, stream, false,
+        )
+    }
+}
+
+/// [`singlora_unmerge`] with the scale read from the device (ABI 2).
+///
+/// # Safety
+/// As for [`singlora_merge_dscale`].
+#[no_mangle]
+pub unsafe extern "C" fn singlora_unmerge_dscale(
+    dtype_code: i32,
+    device: i32,
+    d_in: i64,
+    d_out: i64,
+    rank: i64,
+    w: u64,
+    ld_w: i64,
+    a: u64,
+    scale_ptr: u64,
+    stream: *mut c_void,
+) -> i32 {
+    let scale = RawScale::Device(scale_ptr);
     // SAFETY: the caller's contract, forwarded.
     unsafe {
         fold(

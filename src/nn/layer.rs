@@ -16,35 +16,42 @@ use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::nn::init::kaiming_uniform;
 use crate::nn::ramp::Ramp;
-use crate::ops::adamw::{adamw, AdamW, AdamWState};
+use crate::ops::adamw::{adamw_device_step, advance_step, AdamW, AdamWState};
 use crate::ops::backward::{backward, backward_kernels, backward_workspace_len, DxOut};
 use crate::ops::forward::{forward, forward_kernels};
 use crate::ops::merge::{merge, unmerge};
+use crate::ops::scale::Scale;
 use crate::runtime::registry::Kernels;
 
-/// What [`SingLoraLinear::forward`] saves for [`SingLoraLinear::backward`].
+/// What [`SingLoraLinear::forward`] saves for [`SingLoraLinear::backward`]:
+/// the token count and `S`. Reused through
+/// [`forward_into`](SingLoraLinear::forward_into), its S buffer is
+/// allocated once (on the first call, or when a call has more tokens) and
+/// then only overwritten, so a warmed-up training step allocates nothing.
+#[derive(Default)]
 pub struct ForwardCtx {
     tokens: usize,
-    scale: f32,
     /// `S = X·A_in` (`tokens × rank`, f32); `None` when the adapter was
     /// merged into `W0` (the forward ran no adapter).
     s: Option<CudaSlice<f32>>,
+    /// The forward ran the adapter (S holds this forward's rows).
+    ran: bool,
 }
 
 impl ForwardCtx {
+    /// An empty context, for [`SingLoraLinear::forward_into`].
+    pub fn new() -> Self {
+        Self::default()
+    }
+
     /// Token rows of the forward.
     pub fn tokens(&self) -> usize {
         self.tokens
     }
 
-    /// The scale the forward used (the backward uses the same).
-    pub fn scale(&self) -> f32 {
-        self.scale
-    }
-
     /// The saved `S`, if the adapter ran.
     pub fn s(&self) -> Option<&CudaSlice<f32>> {
-        self.s.as_ref()
+        self.s.as_ref().filter(|_| self.ran)
     }
 }
 
@@ -82,7 +89,10 @@ pub struct SingLoraLinear<T: DType> {
     stream: Arc<CudaStream>,
     dims: Dims,
     ramp: Ramp,
-    step: u64,
+    /// Optimizer steps taken (one u64 on the device): the kernels derive the
+    /// scale and AdamW its bias corrections from it, and AdamW advances it,
+    /// so no host read is needed and a captured step replays correctly.
+    step: CudaSlice<u64>,
     a: CudaSlice<T>,
     /// f32 master weights for 16-bit `T` (AdamW updates these and rounds).
     master: Option<CudaSlice<f32>>,
@@ -134,7 +144,7 @@ where
                 rank,
                 warmup_steps,
             },
-            step: 0,
+            step: stream.alloc_zeros(1)?,
             a,
             master,
             grad: stream.alloc_zeros(n)?,
@@ -179,22 +189,36 @@ where
         Ok(())
     }
 
-    /// `s = (alpha / rank)·u(step)` at the current optimizer step.
-    pub fn scale(&self) -> f32 {
-        self.ramp.scale(self.step)
+    /// `s = (alpha / rank)·u(step)` at the current optimizer step (reads the
+    /// device step: synchronises the layer's stream).
+    pub fn scale(&self) -> Result<f32> {
+        Ok(self.ramp.scale(self.step_count()?))
+    }
+
+    /// The scale as the kernels read it: from the device step, through the
+    /// ramp (bitwise [`scale`](Self::scale)).
+    pub fn device_scale(&self) -> Scale<'_> {
+        self.ramp.on_device(&self.step)
     }
 
     /// Advances the ramp by one **optimizer step**. Call it once per
     /// optimizer update, never per forward: with gradient accumulation
     /// several forwards share a step. [`adamw_step`](Self::adamw_step) calls
     /// it for you.
-    pub fn step(&mut self) {
-        self.step += 1;
+    pub fn step(&mut self) -> Result<()> {
+        advance_step(&self.stream, &mut self.step)
     }
 
-    /// Optimizer steps taken so far.
-    pub fn step_count(&self) -> u64 {
-        self.step
+    /// Optimizer steps taken so far (reads the device counter:
+    /// synchronises the layer's stream; the kernels never need this).
+    pub fn step_count(&self) -> Result<u64> {
+        Ok(self.stream.clone_dtoh(&self.step)?[0])
+    }
+
+    /// The device step counter (one u64), for a caller's own kernels or a
+    /// [`Scale::Ramp`] of its own.
+    pub fn step_counter(&self) -> &CudaSlice<u64> {
+        &self.step
     }
 
     /// The ramp (alpha, rank, warm-up).
@@ -237,23 +261,37 @@ where
     /// is added onto `y`, which must hold the caller's frozen layer output.
     /// When merged, `y = x·W0ᵀ` alone (the adapter is inside `W0`).
     ///
-    /// Returns the context [`backward`](Self::backward) needs (`S`, the scale).
+    /// Returns the context [`backward`](Self::backward) needs (`S`); the
+    /// scale is read from the device step when the kernels run.
     pub fn forward(
         &self,
         tokens: usize,
         x: &impl DevicePtr<T>,
         y: &mut impl DevicePtrMut<T>,
     ) -> Result<ForwardCtx> {
+        let mut ctx = ForwardCtx::new();
+        self.forward_into(&mut ctx, tokens, x, y)?;
+        Ok(ctx)
+    }
+
+    /// [`forward`](Self::forward) into a context kept from an earlier call:
+    /// its S buffer is reused when it is large enough, so once warmed up the
+    /// call allocates nothing, synchronises nothing and reads nothing back
+    /// (it can be captured in a CUDA graph).
+    pub fn forward_into(
+        &self,
+        ctx: &mut ForwardCtx,
+        tokens: usize,
+        x: &impl DevicePtr<T>,
+        y: &mut impl DevicePtrMut<T>,
+    ) -> Result<()> {
         let dims = self.dims.with_tokens(tokens)?;
         check_len("x", x.len(), tokens * dims.d_in())?;
         check_len("y", y.len(), tokens * dims.d_out())?;
-        let scale = self.scale();
+        ctx.tokens = tokens;
+        ctx.ran = false;
         if tokens == 0 {
-            return Ok(ForwardCtx {
-                tokens,
-                scale,
-                s: None,
-            });
+            return Ok(());
         }
         let merged = self.is_merged();
         if !merged {
@@ -274,15 +312,15 @@ where
             // describes; cuBLAS runs on the layer's stream.
             unsafe { f.blas.gemm(cfg, &f.w0, x, y)? };
             if merged {
-                return Ok(ForwardCtx {
-                    tokens,
-                    scale,
-                    s: None,
-                });
+                return Ok(());
             }
         }
-        // SAFETY of the allocation: S is written in full by the forward.
-        let mut s = unsafe { self.stream.alloc::<f32>(dims.s_len())? };
+        if ctx.s.as_ref().map_or(true, |s| s.len() < dims.s_len()) {
+            // SAFETY of the allocation: the forward writes every element of
+            // S that the backward reads (the first tokens × rank).
+            ctx.s = Some(unsafe { self.stream.alloc::<f32>(dims.s_len())? });
+        }
+        let s = ctx.s.as_mut().expect("allocated above");
         forward(
             &self.stream,
             &dims,
@@ -291,15 +329,12 @@ where
             &self.a,
             y,
             dims.d_out(),
-            Some(&mut s),
-            scale,
+            Some(s),
+            self.device_scale(),
             1.0,
         )?;
-        Ok(ForwardCtx {
-            tokens,
-            scale,
-            s: Some(s),
-        })
+        ctx.ran = true;
+        Ok(())
     }
 
     /// Backward of the [`forward`](Self::forward) that returned `ctx`, for
@@ -321,7 +356,7 @@ where
         accumulate: bool,
     ) -> Result<()> {
         let dims = self.dims.with_tokens(ctx.tokens)?;
-        let Some(s) = &ctx.s else {
+        let Some(s) = ctx.s() else {
             return Err(Error::invalid(
                 "ctx",
                 "the context of an unmerged forward with tokens > 0",
@@ -380,7 +415,7 @@ where
             dims.d_out(),
             &self.a,
             Some(s),
-            ctx.scale,
+            self.ramp.on_device(&self.step),
             dx_out,
             &mut self.grad,
             if accumulate { 1.0 } else { 0.0 },
@@ -397,10 +432,10 @@ where
                 "an unmerged layer (call unmerge before training)",
             ));
         }
-        adamw(
+        adamw_device_step(
             &self.stream,
             cfg,
-            self.step + 1,
+            &mut self.step,
             &mut self.a,
             &self.grad,
             grad_scale,
@@ -412,16 +447,14 @@ where
                     .as_mut()
                     .map(|m| m as &mut dyn DevicePtrMut<f32>),
             },
-        )?;
-        self.step();
-        Ok(())
+        )
     }
 
     /// Folds the adapter into `W0` in place with the current scale
     /// (`W0 += s·A_out·A_inᵀ`), for inference: forward then runs `x·W0ᵀ`
     /// alone. Needs a frozen `W0`; refused if already merged.
     pub fn merge(&mut self) -> Result<()> {
-        let scale = self.scale();
+        let scale = self.scale()?;
         let dims = self.dims;
         let f = self.frozen.as_mut().ok_or_else(|| no_frozen("merge"))?;
         if f.merged.is_some() {

@@ -31,6 +31,20 @@ impl Ramp {
         self.scale_f64(step) as f32
     }
 
+    /// The scale the kernels derive from a device step counter (one u64 of
+    /// optimizer steps taken): the same f64 operations as [`scale`](Self::scale),
+    /// so the same bits, with no host read of the counter.
+    pub fn on_device<'a>(
+        &self,
+        step: &'a cudarc::driver::CudaSlice<u64>,
+    ) -> crate::ops::scale::Scale<'a> {
+        crate::ops::scale::Scale::Ramp {
+            step,
+            alpha_over_rank: self.alpha / self.rank as f64,
+            warmup_steps: self.warmup_steps,
+        }
+    }
+
     /// The same scale before the final rounding (for references).
     pub fn scale_f64(&self, step: u64) -> f64 {
         self.alpha / self.rank as f64 * self.ramp(step)

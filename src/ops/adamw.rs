@@ -7,7 +7,8 @@ use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut};
 use crate::dims::check_len;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
-use crate::params::singlora_adamw_params;
+use crate::ops::regions::{check_disjoint, Region};
+use crate::params::{singlora_adamw_params, singlora_step_params};
 use crate::runtime::launch::{launch, opt_ptr_mut, THREADS};
 use crate::runtime::registry::{Family, KernelId, Kernels};
 
@@ -64,12 +65,28 @@ impl AdamW {
                 "0",
             ));
         }
-        let t = step.min(i32::MAX as u64) as i32;
         Ok((
-            1.0 - (self.beta1 as f64).powi(t),
-            1.0 - (self.beta2 as f64).powi(t),
+            1.0 - powi(self.beta1 as f64, step),
+            1.0 - powi(self.beta2 as f64, step),
         ))
     }
+}
+
+/// `x^n` (n ≥ 1) by binary powering: the exact sequence of f64 products the
+/// AdamW kernel makes from a device step (kernels/common/scale.cuh), so the
+/// host and device bias corrections have the same bits.
+pub fn powi(x: f64, mut n: u64) -> f64 {
+    let (mut x, mut r) = (x, 1.0);
+    while n != 0 {
+        if n & 1 == 1 {
+            r *= x;
+        }
+        n >>= 1;
+        if n != 0 {
+            x *= x;
+        }
+    }
+    r
 }
 
 /// The f32 optimizer state of one parameter: moments, and a master copy when
@@ -95,8 +112,83 @@ pub fn adamw<T: DType>(
     grad_scale: f32,
     state: AdamWState<'_>,
 ) -> Result<()> {
-    let n = a.len();
     let (bias1, bias2) = cfg.bias_corrections(step)?;
+    launch_adamw(
+        stream,
+        cfg,
+        (bias1 as f32, bias2 as f32, 0),
+        a,
+        grad,
+        grad_scale,
+        state,
+    )
+}
+
+/// [`adamw`] with the step on the device: `step` (one u64) counts the
+/// optimizer steps taken; this update uses `t = step + 1` for its bias
+/// corrections, computed by the kernel (bitwise [`AdamW::bias_corrections`]),
+/// and then advances `step` by one ([`advance_step`]). Nothing is read back
+/// to the host, so a captured CUDA graph replays successive steps correctly.
+pub fn adamw_device_step<T: DType>(
+    stream: &Arc<CudaStream>,
+    cfg: &AdamW,
+    step: &mut impl DevicePtrMut<u64>,
+    a: &mut impl DevicePtrMut<T>,
+    grad: &impl DevicePtr<f32>,
+    grad_scale: f32,
+    state: AdamWState<'_>,
+) -> Result<()> {
+    // The hyper-parameters are checked as for step 1; the step itself is
+    // the device's.
+    cfg.bias_corrections(1)?;
+    check_len("step", step.len(), 1)?;
+    let kernels = Kernels::for_stream(stream)?;
+    let advance = kernels.kernel(KernelId::untyped(Family::StepAdvance))?;
+    {
+        let (step_ptr, _rec) = step.device_ptr_mut(stream);
+        launch_adamw(
+            stream,
+            cfg,
+            (1.0, 1.0, step_ptr),
+            a,
+            grad,
+            grad_scale,
+            state,
+        )?;
+    }
+    let (step_ptr, _rec) = step.device_ptr_mut(stream);
+    let params = singlora_step_params { step: step_ptr };
+    // SAFETY: `step` holds at least one u64 (checked) on this stream's
+    // context, borrowed mutably; the kernel touches element 0 only.
+    unsafe { launch(stream, advance, (1, 1, 1), &params) }
+}
+
+/// Advances a device optimizer-step counter (one u64) by one, in stream
+/// order: for callers with their own optimizer that read the step through
+/// a device [`crate::ops::scale::Scale::Ramp`].
+pub fn advance_step(stream: &Arc<CudaStream>, step: &mut impl DevicePtrMut<u64>) -> Result<()> {
+    check_len("step", step.len(), 1)?;
+    let kernels = Kernels::for_stream(stream)?;
+    let kernel = kernels.kernel(KernelId::untyped(Family::StepAdvance))?;
+    let (step_ptr, _rec) = step.device_ptr_mut(stream);
+    let params = singlora_step_params { step: step_ptr };
+    // SAFETY: as in adamw_device_step.
+    unsafe { launch(stream, kernel, (1, 1, 1), &params) }
+}
+
+/// `bias`: (bias1, bias2, step pointer) — the by-value corrections, or a
+/// device step the kernel derives them from.
+fn launch_adamw<T: DType>(
+    stream: &Arc<CudaStream>,
+    cfg: &AdamW,
+    bias: (f32, f32, u64),
+    a: &mut impl DevicePtrMut<T>,
+    grad: &impl DevicePtr<f32>,
+    grad_scale: f32,
+    state: AdamWState<'_>,
+) -> Result<()> {
+    let n = a.len();
+    let (bias1, bias2, step_ptr) = bias;
     if !grad_scale.is_finite() {
         return Err(Error::invalid("grad_scale", "a finite number", grad_scale));
     }
@@ -116,6 +208,19 @@ pub fn adamw<T: DType>(
     let (m_ptr, _m_rec) = state.m.device_ptr_mut(stream);
     let (v_ptr, _v_rec) = state.v.device_ptr_mut(stream);
     let (master_ptr, _master_rec) = opt_ptr_mut(stream, state.master);
+    let t = std::mem::size_of::<T>();
+    check_disjoint(
+        &[
+            Region::contiguous("a", a_ptr, n, t)?,
+            Region::contiguous("m", m_ptr, n, 4)?,
+            Region::contiguous("v", v_ptr, n, 4)?,
+            Region::contiguous("master", master_ptr, n, 4)?,
+        ],
+        &[
+            Region::contiguous("grad", g_ptr, n, 4)?,
+            Region::contiguous("step", step_ptr, (step_ptr != 0) as usize, 8)?,
+        ],
+    )?;
     let params = singlora_adamw_params {
         a: a_ptr,
         master: master_ptr,
@@ -129,8 +234,9 @@ pub fn adamw<T: DType>(
         eps: cfg.eps,
         weight_decay: cfg.weight_decay,
         grad_scale,
-        bias1: bias1 as f32,
-        bias2: bias2 as f32,
+        bias1,
+        bias2,
+        step: step_ptr,
     };
     let blocks = n.div_ceil(THREADS as usize).min(4096) as u32;
     // SAFETY: a, grad, m, v (and master) hold at least n elements (checked

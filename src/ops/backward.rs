@@ -13,16 +13,17 @@ use std::sync::Arc;
 
 use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut};
 
-use crate::dims::{check_beta, check_len, check_scale, mul, Dims, Matrix};
+use crate::dims::{check_beta, check_len, mul, Dims, Matrix};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::ops::forward::{forward_kernels, ShrinkExpand};
 use crate::ops::regions::{check_disjoint, Region};
+use crate::ops::scale::{RawScale, Scale};
 use crate::params::{
     singlora_da_params, SINGLORA_DA_BD, SINGLORA_DA_MIN_SPLIT_TOKENS, SINGLORA_DA_TARGET_BLOCKS,
 };
 use crate::runtime::launch::{launch, opt_ptr, opt_ptr_mut, vec_ok, THREADS};
-use crate::runtime::registry::{Family, KernelId, Kernels};
+use crate::runtime::registry::{Family, Kernel, KernelId, Kernels};
 
 /// f32 elements of each workspace segment are rounded up to this (256 bytes)
 /// so every segment starts 16-byte aligned.
@@ -113,7 +114,7 @@ pub struct BackwardShape {
     x: Matrix,
     g: Matrix,
     dx: Option<(Matrix, f32)>,
-    scale: f32,
+    scale: RawScale,
     da_beta: f32,
     ws: Workspace,
 }
@@ -128,7 +129,7 @@ impl BackwardShape {
         ld_g: usize,
         dx: Option<(usize, f32)>,
         saved_s: bool,
-        scale: f32,
+        scale: impl Into<RawScale>,
         da_beta: f32,
     ) -> Result<Self> {
         let x = dims.x(ld_x)?;
@@ -141,7 +142,8 @@ impl BackwardShape {
             }
             None => None,
         };
-        check_scale(scale)?;
+        let scale = scale.into();
+        scale.check()?;
         check_beta("da_beta", da_beta)?;
         Ok(Self {
             dims: *dims,
@@ -224,6 +226,7 @@ impl BackwardShape {
                 Region::matrix(ptrs.g, &self.g, elem)?,
                 Region::contiguous("a", ptrs.a, dims.a_len(), elem)?,
                 Region::contiguous("saved_s", ptrs.saved_s, dims.s_len(), 4)?,
+                Region::scale(&self.scale)?,
             ],
         )
     }
@@ -246,7 +249,7 @@ impl BackwardShape {
 /// Every argument is checked before anything is enqueued; a refused call
 /// leaves every output untouched. The call only enqueues work.
 #[allow(clippy::too_many_arguments)]
-pub fn backward<T: DType>(
+pub fn backward<'s, T: DType>(
     stream: &Arc<CudaStream>,
     dims: &Dims,
     x: &impl DevicePtr<T>,
@@ -255,7 +258,7 @@ pub fn backward<T: DType>(
     ld_g: usize,
     a: &impl DevicePtr<T>,
     saved_s: Option<&dyn DevicePtr<f32>>,
-    scale: f32,
+    scale: impl Into<Scale<'s>>,
     dx: Option<DxOut<'_, T>>,
     da: &mut impl DevicePtrMut<f32>,
     da_beta: f32,
@@ -272,13 +275,15 @@ pub fn backward<T: DType>(
         da: da.len(),
         workspace: workspace_buf.len(),
     };
+    let scale = scale.into();
+    let (raw_scale, _scale_rec) = scale.raw(stream)?;
     let shape = BackwardShape::new(
         dims,
         ld_x,
         ld_g,
         lens.dx.map(|(_, ld, beta)| (ld, beta)),
         saved_s.is_some(),
-        scale,
+        raw_scale,
         da_beta,
     )?;
     shape.check_lens(&lens)?;
@@ -371,13 +376,19 @@ pub fn check_backward(dims: &Dims, lens: &BackwardLens, scale: f32, da_beta: f32
 /// that cannot run one refuses the call before any output is touched.
 pub(crate) fn backward_kernels<T: DType>(kernels: &Kernels, rank: usize) -> Result<()> {
     forward_kernels::<T>(kernels, rank)?;
-    kernels.kernel(da_partial_id::<T>(rank))?;
+    da_partial_kernel::<T>(kernels, rank)?;
     kernels.kernel(KernelId::untyped(Family::BackwardDaReduce))?;
     Ok(())
 }
 
-fn da_partial_id<T: DType>(rank: usize) -> KernelId {
-    KernelId::of::<T>(Family::BackwardDaPartial, rank).expect("validated ranks fit the dA buckets")
+/// The regular dA partial kernel, or its small configuration on devices
+/// that cannot grant the regular one's shared memory.
+fn da_partial_kernel<T: DType>(kernels: &Kernels, rank: usize) -> Result<&Kernel> {
+    kernels.fitting::<T>(
+        Family::BackwardDaPartial,
+        Family::BackwardDaPartialSmall,
+        rank,
+    )
 }
 
 /// Enqueues Q (and dX), S when not saved, the dA partials and their
@@ -396,7 +407,7 @@ unsafe fn launch_backward<T: DType>(
     // Look every kernel up first: a device that cannot run one of them
     // refuses the call before any output is touched.
     backward_kernels::<T>(kernels, dims.rank())?;
-    let partial = kernels.kernel(da_partial_id::<T>(dims.rank()))?;
+    let partial = da_partial_kernel::<T>(kernels, dims.rank())?;
     let reduce = kernels.kernel(KernelId::untyped(Family::BackwardDaReduce))?;
     let (ld_dx, dx_beta) = shape.dx.map_or((0, 0.0), |(m, beta)| (m.ld(), beta));
     let f32_at = |offset: usize| p.workspace + (offset * 4) as u64;
@@ -459,10 +470,11 @@ unsafe fn launch_backward<T: DType>(
         rank: dims.rank() as i32,
         rank_pad: dims.rank_pad() as i32,
         splits: ws.splits as i32,
-        scale: shape.scale,
+        scale: shape.scale.param(1.0),
         da_beta: shape.da_beta,
         x_vec: vec_ok::<T>(p.x, shape.x.ld()),
         g_vec: vec_ok::<T>(p.g, shape.g.ld()),
+        pad_: 0,
     };
     let bands = dims.d().div_ceil(partial.info.block_rows as usize) as u32;
     let rank_splits = partial.info.rank_cap / partial.info.block_cols;

@@ -11,13 +11,14 @@ use std::sync::Arc;
 
 use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut};
 
-use crate::dims::{check_beta, check_len, check_scale, Dims, Matrix};
+use crate::dims::{check_beta, check_len, Dims, Matrix};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::ops::regions::{check_disjoint, Region};
+use crate::ops::scale::{RawScale, Scale};
 use crate::params::{singlora_forward_params, SINGLORA_DECODE_CLUSTER};
 use crate::runtime::launch::{launch, opt_ptr_mut, vec_ok};
-use crate::runtime::registry::{Family, KernelId, Kernels};
+use crate::runtime::registry::{Family, Kernel, KernelId, Kernels};
 
 /// The checked shapes and scalars of one forward call.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -25,17 +26,24 @@ pub struct ForwardShape {
     dims: Dims,
     x: Matrix,
     y: Matrix,
-    scale: f32,
+    scale: RawScale,
     beta: f32,
 }
 
 impl ForwardShape {
-    /// Checks the strides (`ld_x ≥ d_in`, `ld_y ≥ d_out`), the scale
-    /// (finite) and beta (0 or 1).
-    pub fn new(dims: &Dims, ld_x: usize, ld_y: usize, scale: f32, beta: f32) -> Result<Self> {
+    /// Checks the strides (`ld_x ≥ d_in`, `ld_y ≥ d_out`), the scale (a
+    /// finite value, or an aligned device pointer) and beta (0 or 1).
+    pub fn new(
+        dims: &Dims,
+        ld_x: usize,
+        ld_y: usize,
+        scale: impl Into<RawScale>,
+        beta: f32,
+    ) -> Result<Self> {
         let x = dims.x(ld_x)?;
         let y = dims.out_rows("y", "ld_y", ld_y)?;
-        check_scale(scale)?;
+        let scale = scale.into();
+        scale.check()?;
         check_beta("beta", beta)?;
         Ok(Self {
             dims: *dims,
@@ -79,6 +87,7 @@ impl ForwardShape {
             &[
                 Region::matrix(ptrs.x, &self.x, elem)?,
                 Region::contiguous("a", ptrs.a, self.dims.a_len(), elem)?,
+                Region::scale(&self.scale)?,
             ],
         )
     }
@@ -106,9 +115,10 @@ pub struct ForwardPtrs {
 ///
 /// Every argument is checked before anything is enqueued; a refused call
 /// leaves `y` and `s` untouched. The call only enqueues work (no allocation,
-/// no synchronisation), so it can be captured in a CUDA graph.
+/// no synchronisation), so it can be captured in a CUDA graph; with a
+/// device [`Scale`] the captured graph follows the scale as it changes.
 #[allow(clippy::too_many_arguments)]
-pub fn forward<T: DType>(
+pub fn forward<'s, T: DType>(
     stream: &Arc<CudaStream>,
     dims: &Dims,
     x: &impl DevicePtr<T>,
@@ -117,10 +127,12 @@ pub fn forward<T: DType>(
     y: &mut impl DevicePtrMut<T>,
     ld_y: usize,
     s: Option<&mut dyn DevicePtrMut<f32>>,
-    scale: f32,
+    scale: impl Into<Scale<'s>>,
     beta: f32,
 ) -> Result<()> {
-    let shape = ForwardShape::new(dims, ld_x, ld_y, scale, beta)?;
+    let scale = scale.into();
+    let (raw_scale, _scale_rec) = scale.raw(stream)?;
+    let shape = ForwardShape::new(dims, ld_x, ld_y, raw_scale, beta)?;
     shape.check_lens(x.len(), a.len(), y.len(), s.as_ref().map(|s| s.len()))?;
     let (x_ptr, _x_rec) = x.device_ptr(stream);
     let (a_ptr, _a_rec) = a.device_ptr(stream);
@@ -196,12 +208,14 @@ pub fn check_forward(
 /// writes an output before the forward (the layer's frozen GEMM) can be
 /// refused first. The decode variant is optional and never refuses.
 pub(crate) fn forward_kernels<T: DType>(kernels: &Kernels, rank: usize) -> Result<()> {
-    kernels.kernel(shrink_expand_id::<T>(rank))?;
+    shrink_expand_kernel::<T>(kernels, rank)?;
     Ok(())
 }
 
-fn shrink_expand_id<T: DType>(rank: usize) -> KernelId {
-    KernelId::of::<T>(Family::Forward, rank).expect("validated ranks fit the forward's buckets")
+/// The regular shrink-expand kernel, or its small configuration on devices
+/// that cannot grant the regular one's shared memory.
+fn shrink_expand_kernel<T: DType>(kernels: &Kernels, rank: usize) -> Result<&Kernel> {
+    kernels.fitting::<T>(Family::Forward, Family::ForwardSmall, rank)
 }
 
 /// One launch of the shrink-expand kernel: `s_out = input · A[:k_dim]`,
@@ -217,7 +231,7 @@ pub(crate) struct ShrinkExpand {
     pub s_out: u64,
     pub tokens: usize,
     pub rank: usize,
-    pub scale: f32,
+    pub scale: RawScale,
     pub beta: f32,
 }
 
@@ -278,7 +292,7 @@ impl ShrinkExpand {
         kernels: &Kernels,
     ) -> Result<()> {
         let sm = kernels.sm_count() as usize;
-        let normal = kernels.kernel(shrink_expand_id::<T>(self.rank))?;
+        let normal = shrink_expand_kernel::<T>(kernels, self.rank)?;
         let bm = normal.info.block_rows as usize;
         let bn = normal.info.block_cols as usize;
         // Decode sizes where the module has the cluster kernels (sm_90a).
@@ -309,7 +323,7 @@ impl ShrinkExpand {
             n_dim: self.n_dim as i32,
             rank: self.rank as i32,
             cols_per_block: grid.cols_per_block.min(i32::MAX as usize) as i32,
-            scale: self.scale,
+            scale: self.scale.param(1.0),
             beta: self.beta,
             in_vec: vec_ok::<T>(self.input, self.ld_in),
             out_vec: vec_ok::<T>(self.out, self.ld_out),

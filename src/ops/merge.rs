@@ -14,10 +14,11 @@ use std::sync::Arc;
 
 use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut};
 
-use crate::dims::{check_len, check_scale, Dims, Matrix};
+use crate::dims::{check_len, Dims, Matrix};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::ops::regions::{check_disjoint, Region};
+use crate::ops::scale::{RawScale, Scale};
 use crate::params::{singlora_merge_params, SINGLORA_MERGE_BM, SINGLORA_MERGE_BN};
 use crate::runtime::launch::{launch, vec_ok};
 use crate::runtime::registry::{Family, KernelId, Kernels};
@@ -27,29 +28,74 @@ use crate::runtime::registry::{Family, KernelId, Kernels};
 ///
 /// Every argument is checked before anything is enqueued; a refused call
 /// leaves `w` untouched. The call only enqueues work.
-pub fn merge<T: DType>(
+pub fn merge<'s, T: DType>(
     stream: &Arc<CudaStream>,
     dims: &Dims,
     w: &mut impl DevicePtrMut<T>,
     ld_w: usize,
     a: &impl DevicePtr<T>,
-    scale: f32,
+    scale: impl Into<Scale<'s>>,
 ) -> Result<()> {
-    fold(stream, dims, w, ld_w, a, scale)
+    fold(
+        stream,
+        dims,
+        w,
+        ld_w,
+        a,
+        scale.into(),
+        (false, MergeKernel::default()),
+    )
 }
 
 /// `w` ← `w − scale · A[:d_out] · A[:d_in]ᵀ`: undoes [`merge`] with the same
 /// `a` and `scale` (to within one rounding per element).
-pub fn unmerge<T: DType>(
+pub fn unmerge<'s, T: DType>(
     stream: &Arc<CudaStream>,
     dims: &Dims,
     w: &mut impl DevicePtrMut<T>,
     ld_w: usize,
     a: &impl DevicePtr<T>,
-    scale: f32,
+    scale: impl Into<Scale<'s>>,
 ) -> Result<()> {
-    check_scale(scale)?;
-    fold(stream, dims, w, ld_w, a, -scale)
+    fold(
+        stream,
+        dims,
+        w,
+        ld_w,
+        a,
+        scale.into(),
+        (true, MergeKernel::default()),
+    )
+}
+
+/// Which kernel forms the product of a merge. Both give merge and unmerge
+/// bit-identical products, so each undoes the other to one rounding.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum MergeKernel {
+    /// f32 FMAs on CUDA cores in a fixed order (kernels/merge/merge.cu):
+    /// the proven default.
+    #[default]
+    Fma,
+    /// mma.sync on tensor cores, W read and written with 16-byte accesses
+    /// (kernels/merge/merge_mma.cu). Opt-in until a GPU run proves it
+    /// correct and faster.
+    TensorCore,
+}
+
+/// [`merge`] (`undo` false) or [`unmerge`] (`undo` true) with the product
+/// formed by `kernel`.
+#[allow(clippy::too_many_arguments)]
+pub fn merge_with<'s, T: DType>(
+    stream: &Arc<CudaStream>,
+    dims: &Dims,
+    w: &mut impl DevicePtrMut<T>,
+    ld_w: usize,
+    a: &impl DevicePtr<T>,
+    scale: impl Into<Scale<'s>>,
+    undo: bool,
+    kernel: MergeKernel,
+) -> Result<()> {
+    fold(stream, dims, w, ld_w, a, scale.into(), (undo, kernel))
 }
 
 fn fold<T: DType>(
@@ -58,9 +104,12 @@ fn fold<T: DType>(
     w: &mut impl DevicePtrMut<T>,
     ld_w: usize,
     a: &impl DevicePtr<T>,
-    scale: f32,
+    scale: Scale<'_>,
+    (undo, kernel): (bool, MergeKernel),
 ) -> Result<()> {
-    let shape = MergeShape::new(dims, ld_w, scale)?;
+    let (raw_scale, _scale_rec) = scale.raw(stream)?;
+    let shape = MergeShape::new(dims, ld_w, raw_scale)?.with_kernel(kernel);
+    let shape = if undo { shape.undo() } else { shape };
     shape.check_lens(w.len(), a.len())?;
     let (a_ptr, _a_rec) = a.device_ptr(stream);
     let (w_ptr, _w_rec) = w.device_ptr_mut(stream);
@@ -71,21 +120,24 @@ fn fold<T: DType>(
 }
 
 /// The checked shape of a merge or unmerge: the weight `d_out × d_in` with
-/// row stride `ld_w`, and the signed scale (negative for unmerge).
+/// row stride `ld_w`, the scale and its sign (-1 for unmerge).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct MergeShape {
     dims: Dims,
     w: Matrix,
-    scale: f32,
+    scale: RawScale,
+    sign: f32,
+    kernel: MergeKernel,
 }
 
 impl MergeShape {
     /// Checks `ld_w ≥ d_in`, a finite scale, and that `d_out` fits the grid
     /// (65535 row blocks of SINGLORA_MERGE_BM rows). `dims.tokens()` plays
     /// no part.
-    pub fn new(dims: &Dims, ld_w: usize, scale: f32) -> Result<Self> {
+    pub fn new(dims: &Dims, ld_w: usize, scale: impl Into<RawScale>) -> Result<Self> {
         let w = Matrix::new("w", "ld_w", dims.d_out(), dims.d_in(), ld_w)?;
-        check_scale(scale)?;
+        let scale = scale.into();
+        scale.check()?;
         let max_rows = 65535 * SINGLORA_MERGE_BM as usize;
         if dims.d_out() > max_rows {
             return Err(Error::InvalidDim {
@@ -98,13 +150,21 @@ impl MergeShape {
             dims: *dims,
             w,
             scale,
+            sign: 1.0,
+            kernel: MergeKernel::default(),
         })
     }
 
-    /// The same shape with the scale negated: the unmerge of this merge.
+    /// The same shape with the product formed by `kernel`.
+    pub fn with_kernel(&self, kernel: MergeKernel) -> Self {
+        Self { kernel, ..*self }
+    }
+
+    /// The same shape with the scale negated (exactly, on the device too):
+    /// the unmerge of this merge.
     pub fn undo(&self) -> Self {
         Self {
-            scale: -self.scale,
+            sign: -self.sign,
             ..*self
         }
     }
@@ -120,7 +180,10 @@ impl MergeShape {
     pub fn check_ptrs(&self, w: u64, a: u64, elem: usize) -> Result<()> {
         check_disjoint(
             &[Region::matrix(w, &self.w, elem)?],
-            &[Region::contiguous("a", a, self.dims.a_len(), elem)?],
+            &[
+                Region::contiguous("a", a, self.dims.a_len(), elem)?,
+                Region::scale(&self.scale)?,
+            ],
         )
     }
 }
@@ -143,10 +206,24 @@ pub unsafe fn merge_raw<T: DType>(
     let elem = std::mem::size_of::<T>();
     shape.check_ptrs(w, a, elem)?;
     let kernels = Kernels::for_stream(stream)?;
-    let kernel = kernels
-        .kernel(KernelId::of::<T>(Family::Merge, dims.rank()).expect("merge is unranked"))?;
-    let grid_x = dims.d_in().div_ceil(SINGLORA_MERGE_BN as usize);
-    let grid_y = dims.d_out().div_ceil(SINGLORA_MERGE_BM as usize);
+    let family = match shape.kernel {
+        MergeKernel::Fma => Family::Merge,
+        MergeKernel::TensorCore => Family::MergeMma,
+    };
+    let kernel =
+        kernels.kernel(KernelId::of::<T>(family, dims.rank()).expect("merge is unranked"))?;
+    // Both kernels tile W in blocks of SINGLORA_MERGE_BM × SINGLORA_MERGE_BN,
+    // as each publishes (MergeShape::new bounds d_out for the grid).
+    let (bm, bn) = (
+        kernel.info.block_rows as usize,
+        kernel.info.block_cols as usize,
+    );
+    debug_assert_eq!(
+        (bm, bn),
+        (SINGLORA_MERGE_BM as usize, SINGLORA_MERGE_BN as usize)
+    );
+    let grid_x = dims.d_in().div_ceil(bn);
+    let grid_y = dims.d_out().div_ceil(bm);
     let ld_w = shape.w.ld();
     let params = singlora_merge_params {
         w,
@@ -155,9 +232,10 @@ pub unsafe fn merge_raw<T: DType>(
         d_in: dims.d_in() as i32,
         d_out: dims.d_out() as i32,
         rank: dims.rank() as i32,
-        scale: shape.scale,
+        scale: shape.scale.param(shape.sign),
         w_pair: (w % (2 * elem as u64) == 0 && ld_w % 2 == 0) as i32,
         w_vec: vec_ok::<T>(w, ld_w),
+        pad_: 0,
     };
     launch(stream, kernel, (grid_x as u32, grid_y as u32, 1), &params)
 }

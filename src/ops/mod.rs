@@ -10,3 +10,4 @@ pub mod forward;
 pub mod merge;
 pub mod mse;
 pub(crate) mod regions;
+pub mod scale;

@@ -8,6 +8,7 @@ use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut};
 use crate::dims::{check_len, Matrix};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
+use crate::ops::regions::{check_disjoint, Region};
 use crate::params::{singlora_mse_params, SINGLORA_MSE_BLOCKS};
 use crate::runtime::launch::launch;
 use crate::runtime::registry::{Family, KernelId, Kernels};
@@ -55,11 +56,18 @@ pub fn mse<T: DType>(
             loss_scale,
         ));
     }
-    Matrix::new("pred", "ld_pred", rows, cols, ld_pred)?.check_len(pred.len())?;
-    Matrix::new("target", "ld_target", rows, cols, ld_target)?.check_len(target.len())?;
-    if let Some((g, ld)) = &grad {
-        Matrix::new("grad", "ld_grad", rows, cols, *ld)?.check_len(g.len())?;
-    }
+    let pred_m = Matrix::new("pred", "ld_pred", rows, cols, ld_pred)?;
+    pred_m.check_len(pred.len())?;
+    let target_m = Matrix::new("target", "ld_target", rows, cols, ld_target)?;
+    target_m.check_len(target.len())?;
+    let grad_m = match &grad {
+        Some((g, ld)) => {
+            let m = Matrix::new("grad", "ld_grad", rows, cols, *ld)?;
+            m.check_len(g.len())?;
+            Some(m)
+        }
+        None => None,
+    };
     check_len("partial", partial.len(), MSE_PARTIALS)?;
     let kernels = Kernels::for_stream(stream)?;
     let kernel = kernels.kernel(KernelId::of::<T>(Family::Mse, 0).expect("mse is unranked"))?;
@@ -73,6 +81,21 @@ pub fn mse<T: DType>(
         None => (0, 0, None),
     };
     let (partial_ptr, _partial_rec) = partial.device_ptr_mut(stream);
+    let t = std::mem::size_of::<T>();
+    let grad_region = match &grad_m {
+        Some(m) => Region::matrix(g_ptr, m, t)?,
+        None => Region::contiguous("grad", 0, 0, t)?,
+    };
+    check_disjoint(
+        &[
+            grad_region,
+            Region::contiguous("partial", partial_ptr, MSE_PARTIALS, 4)?,
+        ],
+        &[
+            Region::matrix(p_ptr, &pred_m, t)?,
+            Region::matrix(t_ptr, &target_m, t)?,
+        ],
+    )?;
     let params = singlora_mse_params {
         pred: p_ptr,
         target: t_ptr,

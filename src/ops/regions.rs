@@ -43,6 +43,12 @@ impl Region {
         Self::new(name, ptr, (bytes > 0) as u64, bytes, bytes)
     }
 
+    /// The device scalar a scale is read through (absent for a value).
+    pub(crate) fn scale(scale: &crate::ops::scale::RawScale) -> Result<Self> {
+        let (name, ptr, bytes) = scale.region();
+        Self::contiguous(name, ptr, bytes, 1)
+    }
+
     fn new(name: &'static str, ptr: u64, rows: u64, width: u64, pitch: u64) -> Result<Self> {
         let r = Self {
             name,

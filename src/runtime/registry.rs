@@ -36,28 +36,6 @@ pub static FATBIN_SM90: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/singlo
 /// when a context's module is loaded.
 pub const SMEM_LIMIT_ENV: &str = "SINGLORA_MAX_SMEM_PER_BLOCK";
 
-/// How a family is instantiated over ranks.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Buckets {
-    /// One kernel (per element type) for every rank.
-    Unranked,
-    /// One per [`RANK_BUCKETS`] entry.
-    Ranked,
-    /// One per [`DECODE_RANK_BUCKETS`] entry.
-    Decode,
-}
-
-impl Buckets {
-    /// The rank capacities instantiated (empty for [`Buckets::Unranked`]).
-    pub fn list(self) -> &'static [usize] {
-        match self {
-            Buckets::Unranked => &[],
-            Buckets::Ranked => &RANK_BUCKETS,
-            Buckets::Decode => &DECODE_RANK_BUCKETS,
-        }
-    }
-}
-
 /// One family of `SINGLORA_FAMILIES`.
 #[derive(Clone, Copy, Debug)]
 pub struct FamilySpec {
@@ -66,7 +44,9 @@ pub struct FamilySpec {
     pub name: &'static str,
     /// One kernel per element type.
     pub by_dtype: bool,
-    pub buckets: Buckets,
+    /// The rank capacities instantiated, smallest first (empty: one kernel
+    /// for every rank).
+    pub buckets: &'static [usize],
     /// sm_90a code, in the sm_90a module.
     pub sm90: bool,
 }
@@ -95,9 +75,17 @@ impl KernelId {
     pub fn of<T: DType>(family: Family, rank: usize) -> Option<Self> {
         let spec = family.spec();
         let dtype = if spec.by_dtype { T::CODE as usize } else { 0 };
-        let bucket = match spec.buckets {
-            Buckets::Unranked => 0,
-            b => b.list().iter().position(|&cap| rank <= cap)?,
+        let bucket = if spec.buckets.is_empty() {
+            0
+        } else {
+            // A small-configuration family may lack the lower buckets: the
+            // rank must fit the bucket the regular family would pick.
+            let regular = RANK_BUCKETS.iter().find(|&&cap| rank <= cap)?;
+            let b = spec.buckets.iter().position(|&cap| rank <= cap)?;
+            if spec.buckets[b] != *regular && spec.name.ends_with("_small") {
+                return None;
+            }
+            b
         };
         Some(Self {
             family,
@@ -108,7 +96,7 @@ impl KernelId {
 
     /// The one kernel of a family with neither element types nor buckets.
     pub fn untyped(family: Family) -> Self {
-        debug_assert!(!family.spec().by_dtype && family.spec().buckets == Buckets::Unranked);
+        debug_assert!(!family.spec().by_dtype && family.spec().buckets.is_empty());
         Self {
             family,
             dtype: 0,
@@ -129,8 +117,8 @@ impl KernelId {
             name.push('_');
             name.push_str(DTYPE_NAMES[self.dtype]);
         }
-        if spec.buckets != Buckets::Unranked {
-            name.push_str(&format!("_r{}", spec.buckets.list()[self.bucket]));
+        if !spec.buckets.is_empty() {
+            name.push_str(&format!("_r{}", spec.buckets[self.bucket]));
         }
         name
     }
@@ -167,7 +155,7 @@ impl KernelId {
 }
 
 fn slots_per_dtype(spec: &FamilySpec) -> usize {
-    spec.buckets.list().len().max(1)
+    spec.buckets.len().max(1)
 }
 
 fn kernels_of(spec: &FamilySpec) -> usize {
@@ -293,6 +281,29 @@ impl Kernels {
         Ok(kernel)
     }
 
+    /// The kernel of a family for element type `T` and `rank` that fits this
+    /// device: the regular configuration, or, where the device cannot grant
+    /// its shared memory, the `small` family's (sm_86/sm_89). The regular
+    /// kernel's refusal when neither fits.
+    pub(crate) fn fitting<T: DType>(
+        &self,
+        regular: Family,
+        small: Family,
+        rank: usize,
+    ) -> Result<&Kernel> {
+        let id = KernelId::of::<T>(regular, rank).ok_or_else(|| Error::MissingKernel {
+            kernel: format!("{} for rank {rank}", regular.spec().name),
+        })?;
+        match self.kernel(id) {
+            Err(Error::SharedMemoryTooSmall { .. })
+                if KernelId::of::<T>(small, rank).is_some_and(|s| self.has(s)) =>
+            {
+                self.kernel(KernelId::of::<T>(small, rank).expect("checked above"))
+            }
+            other => other,
+        }
+    }
+
     /// The kernel exists in a loaded module and fits this device.
     pub(crate) fn has(&self, id: KernelId) -> bool {
         self.table[id.index()].as_ref().is_some_and(|k| k.fits)
@@ -407,6 +418,17 @@ mod tests {
             "forward_decode_sm90_bf16_r64"
         );
         assert_eq!(name(Family::ForwardDecodeSm90, 65), None);
+        // Small configurations exist only where the regular one is too big.
+        assert_eq!(
+            name(Family::ForwardSmall, 200).unwrap(),
+            "forward_small_bf16_r256"
+        );
+        assert_eq!(name(Family::ForwardSmall, 100), None);
+        assert_eq!(
+            name(Family::BackwardDaPartialSmall, 100).unwrap(),
+            "backward_da_partial_small_bf16_r128"
+        );
+        assert_eq!(name(Family::BackwardDaPartialSmall, 64), None);
         assert_eq!(name(Family::Merge, 200).unwrap(), "merge_bf16");
         assert_eq!(KernelId::untyped(Family::Fill).name(), "fill");
         assert_eq!(

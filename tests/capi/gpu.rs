@@ -88,53 +88,53 @@ fn forward_backward<T: DType>(code: i32) {
     let ws_len = backward_workspace_len(&dims, true).unwrap();
     let ws_c = poisoned::<f32>(&gpu, ws_len);
     let (t, di, dout, rk) = (tokens as i64, d_in as i64, d_out as i64, rank as i64);
+    let fwd = Fwd {
+        dtype: code,
+        device: 0,
+        tokens: t,
+        d_in: di,
+        d_out: dout,
+        rank: rk,
+        x: ptr(&gpu, &x),
+        ld_x: ld_x as i64,
+        a: ptr(&gpu, &a),
+        y: ptr(&gpu, &y_c),
+        ld_y: ld_y as i64,
+        s: ptr(&gpu, &s_c),
+        scale: SCALE,
+        beta: 1.0,
+        stream: stream(&gpu),
+    };
+    let bwd = Bwd {
+        x: ptr(&gpu, &x),
+        ld_x: ld_x as i64,
+        g: ptr(&gpu, &g),
+        ld_g: ld_y as i64,
+        a: ptr(&gpu, &a),
+        saved_s: ptr(&gpu, &s_c),
+        scale: SCALE,
+        dx: ptr(&gpu, &dx_c),
+        ld_dx: ld_x as i64,
+        dx_beta: 0.0,
+        da: ptr(&gpu, &da_c),
+        da_beta: 0.0,
+        workspace: ptr(&gpu, &ws_c),
+        workspace_bytes: ws_len as u64 * 4,
+        tokens: t,
+        d_in: di,
+        d_out: dout,
+        rank: rk,
+        dtype: code,
+        device: 0,
+        stream: stream(&gpu),
+    };
     // SAFETY: every pointer addresses a live buffer of the size the
     // arguments describe, on device 0's primary context; `stream` is the
     // harness's stream of that context; the buffers outlive the
     // downloads below, which synchronise.
     unsafe {
-        let st = singlora_forward(
-            code,
-            0,
-            t,
-            di,
-            dout,
-            rk,
-            ptr(&gpu, &x),
-            ld_x as i64,
-            ptr(&gpu, &a),
-            ptr(&gpu, &y_c),
-            ld_y as i64,
-            ptr(&gpu, &s_c),
-            SCALE,
-            1.0,
-            stream(&gpu),
-        );
-        assert_eq!(st, SINGLORA_OK, "{}", last_error());
-        let st = singlora_backward(
-            code,
-            0,
-            t,
-            di,
-            dout,
-            rk,
-            ptr(&gpu, &x),
-            ld_x as i64,
-            ptr(&gpu, &g),
-            ld_y as i64,
-            ptr(&gpu, &a),
-            ptr(&gpu, &s_c),
-            SCALE,
-            ptr(&gpu, &dx_c),
-            ld_x as i64,
-            0.0,
-            ptr(&gpu, &da_c),
-            0.0,
-            ptr(&gpu, &ws_c),
-            ws_len as u64 * 4,
-            stream(&gpu),
-        );
-        assert_eq!(st, SINGLORA_OK, "{}", last_error());
+        assert_eq!(fwd.launch(), SINGLORA_OK, "{}", last_error());
+        assert_eq!(bwd.launch(), SINGLORA_OK, "{}", last_error());
     }
     assert!(bits(&gpu, &y_c) == bits(&gpu, &y_r), "{} y", T::NAME);
     assert!(bits(&gpu, &s_c) == bits(&gpu, &s_r), "{} S", T::NAME);
@@ -155,27 +155,15 @@ fn forward_backward<T: DType>(code: i32) {
     // The NULL (legacy default) stream works too.
     let y_n = upload::<T>(&gpu, &y0);
     gpu.stream.synchronize().unwrap();
+    let null_stream = Fwd {
+        y: ptr(&gpu, &y_n),
+        s: 0,
+        stream: std::ptr::null_mut(),
+        ..fwd
+    };
     // SAFETY: as above; the legacy stream is synchronised before reading.
-    unsafe {
-        let st = singlora_forward(
-            code,
-            0,
-            t,
-            di,
-            dout,
-            rk,
-            ptr(&gpu, &x),
-            ld_x as i64,
-            ptr(&gpu, &a),
-            ptr(&gpu, &y_n),
-            ld_y as i64,
-            0,
-            SCALE,
-            1.0,
-            std::ptr::null_mut(),
-        );
-        assert_eq!(st, SINGLORA_OK, "{}", last_error());
-    }
+    let st = unsafe { null_stream.launch() };
+    assert_eq!(st, SINGLORA_OK, "{}", last_error());
     gpu.ctx.synchronize().unwrap();
     assert!(
         bits(&gpu, &y_n) == bits(&gpu, &y_r),
@@ -210,40 +198,27 @@ fn capi_merge_unmerge_equal_the_rust_api() {
     let mut w_r = upload::<bf16>(&gpu, &w0);
     let w_c = upload::<bf16>(&gpu, &w0);
     merge(&gpu.stream, &dims, &mut w_r, ld_w, &a, SCALE).unwrap();
-    let call = |f: unsafe extern "C" fn(
-        i32,
-        i32,
-        i64,
-        i64,
-        i64,
-        u64,
-        i64,
-        u64,
-        f32,
-        *mut c_void,
-    ) -> i32| {
-        // SAFETY: w_c and a are live buffers of the described shapes on
-        // device 0's primary context, on the harness's stream.
-        let st = unsafe {
-            f(
-                BF16,
-                0,
-                d_in as i64,
-                d_out as i64,
-                rank as i64,
-                ptr(&gpu, &w_c),
-                ld_w as i64,
-                ptr(&gpu, &a),
-                SCALE,
-                stream(&gpu),
-            )
-        };
-        assert_eq!(st, SINGLORA_OK, "{}", last_error());
+    let m = Merge {
+        dtype: BF16,
+        device: 0,
+        d_in: d_in as i64,
+        d_out: d_out as i64,
+        rank: rank as i64,
+        w: ptr(&gpu, &w_c),
+        ld_w: ld_w as i64,
+        a: ptr(&gpu, &a),
+        scale: SCALE,
+        stream: stream(&gpu),
     };
-    call(singlora_merge);
+    // SAFETY: w_c and a are live buffers of the described shapes on device
+    // 0's primary context, on the harness's stream.
+    let st = unsafe { m.launch() };
+    assert_eq!(st, SINGLORA_OK, "{}", last_error());
     assert!(bits(&gpu, &w_c) == bits(&gpu, &w_r), "merge");
     unmerge(&gpu.stream, &dims, &mut w_r, ld_w, &a, SCALE).unwrap();
-    call(singlora_unmerge);
+    // SAFETY: as above.
+    let st = unsafe { m.launch_with(singlora_unmerge) };
+    assert_eq!(st, SINGLORA_OK, "{}", last_error());
     assert!(bits(&gpu, &w_c) == bits(&gpu, &w_r), "unmerge");
 }
 
@@ -265,27 +240,26 @@ fn capi_refuses_a_stream_of_another_context() {
     let x = upload::<bf16>(&gpu, &vec![1.0; 4 * 32]);
     let a = upload::<bf16>(&gpu, &vec![1.0; dims.a_len()]);
     let y = upload::<bf16>(&gpu, &vec![1.0; 4 * 32]);
+    let f = Fwd {
+        dtype: BF16,
+        device: 0,
+        tokens: 4,
+        d_in: 32,
+        d_out: 32,
+        rank: 8,
+        x: ptr(&gpu, &x),
+        ld_x: 32,
+        a: ptr(&gpu, &a),
+        y: ptr(&gpu, &y),
+        ld_y: 32,
+        s: 0,
+        scale: 1.0,
+        beta: 0.0,
+        stream: foreign.cu_stream() as *mut c_void,
+    };
     // SAFETY: the buffers are live on device 0's primary context; the
     // call is refused before any launch.
-    let st = unsafe {
-        singlora_forward(
-            BF16,
-            0,
-            4,
-            32,
-            32,
-            8,
-            ptr(&gpu, &x),
-            32,
-            ptr(&gpu, &a),
-            ptr(&gpu, &y),
-            32,
-            0,
-            1.0,
-            0.0,
-            foreign.cu_stream() as *mut c_void,
-        )
-    };
+    let st = unsafe { f.launch() };
     assert_refused(st, SINGLORA_ERROR_INVALID_ARGUMENT, "stream");
     assert!(
         download(&gpu, &y).iter().all(|&v| v == 1.0),

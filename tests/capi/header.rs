@@ -132,19 +132,34 @@ fn header_defines(header: &str) -> Vec<(String, i64)> {
         .collect()
 }
 
+/// One C type of the ABI as (src/ffi/exports.rs, python/singlora/_lib.py,
+/// C) spell it.
+type Spelling = (&'static str, &'static str, &'static str);
+
+const SPELLINGS: &[Spelling] = &[
+    ("i32", "_i32", "int32_t"),
+    ("i64", "_i64", "int64_t"),
+    ("u64", "_u64", "uint64_t"),
+    ("f32", "_f32", "float"),
+    ("*const c_char", "_str", "const char *"),
+    ("*mut c_void", "_ptr", "void *"),
+    ("*mut u64", "ctypes.POINTER(_u64)", "uint64_t *"),
+];
+
+/// The C spelling of `t` as `file` spells it (`pick` its column of
+/// [`SPELLINGS`]).
+fn to_c(file: &str, kind: &str, pick: fn(&Spelling) -> &'static str, t: &str) -> String {
+    SPELLINGS
+        .iter()
+        .find(|s| pick(s) == t)
+        .unwrap_or_else(|| panic!("{file}: no C spelling for the {kind} type `{t}`"))
+        .2
+        .to_string()
+}
+
 fn rust_to_c(t: &str) -> String {
     let t = t.split_whitespace().collect::<Vec<_>>().join(" ");
-    match t.as_str() {
-        "i32" => "int32_t",
-        "i64" => "int64_t",
-        "u64" => "uint64_t",
-        "f32" => "float",
-        "*const c_char" => "const char *",
-        "*mut c_void" => "void *",
-        "*mut u64" => "uint64_t *",
-        other => panic!("src/ffi/exports.rs: no C spelling for the Rust type `{other}`"),
-    }
-    .to_string()
+    to_c("src/ffi/exports.rs", "Rust", |s| s.0, &t)
 }
 
 /// Every `extern "C" fn singlora_*` of src/ffi/exports.rs.
@@ -175,17 +190,7 @@ fn rust_exports(src: &str) -> Vec<Proto> {
 }
 
 fn ctypes_to_c(t: &str) -> String {
-    match t.trim() {
-        "_i32" => "int32_t",
-        "_i64" => "int64_t",
-        "_u64" => "uint64_t",
-        "_f32" => "float",
-        "_str" => "const char *",
-        "_ptr" => "void *",
-        "ctypes.POINTER(_u64)" => "uint64_t *",
-        other => panic!("python/singlora/_lib.py: no C spelling for the ctypes type `{other}`"),
-    }
-    .to_string()
+    to_c("python/singlora/_lib.py", "ctypes", |s| s.1, t.trim())
 }
 
 /// The `_SIGNATURES` table of python/singlora/_lib.py.
@@ -244,16 +249,23 @@ struct Sources {
     python: String,
 }
 
-/// The three files, or `None` on the GPU host (the bundle has no sources).
+/// The three files, or `None` after printing the skip on the GPU host (the
+/// bundle has no sources).
 fn sources() -> Option<Sources> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let read = |p: &str| std::fs::read_to_string(root.join(p)).ok();
-    let out = Sources {
-        header: read("include/singlora.h")?,
-        exports: read("src/ffi/exports.rs")?,
-        python: read("python/singlora/_lib.py")?,
+    let out = || {
+        Some(Sources {
+            header: read("include/singlora.h")?,
+            exports: read("src/ffi/exports.rs")?,
+            python: read("python/singlora/_lib.py")?,
+        })
     };
-    Some(out)
+    let out = out();
+    if out.is_none() {
+        println!("skipped: the sources are not on this machine (build machine only)");
+    }
+    out
 }
 
 /// Compares two ABI descriptions, naming every function that differs.
@@ -277,10 +289,7 @@ fn assert_same_abi(what: &str, mut got: Vec<Proto>, mut want: Vec<Proto>) {
 
 #[test]
 fn rust_exports_match_the_header() {
-    let Some(src) = sources() else {
-        println!("skipped: the sources are not on this machine (build machine only)");
-        return;
-    };
+    let Some(src) = sources() else { return };
     let header = header_prototypes(&src.header);
     assert!(header.len() >= 10, "parsed only {header:?}");
     assert_same_abi("src/ffi/exports.rs", rust_exports(&src.exports), header);
@@ -288,10 +297,7 @@ fn rust_exports_match_the_header() {
 
 #[test]
 fn python_ctypes_table_matches_the_header() {
-    let Some(src) = sources() else {
-        println!("skipped: the sources are not on this machine (build machine only)");
-        return;
-    };
+    let Some(src) = sources() else { return };
     let header = header_prototypes(&src.header);
     assert_same_abi(
         "python/singlora/_lib.py",
@@ -302,10 +308,7 @@ fn python_ctypes_table_matches_the_header() {
 
 #[test]
 fn codes_match_the_header_in_rust_python_and_the_library() {
-    let Some(src) = sources() else {
-        println!("skipped: the sources are not on this machine (build machine only)");
-        return;
-    };
+    let Some(src) = sources() else { return };
     let defines = header_defines(&src.header);
     let get = |name: &str| {
         defines
@@ -440,10 +443,7 @@ int main(void) {
 
 #[test]
 fn library_exports_and_a_c_program_agree_with_the_header() {
-    let Some(src) = sources() else {
-        println!("skipped: the sources are not on this machine (build machine only)");
-        return;
-    };
+    let Some(src) = sources() else { return };
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let rust = rust_exports(&src.exports);
     let mut names: Vec<String> = rust.iter().map(|p| p.name.clone()).collect();

@@ -8,26 +8,34 @@ use singlora::ffi::*;
 
 use crate::*;
 
-// ------------------------------------------------------------ forward
-
-#[derive(Clone, Copy, Debug)]
-struct Fwd {
-    dtype: i32,
-    device: i32,
-    tokens: i64,
-    d_in: i64,
-    d_out: i64,
-    rank: i64,
-    x: u64,
-    ld_x: i64,
-    a: u64,
-    y: u64,
-    ld_y: i64,
-    s: u64,
-    scale: f32,
-    beta: f32,
-    stream: usize,
+/// The calls of this file: on fake pointers, and every one either refused
+/// before any device access or naming a device ordinal that does not exist.
+trait Call: Launch {
+    fn call(&self) -> i32 {
+        // SAFETY: see the trait: no call here reaches a device.
+        unsafe { self.launch() }
+    }
 }
+
+impl<A: Launch> Call for A {}
+
+/// Asserts each `(arguments, code, argument named)`: `call` returns the code
+/// and the message names the argument in backticks (`note` follows the
+/// arguments in a failure's message).
+fn assert_each_refused<A: std::fmt::Debug>(
+    cases: Vec<(A, i32, &str)>,
+    call: impl Fn(&A) -> i32,
+    note: &str,
+) {
+    for (args, want, name) in cases {
+        let code = call(&args);
+        let msg = last_error();
+        assert_eq!(code, want, "{args:?}{note}: {msg}");
+        assert!(msg.contains(&format!("`{name}`")), "{args:?}{note}: {msg}");
+    }
+}
+
+// ------------------------------------------------------------ forward
 
 /// Valid arguments (with fake pointers) on a device that does not exist.
 fn fwd() -> Fwd {
@@ -46,33 +54,7 @@ fn fwd() -> Fwd {
         s: P + 0x30_0000,
         scale: 2.0,
         beta: 1.0,
-        stream: 0,
-    }
-}
-
-impl Fwd {
-    fn call(&self) -> i32 {
-        // SAFETY: only called with arguments that are refused before any
-        // device access, or with a device ordinal that does not exist.
-        unsafe {
-            singlora_forward(
-                self.dtype,
-                self.device,
-                self.tokens,
-                self.d_in,
-                self.d_out,
-                self.rank,
-                self.x,
-                self.ld_x,
-                self.a,
-                self.y,
-                self.ld_y,
-                self.s,
-                self.scale,
-                self.beta,
-                self.stream as *mut c_void,
-            )
-        }
+        stream: std::ptr::null_mut(),
     }
 }
 
@@ -114,22 +96,28 @@ fn forward_valid_arguments_reach_the_device_check() {
         }
         .call(),
     );
-    assert_no_device(Fwd { stream: 1, ..fwd() }.call());
-    assert_no_device(Fwd { stream: 2, ..fwd() }.call());
+    assert_no_device(
+        Fwd {
+            stream: 1 as *mut c_void,
+            ..fwd()
+        }
+        .call(),
+    );
+    assert_no_device(
+        Fwd {
+            stream: 2 as *mut c_void,
+            ..fwd()
+        }
+        .call(),
+    );
 }
 
 #[test]
 fn forward_refusals_name_the_argument() {
     use SINGLORA_ERROR_INVALID_ARGUMENT as INVALID;
+    #[rustfmt::skip]
     let cases: Vec<(Fwd, i32, &str)> = vec![
-        (
-            Fwd {
-                tokens: -1,
-                ..fwd()
-            },
-            INVALID,
-            "tokens",
-        ),
+        (Fwd { tokens: -1, ..fwd() }, INVALID, "tokens"),
         (Fwd { d_in: -96, ..fwd() }, INVALID, "d_in"),
         (Fwd { d_out: -1, ..fwd() }, INVALID, "d_out"),
         (Fwd { rank: -8, ..fwd() }, INVALID, "rank"),
@@ -137,14 +125,7 @@ fn forward_refusals_name_the_argument() {
         (Fwd { rank: 257, ..fwd() }, INVALID, "rank"),
         (Fwd { d_in: 0, ..fwd() }, INVALID, "d_in"),
         (Fwd { d_out: 0, ..fwd() }, INVALID, "d_out"),
-        (
-            Fwd {
-                d_in: i64::MAX,
-                ..fwd()
-            },
-            INVALID,
-            "d_in",
-        ),
+        (Fwd { d_in: i64::MAX, ..fwd() }, INVALID, "d_in"),
         (Fwd { ld_x: -96, ..fwd() }, INVALID, "ld_x"),
         (Fwd { ld_x: 95, ..fwd() }, INVALID, "ld_x"),
         (Fwd { ld_y: 159, ..fwd() }, INVALID, "ld_y"),
@@ -152,77 +133,20 @@ fn forward_refusals_name_the_argument() {
         (Fwd { x: 0, ..fwd() }, INVALID, "x"),
         (Fwd { a: 0, ..fwd() }, INVALID, "a"),
         (Fwd { y: 0, ..fwd() }, INVALID, "y"),
-        (
-            Fwd {
-                tokens: 0,
-                a: 0,
-                ..fwd()
-            },
-            INVALID,
-            "a",
-        ),
+        (Fwd { tokens: 0, a: 0, ..fwd() }, INVALID, "a"),
         (Fwd { x: P + 1, ..fwd() }, INVALID, "x"),
         (Fwd { a: P + 3, ..fwd() }, INVALID, "a"),
-        (
-            Fwd {
-                dtype: F32,
-                y: P + 2,
-                ..fwd()
-            },
-            INVALID,
-            "y",
-        ),
+        (Fwd { dtype: F32, y: P + 2, ..fwd() }, INVALID, "y"),
         (Fwd { s: P + 2, ..fwd() }, INVALID, "s"),
-        (
-            Fwd {
-                scale: f32::NAN,
-                ..fwd()
-            },
-            INVALID,
-            "scale",
-        ),
-        (
-            Fwd {
-                scale: f32::INFINITY,
-                ..fwd()
-            },
-            INVALID,
-            "scale",
-        ),
+        (Fwd { scale: f32::NAN, ..fwd() }, INVALID, "scale"),
+        (Fwd { scale: f32::INFINITY, ..fwd() }, INVALID, "scale"),
         (Fwd { beta: 0.5, ..fwd() }, INVALID, "beta"),
-        (
-            Fwd {
-                beta: -1.0,
-                ..fwd()
-            },
-            INVALID,
-            "beta",
-        ),
-        (
-            Fwd {
-                device: -1,
-                ..fwd()
-            },
-            INVALID,
-            "device",
-        ),
-        (
-            Fwd { dtype: 3, ..fwd() },
-            SINGLORA_ERROR_UNKNOWN_DTYPE,
-            "dtype",
-        ),
-        (
-            Fwd { dtype: -1, ..fwd() },
-            SINGLORA_ERROR_UNKNOWN_DTYPE,
-            "dtype",
-        ),
+        (Fwd { beta: -1.0, ..fwd() }, INVALID, "beta"),
+        (Fwd { device: -1, ..fwd() }, INVALID, "device"),
+        (Fwd { dtype: 3, ..fwd() }, SINGLORA_ERROR_UNKNOWN_DTYPE, "dtype"),
+        (Fwd { dtype: -1, ..fwd() }, SINGLORA_ERROR_UNKNOWN_DTYPE, "dtype"),
     ];
-    for (args, want, name) in cases {
-        let code = args.call();
-        let msg = last_error();
-        assert_eq!(code, want, "{args:?}: {msg}");
-        assert!(msg.contains(&format!("`{name}`")), "{args:?}: {msg}");
-    }
+    assert_each_refused(cases, |args| args.call(), "");
     // The value given is in the message.
     Fwd {
         tokens: -5,
@@ -236,41 +160,18 @@ fn forward_refusals_name_the_argument() {
 
 // ------------------------------------------------------------ backward
 
-#[derive(Clone, Copy, Debug)]
-struct Bwd {
-    dtype: i32,
-    device: i32,
-    tokens: i64,
-    d_in: i64,
-    d_out: i64,
-    rank: i64,
-    x: u64,
-    ld_x: i64,
-    g: u64,
-    ld_g: i64,
-    a: u64,
-    saved_s: u64,
-    scale: f32,
-    dx: u64,
-    ld_dx: i64,
-    dx_beta: f32,
-    da: u64,
-    da_beta: f32,
-    workspace: u64,
-    workspace_bytes: u64,
-    stream: usize,
-}
-
+/// Valid arguments for the backward of [`fwd`]'s sizes and X.
 fn bwd() -> Bwd {
+    let f = fwd();
     Bwd {
-        dtype: BF16,
-        device: NO_SUCH_DEVICE,
-        tokens: 33,
-        d_in: 96,
-        d_out: 160,
-        rank: 8,
-        x: P,
-        ld_x: 96,
+        dtype: f.dtype,
+        device: f.device,
+        tokens: f.tokens,
+        d_in: f.d_in,
+        d_out: f.d_out,
+        rank: f.rank,
+        x: f.x,
+        ld_x: f.ld_x,
         g: P + 0x10_0000,
         ld_g: 160,
         a: P + 0x20_0000,
@@ -283,38 +184,7 @@ fn bwd() -> Bwd {
         da_beta: 1.0,
         workspace: P + 0x60_0000,
         workspace_bytes: ws_bytes(33, 96, 160, 8, true),
-        stream: 0,
-    }
-}
-
-impl Bwd {
-    fn call(&self) -> i32 {
-        // SAFETY: as for Fwd::call.
-        unsafe {
-            singlora_backward(
-                self.dtype,
-                self.device,
-                self.tokens,
-                self.d_in,
-                self.d_out,
-                self.rank,
-                self.x,
-                self.ld_x,
-                self.g,
-                self.ld_g,
-                self.a,
-                self.saved_s,
-                self.scale,
-                self.dx,
-                self.ld_dx,
-                self.dx_beta,
-                self.da,
-                self.da_beta,
-                self.workspace,
-                self.workspace_bytes,
-                self.stream as *mut c_void,
-            )
-        }
+        stream: std::ptr::null_mut(),
     }
 }
 
@@ -358,15 +228,9 @@ fn backward_valid_arguments_reach_the_device_check() {
 fn backward_refusals_name_the_argument() {
     use SINGLORA_ERROR_INVALID_ARGUMENT as INVALID;
     let small = ws_bytes(33, 96, 160, 8, true);
+    #[rustfmt::skip]
     let cases: Vec<(Bwd, i32, &str)> = vec![
-        (
-            Bwd {
-                tokens: -33,
-                ..bwd()
-            },
-            INVALID,
-            "tokens",
-        ),
+        (Bwd { tokens: -33, ..bwd() }, INVALID, "tokens"),
         (Bwd { d_in: -1, ..bwd() }, INVALID, "d_in"),
         (Bwd { d_out: -1, ..bwd() }, INVALID, "d_out"),
         (Bwd { rank: -1, ..bwd() }, INVALID, "rank"),
@@ -374,115 +238,29 @@ fn backward_refusals_name_the_argument() {
         (Bwd { ld_x: 10, ..bwd() }, INVALID, "ld_x"),
         (Bwd { ld_x: -1, ..bwd() }, INVALID, "ld_x"),
         (Bwd { ld_g: 100, ..bwd() }, INVALID, "ld_g"),
-        (
-            Bwd {
-                ld_g: -100,
-                ..bwd()
-            },
-            INVALID,
-            "ld_g",
-        ),
+        (Bwd { ld_g: -100, ..bwd() }, INVALID, "ld_g"),
         (Bwd { ld_dx: 95, ..bwd() }, INVALID, "ld_dx"),
-        (
-            Bwd {
-                ld_dx: -96,
-                ..bwd()
-            },
-            INVALID,
-            "ld_dx",
-        ),
-        (
-            Bwd {
-                dx_beta: 2.0,
-                ..bwd()
-            },
-            INVALID,
-            "dx_beta",
-        ),
-        (
-            Bwd {
-                da_beta: 0.5,
-                ..bwd()
-            },
-            INVALID,
-            "da_beta",
-        ),
-        (
-            Bwd {
-                scale: f32::NEG_INFINITY,
-                ..bwd()
-            },
-            INVALID,
-            "scale",
-        ),
+        (Bwd { ld_dx: -96, ..bwd() }, INVALID, "ld_dx"),
+        (Bwd { dx_beta: 2.0, ..bwd() }, INVALID, "dx_beta"),
+        (Bwd { da_beta: 0.5, ..bwd() }, INVALID, "da_beta"),
+        (Bwd { scale: f32::NEG_INFINITY, ..bwd() }, INVALID, "scale"),
         (Bwd { x: 0, ..bwd() }, INVALID, "x"),
         (Bwd { g: 0, ..bwd() }, INVALID, "g"),
         (Bwd { a: 0, ..bwd() }, INVALID, "a"),
         (Bwd { da: 0, ..bwd() }, INVALID, "da"),
-        (
-            Bwd {
-                workspace: 0,
-                ..bwd()
-            },
-            INVALID,
-            "workspace",
-        ),
+        (Bwd { workspace: 0, ..bwd() }, INVALID, "workspace"),
         (Bwd { g: P + 1, ..bwd() }, INVALID, "g"),
         (Bwd { dx: P + 1, ..bwd() }, INVALID, "dx"),
-        (
-            Bwd {
-                saved_s: P + 2,
-                ..bwd()
-            },
-            INVALID,
-            "saved_s",
-        ),
+        (Bwd { saved_s: P + 2, ..bwd() }, INVALID, "saved_s"),
         (Bwd { da: P + 6, ..bwd() }, INVALID, "da"),
-        (
-            Bwd {
-                workspace: P + 8,
-                ..bwd()
-            },
-            INVALID,
-            "workspace",
-        ),
-        (
-            Bwd {
-                workspace_bytes: small - 4,
-                ..bwd()
-            },
-            INVALID,
-            "workspace",
-        ),
+        (Bwd { workspace: P + 8, ..bwd() }, INVALID, "workspace"),
+        (Bwd { workspace_bytes: small - 4, ..bwd() }, INVALID, "workspace"),
         // Without a saved S the workspace must hold S too.
-        (
-            Bwd {
-                saved_s: 0,
-                ..bwd()
-            },
-            INVALID,
-            "workspace",
-        ),
-        (
-            Bwd {
-                device: -3,
-                ..bwd()
-            },
-            INVALID,
-            "device",
-        ),
-        (
-            Bwd { dtype: 9, ..bwd() },
-            SINGLORA_ERROR_UNKNOWN_DTYPE,
-            "dtype",
-        ),
+        (Bwd { saved_s: 0, ..bwd() }, INVALID, "workspace"),
+        (Bwd { device: -3, ..bwd() }, INVALID, "device"),
+        (Bwd { dtype: 9, ..bwd() }, SINGLORA_ERROR_UNKNOWN_DTYPE, "dtype"),
     ];
-    for (args, want, name) in cases {
-        let code = args.call();
-        let msg = last_error();
-        assert_eq!(code, want, "{args:?}: {msg}");
-        assert!(msg.contains(&format!("`{name}`")), "{args:?}: {msg}");
-    }
+    assert_each_refused(cases, |args| args.call(), "");
     Bwd {
         workspace_bytes: small - 4,
         ..bwd()
@@ -542,19 +320,6 @@ fn workspace_size_matches_the_rust_query() {
 
 // ------------------------------------------------------------ merge
 
-#[derive(Clone, Copy, Debug)]
-struct Merge {
-    dtype: i32,
-    device: i32,
-    d_in: i64,
-    d_out: i64,
-    rank: i64,
-    w: u64,
-    ld_w: i64,
-    a: u64,
-    scale: f32,
-}
-
 fn mrg() -> Merge {
     Merge {
         dtype: F16,
@@ -566,31 +331,20 @@ fn mrg() -> Merge {
         ld_w: 96,
         a: P + 0x10_0000,
         scale: 2.0,
+        stream: std::ptr::null_mut(),
     }
 }
 
 impl Merge {
+    /// `singlora_unmerge` for `undo`, else `singlora_merge`.
     fn call(&self, undo: bool) -> i32 {
         let f = if undo {
             singlora_unmerge
         } else {
             singlora_merge
         };
-        // SAFETY: as for Fwd::call.
-        unsafe {
-            f(
-                self.dtype,
-                self.device,
-                self.d_in,
-                self.d_out,
-                self.rank,
-                self.w,
-                self.ld_w,
-                self.a,
-                self.scale,
-                std::ptr::null_mut(),
-            )
-        }
+        // SAFETY: as for Call::call.
+        unsafe { self.launch_with(f) }
     }
 }
 
@@ -600,44 +354,23 @@ fn merge_and_unmerge_check_their_arguments() {
     for undo in [false, true] {
         assert_no_device(mrg().call(undo));
         assert_no_device(Merge { ld_w: 200, ..mrg() }.call(undo));
+        #[rustfmt::skip]
         let cases: Vec<(Merge, i32, &str)> = vec![
+            // In the order of the C function's parameters.
+            (Merge { dtype: 5, ..mrg() }, SINGLORA_ERROR_UNKNOWN_DTYPE, "dtype"),
+            (Merge { device: -1, ..mrg() }, INVALID, "device"),
             (Merge { d_in: -1, ..mrg() }, INVALID, "d_in"),
             (Merge { d_out: 0, ..mrg() }, INVALID, "d_out"),
             (Merge { rank: 0, ..mrg() }, INVALID, "rank"),
             (Merge { rank: -2, ..mrg() }, INVALID, "rank"),
+            (Merge { w: 0, ..mrg() }, INVALID, "w"),
+            (Merge { w: P + 1, ..mrg() }, INVALID, "w"),
             (Merge { ld_w: 95, ..mrg() }, INVALID, "ld_w"),
             (Merge { ld_w: -96, ..mrg() }, INVALID, "ld_w"),
-            (Merge { w: 0, ..mrg() }, INVALID, "w"),
             (Merge { a: 0, ..mrg() }, INVALID, "a"),
-            (Merge { w: P + 1, ..mrg() }, INVALID, "w"),
-            (
-                Merge {
-                    scale: f32::NAN,
-                    ..mrg()
-                },
-                INVALID,
-                "scale",
-            ),
-            (
-                Merge {
-                    device: -1,
-                    ..mrg()
-                },
-                INVALID,
-                "device",
-            ),
-            (
-                Merge { dtype: 5, ..mrg() },
-                SINGLORA_ERROR_UNKNOWN_DTYPE,
-                "dtype",
-            ),
+            (Merge { scale: f32::NAN, ..mrg() }, INVALID, "scale"),
         ];
-        for (args, want, name) in cases {
-            let code = args.call(undo);
-            let msg = last_error();
-            assert_eq!(code, want, "{args:?} (undo {undo}): {msg}");
-            assert!(msg.contains(&format!("`{name}`")), "{args:?}: {msg}");
-        }
+        assert_each_refused(cases, |args| args.call(undo), &format!(" (undo {undo})"));
     }
 }
 
@@ -829,5 +562,103 @@ fn overlapping_outputs_and_wrapping_ranges_are_refused() {
     for undo in [false, true] {
         assert_refused(Merge { a: P + 64, ..mrg() }.call(undo), INVALID, "w");
         assert!(last_error().contains("overlaps `a`"), "{}", last_error());
+    }
+}
+
+// ------------------------------------------------- device-scalar forms (ABI 2)
+
+/// The `_dscale` forms take the scale as a device float: a null or
+/// misaligned pointer is refused naming `scale_ptr`, a scale pointer that
+/// an output overlaps is refused naming the output, and valid calls reach
+/// the device check.
+#[test]
+fn dscale_forms_check_the_scale_pointer() {
+    use SINGLORA_ERROR_INVALID_ARGUMENT as INVALID;
+    let f = fwd();
+    let fwd_ds = |scale_ptr: u64, y: u64| {
+        // SAFETY: as for Fwd::call.
+        unsafe {
+            singlora_forward_dscale(
+                f.dtype,
+                f.device,
+                f.tokens,
+                f.d_in,
+                f.d_out,
+                f.rank,
+                f.x,
+                f.ld_x,
+                f.a,
+                y,
+                f.ld_y,
+                f.s,
+                scale_ptr,
+                f.beta,
+                std::ptr::null_mut(),
+            )
+        }
+    };
+    let scale = P + 0x70_0000;
+    assert_no_device(fwd_ds(scale, f.y));
+    assert_refused(fwd_ds(0, f.y), INVALID, "scale_ptr");
+    assert_refused(fwd_ds(scale + 2, f.y), INVALID, "scale_ptr");
+    // y written over the scale it reads.
+    assert_refused(fwd_ds(f.y + 64, f.y), INVALID, "y");
+
+    let b = bwd();
+    let bwd_ds = |scale_ptr: u64| {
+        // SAFETY: as for Fwd::call.
+        unsafe {
+            singlora_backward_dscale(
+                b.dtype,
+                b.device,
+                b.tokens,
+                b.d_in,
+                b.d_out,
+                b.rank,
+                b.x,
+                b.ld_x,
+                b.g,
+                b.ld_g,
+                b.a,
+                b.saved_s,
+                scale_ptr,
+                b.dx,
+                b.ld_dx,
+                b.dx_beta,
+                b.da,
+                b.da_beta,
+                b.workspace,
+                b.workspace_bytes,
+                std::ptr::null_mut(),
+            )
+        }
+    };
+    assert_no_device(bwd_ds(scale));
+    assert_refused(bwd_ds(0), INVALID, "scale_ptr");
+    assert_refused(bwd_ds(scale + 1), INVALID, "scale_ptr");
+    assert_refused(bwd_ds(b.da + 4), INVALID, "da");
+
+    let m = mrg();
+    for f in [singlora_merge_dscale, singlora_unmerge_dscale] {
+        let call = |scale_ptr: u64| {
+            // SAFETY: as for Fwd::call.
+            unsafe {
+                f(
+                    m.dtype,
+                    m.device,
+                    m.d_in,
+                    m.d_out,
+                    m.rank,
+                    m.w,
+                    m.ld_w,
+                    m.a,
+                    scale_ptr,
+                    std::ptr::null_mut(),
+                )
+            }
+        };
+        assert_no_device(call(scale));
+        assert_refused(call(0), INVALID, "scale_ptr");
+        assert_refused(call(m.w + 8), INVALID, "w");
     }
 }

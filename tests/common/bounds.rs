@@ -67,17 +67,31 @@ pub struct Shape {
 }
 
 impl Shape {
+    pub const fn new(tokens: usize, d_in: usize, d_out: usize, rank: usize) -> Self {
+        Self {
+            tokens,
+            d_in,
+            d_out,
+            rank,
+        }
+    }
+
+    /// (tokens, d_in, d_out, rank).
+    pub fn parts(&self) -> (usize, usize, usize, usize) {
+        (self.tokens, self.d_in, self.d_out, self.rank)
+    }
+
     /// D = max(d_in, d_out).
     pub fn d(&self) -> usize {
-        self.d_in.max(self.d_out)
+        self.dims().d()
     }
 
     pub fn a_len(&self) -> usize {
-        self.d() * self.rank
+        self.dims().a_len()
     }
 
     pub fn s_len(&self) -> usize {
-        self.tokens * self.rank
+        self.dims().s_len()
     }
 
     pub fn dims(&self) -> Dims {
@@ -115,32 +129,19 @@ pub struct Model {
 }
 
 pub fn model<T: DType>() -> Model {
-    match T::NAME {
-        "f32" => Model {
-            u: U32,
-            eta: 2f64.powi(-150),
-            sixteen_bit: false,
-            scaled: false,
-            step: 1,
-            kappa: U32,
-        },
-        "f16" => Model {
-            u: 2f64.powi(-11),
-            eta: 2f64.powi(-25),
-            sixteen_bit: true,
-            scaled: true,
-            step: 16,
-            kappa: TC_KAPPA,
-        },
-        "bf16" => Model {
-            u: 2f64.powi(-8),
-            eta: 2f64.powi(-134),
-            sixteen_bit: true,
-            scaled: false,
-            step: 16,
-            kappa: TC_KAPPA,
-        },
+    let (u, eta, sixteen_bit, scaled, step, kappa) = match T::NAME {
+        "f32" => (U32, 2f64.powi(-150), false, false, 1, U32),
+        "f16" => (2f64.powi(-11), 2f64.powi(-25), true, true, 16, TC_KAPPA),
+        "bf16" => (2f64.powi(-8), 2f64.powi(-134), true, false, 16, TC_KAPPA),
         other => panic!("no rounding model for {other}"),
+    };
+    Model {
+        u,
+        eta,
+        sixteen_bit,
+        scaled,
+        step,
+        kappa,
     }
 }
 
@@ -223,6 +224,21 @@ impl Chain {
 /// magnitude is at most `max_abs` (σ·max ∈ [2¹³, 2¹⁴), σ ≤ 2¹²⁶).
 fn inv_scale_bound(max_abs: f64) -> f64 {
     (max_abs * 2f64.powi(-13)).max(2f64.powi(-126))
+}
+
+/// The f32 epilogue of an output `beta·out0 + scale·Σ` whose sum Σ is within
+/// `e_sum`: (e1, the error of `scale·Σ` rounded to f32; e2, of adding
+/// `out0` in f32 when beta ≠ 0). `term` = scale·Σ and `out_ref` are the
+/// reference's.
+fn epilogue(scale: f64, e_sum: f64, term: f64, beta: f64, out_ref: f64) -> (f64, f64) {
+    let e_term = scale.abs() * e_sum;
+    let e1 = e_term + U32 * (term.abs() + e_term) + F32_FLOOR;
+    let e2 = if beta != 0.0 {
+        U32 * (out_ref.abs() + e1) + F32_FLOOR
+    } else {
+        0.0
+    };
+    (e1, e2)
 }
 
 /// Bounds of one shrink-expand: the narrow f32 intermediate and the output.
@@ -310,13 +326,7 @@ pub fn expand_bound<T: DType>(
             let value = ep;
             let acc = chain.error(&md, ep, inv.max(1.0));
             let i = t * cols + c;
-            let e_term = scale.abs() * (value + acc);
-            let e1 = e_term + U32 * (term[i].abs() + e_term) + F32_FLOOR;
-            let e2 = if beta != 0.0 {
-                U32 * (out_ref[i].abs() + e1) + F32_FLOOR
-            } else {
-                0.0
-            };
+            let (e1, e2) = epilogue(scale, value + acc, term[i], beta, out_ref[i]);
             let e3 = if md.sixteen_bit {
                 md.u * (out_ref[i].abs() + e1 + e2) + md.eta
             } else {
@@ -365,7 +375,7 @@ pub fn shrink_expand_bounds<T: DType>(
 }
 
 /// `rows × cols` → `cols × rows`.
-fn transpose(v: &[f64], rows: usize, cols: usize) -> Vec<f64> {
+pub fn transpose(v: &[f64], rows: usize, cols: usize) -> Vec<f64> {
     let mut out = vec![0.0; rows * cols];
     for r in 0..rows {
         for c in 0..cols {
@@ -395,13 +405,8 @@ pub fn da_bound<T: DType>(
     grad_term: &[f64],
     da_ref: &[f64],
 ) -> Vec<f64> {
+    let (tokens, d_in, d_out, rank) = sh.parts();
     let md = model::<T>();
-    let Shape {
-        tokens,
-        d_in,
-        d_out,
-        rank,
-    } = sh;
     // Token-contiguous copies: every inner loop below walks one row.
     let (gt, xt) = (transpose(g, tokens, d_out), transpose(x, tokens, d_in));
     let (st, set) = (transpose(s, tokens, rank), transpose(s_err, tokens, rank));
@@ -456,13 +461,7 @@ pub fn da_bound<T: DType>(
             chain.finish();
             let acc = chain.error(&md, ep, s_inv.max(q_inv).max(1.0));
             let idx = i * rank + k;
-            let e_grad = scale.abs() * (value + acc);
-            let e1 = e_grad + U32 * (grad_term[idx].abs() + e_grad) + F32_FLOOR;
-            let e2 = if da_beta != 0.0 {
-                U32 * (da_ref[idx].abs() + e1) + F32_FLOOR
-            } else {
-                0.0
-            };
+            let (e1, e2) = epilogue(scale, value + acc, grad_term[idx], da_beta, da_ref[idx]);
             out[idx] = (e1 + e2) * SLACK;
         }
     }
@@ -697,13 +696,8 @@ pub mod sim {
         da0: &[f64],
         splits: usize,
     ) -> Vec<f64> {
+        let (tokens, d_in, d_out, rank) = sh.parts();
         let md = model::<T>();
-        let Shape {
-            tokens,
-            d_in,
-            d_out,
-            rank,
-        } = sh;
         let per = tokens.div_ceil(splits).max(1);
         let mut out = vec![0.0; sh.a_len()];
         for k in 0..rank {

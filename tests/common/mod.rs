@@ -1,13 +1,16 @@
 //! The GPU test harness: a ready device or a one-line skip, random inputs,
 //! NaN poisoning, matrices placed at chosen strides and offsets, and
 //! comparison against the f64 reference: relative L2 and per-element bounds
-//! (bounds.rs).
+//! (bounds.rs); tables of cases run per element type (cases.rs).
 #![allow(dead_code)]
 
 pub mod bounds;
+pub mod cases;
 
 #[allow(unused_imports)]
 pub use bounds::*;
+#[allow(unused_imports)]
+pub use cases::*;
 
 use std::sync::Arc;
 
@@ -15,7 +18,7 @@ use cudarc::driver::{CudaContext, CudaSlice, CudaStream, CudaView, CudaViewMut, 
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 use rand_distr::{Distribution, Normal};
-use singlora::{fill_bits, DType, Error, Kernels};
+use singlora::{backward_workspace_len, fill_bits, DType, Dims, Error, Kernels};
 
 pub struct Gpu {
     pub ctx: Arc<CudaContext>,
@@ -77,6 +80,12 @@ pub fn poisoned<T: DType>(gpu: &Gpu, n: usize) -> CudaSlice<T> {
     let mut d = gpu.stream.alloc_zeros::<T>(n.max(1)).unwrap();
     fill_bits(&gpu.stream, &mut d, T::NAN_BITS).unwrap();
     d
+}
+
+/// A backward's workspace for `dims` (of the length the query reports),
+/// poisoned.
+pub fn poisoned_workspace(gpu: &Gpu, dims: &Dims, saved_s: bool) -> CudaSlice<f32> {
+    poisoned::<f32>(gpu, backward_workspace_len(dims, saved_s).unwrap())
 }
 
 /// Relative L2 error; NaN or a missing element never passes.
@@ -236,6 +245,19 @@ impl<T: DType> Placed<T> {
         Self::new(gpu, data, off, SENTINEL)
     }
 
+    /// A `rows × cols` matrix (contiguous `data`) placed at row stride `ld`,
+    /// its gaps holding `guard` as the guard cells do: NaN for an input,
+    /// [`SENTINEL`] for an output (that starts as `data`, see [`initial`]).
+    pub fn strided(
+        gpu: &Gpu,
+        data: &[f64],
+        (rows, cols, ld): (usize, usize, usize),
+        off: usize,
+        guard: f64,
+    ) -> Self {
+        Self::new(gpu, &restride(data, rows, cols, ld, guard), off, guard)
+    }
+
     /// Whether the kernel sees a base address off 16-byte alignment.
     pub fn misaligned(&self) -> bool {
         (self.off * std::mem::size_of::<T>()) % 16 != 0
@@ -270,6 +292,17 @@ impl<T: DType> Placed<T> {
             }
         }
         all[self.off..after].to_vec()
+    }
+}
+
+/// What an output with this beta starts as: `base` where it is added onto
+/// (beta ≠ 0), NaN where it is overwritten (beta = 0), so that an unwritten
+/// element shows as NaN.
+pub fn initial(base: &[f64], beta: f32) -> Vec<f64> {
+    if beta == 0.0 {
+        vec![f64::NAN; base.len()]
+    } else {
+        base.to_vec()
     }
 }
 
