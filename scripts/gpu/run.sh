@@ -2,21 +2,25 @@
 # scripts/gpu/run.sh — copied by scripts/bundle.sh to target/gpu-bundle/run.sh
 # and run ON the GPU host (no Rust toolchain, no network) from the bundle:
 #     bash target/gpu-bundle/run.sh
-# Runs, in this order, with time limits so the whole run stays within
-# RUN_BUDGET_S (default 520 s):
+# Unpacks bin.tar.xz (bundle.sh packs bin/), then runs, in this order, with
+# time limits so the whole run stays within RUN_BUDGET_S (default 520 s):
 #   a. nvidia-smi                                        -> nvidia-smi.txt
 #   b. every bin/test-* with SINGLORA_REQUIRE_GPU=1      -> tests.log
 #      (a skipped GPU test is a failure here), then every bin/example-*
 #      (quickstart; finetune, the main job, at d = 4096 bf16)
 #   c. the PyTorch binding's python/check.py against lib/libsinglora.so
 #      (vs PyTorch autograd in float64)                  -> tests.log
-#   d. bin/bench-forward, bench-backward and bench-merge (criterion, short), then
+#   d. bin/bench-forward, bench-backward, bench-merge and bench-step (criterion, short), then
 #      python/bench.py (our binding vs eager, torch.compile and the
 #      materialised ΔW)                                  -> bench.log, bench-table.md
 #   e. with SINGLORA_NCU=1: Nsight Compute over the profile_* workloads -> ncu.txt
-#   f. compute-sanitizer memcheck/racecheck/initcheck over the `sanitizer_*`
-#      tests of forward, backward, merge, mse and adamw, in what is left of
-#      the budget                                        -> sanitizer.log
+#   f. compute-sanitizer memcheck, racecheck, initcheck and synccheck over
+#      the `sanitizer_*` tests of every bin/test-* that has some (found with
+#      --list: the grid of every kernel × dtype × rank bucket × path in
+#      bin/test-hardening first, then forward, backward, merge, mse, adamw;
+#      and all of bin/test-small_smem, the 99 KiB configurations),
+#      each tool's own error count parsed into the summary, within
+#      SANITIZER_TOTAL_S and what is left of the budget  -> sanitizer.log
 # and prints a summary LAST (also -> summary.txt). All files go flat into $OUT
 # (default ./gpu-results, relative to where it is started). Every step runs even
 # when an earlier one failed; the exit status is non-zero if anything failed.
@@ -27,11 +31,32 @@ mkdir -p "$OUT" || exit 1
 OUT="$(cd "$OUT" && pwd)"
 cd "$(dirname "$0")" || exit 1
 BUNDLE="$(pwd)"
+# scripts/bundle.sh ships bin/ packed as bin.tar.xz: unpack it first, in
+# place, or in a copy of the bundle when its folder is read-only.
+copy=""
+if [[ ! -d bin && -f bin.tar.xz ]]; then
+    if [[ ! -w . ]]; then
+        copy="$(mktemp -d)"
+        cp -r . "$copy"/ && cd "$copy" && BUNDLE="$(pwd)"
+    fi
+    tar -xJf bin.tar.xz 2>/dev/null ||
+        python3 -c 'import sys, tarfile
+t = tarfile.open(sys.argv[1])
+t.extractall(".", filter="data") if hasattr(tarfile, "data_filter") else t.extractall(".")' bin.tar.xz ||
+        echo "run.sh: could not unpack bin.tar.xz: no test or bench binaries" >&2
+fi
 
-TESTS_TOTAL_S=150
+TESTS_TOTAL_S=200
 # The whole run, sanitizers last; the device call gets a little more.
 RUN_BUDGET_S=${RUN_BUDGET_S:-520}
-SANITIZER_S=45
+# Per (tool, binary) run, and all sanitizer runs together (the whole run
+# should stay under 5 minutes).
+SANITIZER_S=60
+SANITIZER_TOTAL_S=${SANITIZER_TOTAL_S:-150}
+SANITIZER_TOOLS="memcheck racecheck initcheck synccheck"
+# Binaries run whole under the sanitizers (no sanitizer_ filter):
+# small_smem launches the 99 KiB configurations, which need its process.
+SANITIZER_WHOLE="test-small_smem"
 BENCH_S=100
 PY_CHECK_S=90
 PY_BENCH_S=150
@@ -40,7 +65,7 @@ for f in nvidia-smi.txt tests.log sanitizer.log bench.log bench-table.md summary
     rm -f "$OUT/$f"
 done
 scratch="$(mktemp -d)"
-trap 'rm -rf "$scratch"' EXIT
+trap 'rm -rf "$scratch" ${copy:+"$copy"}' EXIT
 started=$SECONDS
 
 summary=()   # "label|status"
@@ -183,7 +208,7 @@ fi
 
 # -------------------------------------------------------------- d. benchmarks
 section "benchmarks (${BENCH_S}s each)"
-for name in bench-forward bench-backward bench-merge; do
+for name in bench-forward bench-backward bench-merge bench-step; do
     if [[ ! -x "bin/$name" ]]; then
         echo "### $name: not in the bundle" >>"$OUT/bench.log"
         record "$name" "FAIL (no bin/$name)"
@@ -251,8 +276,8 @@ if [[ "${SINGLORA_NCU:-0}" == 1 ]]; then
     fi
 fi
 
-# ------------------------------------------------------- c. compute-sanitizer
-section "compute-sanitizer (sanitizer_* tests, ${SANITIZER_S}s each)"
+# ------------------------------------------------------- f. compute-sanitizer
+section "compute-sanitizer ($SANITIZER_TOOLS over the sanitizer_* tests, ${SANITIZER_S}s each, ${SANITIZER_TOTAL_S}s in all)"
 sanitizer="$(command -v compute-sanitizer 2>/dev/null)"
 if [[ -z "$sanitizer" ]]; then
     # shellcheck disable=SC2012 # cuda-X.Y folder names, sorted by version
@@ -260,40 +285,104 @@ if [[ -z "$sanitizer" ]]; then
         if [[ -x "$c" ]]; then sanitizer="$c"; break; fi
     done
 fi
-[[ -n "$sanitizer" ]] && echo "compute-sanitizer: $sanitizer" | tee -a "$OUT/sanitizer.log"
-# What is left of RUN_BUDGET_S goes to the sanitizers (a run that overruns its
-# budget loses its summary to the caller's timeout).
+[[ -n "$sanitizer" ]] && echo "compute-sanitizer: $sanitizer ($("$sanitizer" --version 2>/dev/null | tail -1))" | tee -a "$OUT/sanitizer.log"
+# The binaries: the grid first, then those run whole, then every other one
+# with sanitizer_* tests (a test path with a part starting `sanitizer_`: the
+# filter below matches it), so a short budget cuts the oldest coverage.
+san_bins=()
+[[ -x bin/test-hardening ]] && san_bins+=(test-hardening)
+for name in $SANITIZER_WHOLE; do
+    [[ -x "bin/$name" ]] && san_bins+=("$name")
+done
+shopt -s nullglob
+for bin in bin/test-*; do
+    name="$(basename "$bin")"
+    [[ " ${san_bins[*]:-} " == *" $name "* ]] && continue
+    # (grep reads the whole list: an early exit could SIGPIPE the binary.)
+    if "$bin" --list 2>/dev/null | grep -E '(^|::)sanitizer_[^ ]*: test$' >/dev/null; then
+        san_bins+=("$name")
+    fi
+done
+shopt -u nullglob
+echo "binaries with sanitizer_* tests: ${san_bins[*]:-none} (run whole: $SANITIZER_WHOLE)" | tee -a "$OUT/sanitizer.log"
+[[ " ${san_bins[*]:-} " == *" test-hardening "* ]] || record "sanitizer grid (bin/test-hardening)" "FAIL (not in the bundle or no sanitizer_* tests)"
+san_errors() { # <log>: "<errors> <warnings>" as compute-sanitizer reported them, "? ?" if it did not
+    local line e w
+    # racecheck: "RACECHECK SUMMARY: N hazards displayed (E errors, W warnings)"
+    line="$(grep -E 'RACECHECK SUMMARY: [0-9]+ hazards? displayed' "$1" | tail -1)"
+    if [[ -n "$line" ]]; then
+        e="$(grep -oE '[0-9]+ errors?' <<<"$line" | grep -oE '[0-9]+')"
+        w="$(grep -oE '[0-9]+ warnings?' <<<"$line" | grep -oE '[0-9]+')"
+        echo "${e:-?} ${w:-0}"
+        return
+    fi
+    # memcheck, initcheck, synccheck: "ERROR SUMMARY: N errors"
+    line="$(grep -E 'ERROR SUMMARY: [0-9]+ errors?' "$1" | tail -1)"
+    if [[ -n "$line" ]]; then
+        echo "$(grep -oE '[0-9]+ errors?' <<<"$line" | grep -oE '[0-9]+') 0"
+        return
+    fi
+    echo "? ?"
+}
+# What is left of RUN_BUDGET_S, at most SANITIZER_TOTAL_S, goes to the
+# sanitizers (a run that overruns its budget loses its summary to the
+# caller's timeout). Tool by tool, so every tool sees the grid first.
 san_deadline=$((started + RUN_BUDGET_S))
-for tool in memcheck racecheck initcheck; do
-    for name in test-forward test-backward test-merge test-mse test-adamw; do
+((san_deadline > SECONDS + SANITIZER_TOTAL_S)) && san_deadline=$((SECONDS + SANITIZER_TOTAL_S))
+san_totals=()   # "tool errors warnings runs failed_runs"
+for tool in $SANITIZER_TOOLS; do
+    tool_errors=0 tool_warnings=0 tool_runs=0 tool_failed=0 tool_unknown=0
+    for name in ${san_bins[@]+"${san_bins[@]}"}; do
         label="sanitizer $tool $name"
         left=$((san_deadline - SECONDS))
         if ((left < 10)); then
-            echo "### $label: not run, the ${RUN_BUDGET_S}s run budget is spent" >>"$OUT/sanitizer.log"
+            echo "### $label: not run, the sanitizer budget is spent" >>"$OUT/sanitizer.log"
             record "$label" "FAIL (no time left)"
+            tool_failed=$((tool_failed + 1))
             continue
         fi
         ((left > SANITIZER_S)) && left=$SANITIZER_S
         if [[ -z "$sanitizer" ]]; then
             echo "### $label: compute-sanitizer not found" >>"$OUT/sanitizer.log"
             record "$label" "FAIL (compute-sanitizer not found)"
-            continue
-        fi
-        if [[ ! -x "bin/$name" ]]; then
-            echo "### $label: bin/$name is not in the bundle" >>"$OUT/sanitizer.log"
-            record "$label" "FAIL (no bin/$name)"
+            tool_failed=$((tool_failed + 1))
             continue
         fi
         log="$scratch/san.log"
+        t0=$SECONDS
+        filter=sanitizer_
+        [[ " $SANITIZER_WHOLE " == *" $name "* ]] && filter=""
         SINGLORA_REQUIRE_GPU=1 timeout --kill-after=5 "$left" \
-            "$sanitizer" --tool "$tool" --error-exitcode 1 "bin/$name" sanitizer_ >"$log" 2>&1
+            "$sanitizer" --tool "$tool" --error-exitcode 1 "bin/$name" ${filter:+"$filter"} >"$log" 2>&1
         rc=$?
-        { echo "### $label (exit $rc)"; cat "$log"; echo; } >>"$OUT/sanitizer.log"
+        { echo "### $label (exit $rc, $((SECONDS - t0)) s)"; cat "$log"; echo; } >>"$OUT/sanitizer.log"
         important "$log" 'ERROR SUMMARY|RACECHECK SUMMARY|^test result:|^========= [A-Z]' |
             sed "s/^/[$tool $name] /" | head -30
-        record "$label" "$(status_of "$rc" "$log" need-tests)"
+        read -r errs warns <<<"$(san_errors "$log")"
+        tool_runs=$((tool_runs + 1))
+        st="$(status_of "$rc" "$log" need-tests)"
+        if [[ "$errs" == "?" ]]; then
+            tool_unknown=$((tool_unknown + 1))
+            [[ "$st" == PASS* ]] && st="FAIL (no sanitizer summary)"
+            counts="no summary"
+        else
+            tool_errors=$((tool_errors + errs))
+            tool_warnings=$((tool_warnings + warns))
+            counts="$errs errors"
+            [[ "$tool" == racecheck ]] && counts="$counts, $warns warnings"
+            ((errs > 0)) && st="FAIL (sanitizer errors)"
+        fi
+        [[ "$st" == PASS* ]] || tool_failed=$((tool_failed + 1))
+        record "$label" "${st} [$counts, $((SECONDS - t0)) s]"
     done
+    unknown=""
+    ((tool_unknown > 0)) && unknown=", $tool_unknown without a summary"
+    if ((tool_failed == 0 && tool_runs > 0)); then t_status=PASS; else t_status=FAIL; fi
+    record "sanitizer $tool (all binaries)" \
+        "$t_status [$tool_errors errors, $tool_warnings warnings in $tool_runs runs$unknown]"
+    san_totals+=("$tool=$tool_errors")
 done
+echo "sanitizer error counts: ${san_totals[*]}" | tee -a "$OUT/sanitizer.log"
 
 # ----------------------------------------------------------------- e. summary
 {
@@ -302,6 +391,7 @@ done
     for row in "${summary[@]}"; do
         printf '%-44s %s\n' "${row%%|*}" "${row#*|}"
     done
+    echo "sanitizer errors: ${san_totals[*]:-none}"
     if ((failed)); then echo "RESULT: FAIL"; else echo "RESULT: PASS"; fi
     if [[ -s "$OUT/bench-table.md" ]]; then
         echo
