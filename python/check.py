@@ -21,8 +21,12 @@ unmerging an unmerged one raise), an f32 model under
 torch.autocast("cuda", bfloat16) against float64 autograd of the formula on
 the f32 values (bf16 bar; A's gradient f32), the merge state machine (an
 optimizer step, reset_parameters or a state_dict round trip while merged,
-then unmerge gives W0 back to within one rounding), and
-torch.autograd.gradcheck.
+then unmerge gives W0 back to within one rounding),
+torch.autograd.gradcheck, torch.library.opcheck of the singlora:: ops on
+CUDA, torch.compile(fullgraph=True) with zero graph breaks and one compile
+over ramp steps 0..5 (aot_eager, and inductor where triton is present), and a
+training step (capturable Adam, the ramp's step()) captured with
+torch.cuda.graph, replayed against the same steps run eagerly.
 
 gradcheck, float64-upcast form: the kernels take no float64, so gradcheck runs
 on f(x64, A64) = singlora_linear(x64.float(), W, b, A64.float(), s).double(),
@@ -400,6 +404,157 @@ def _check_autocast(dev):
            f" f32 model under autocast(cuda, bf16) | {text} | dtypes {dtypes_ok} | bar {TOL[torch.bfloat16]:.0e}")
 
 
+def _small_model(dev, dtype=torch.float32, warmup=4, seed=21):
+    torch.manual_seed(seed)
+    m = torch.nn.Sequential(
+        SingLoraLinear(torch.nn.Linear(96, 160), rank=8, alpha=16.0, warmup_steps=warmup),
+        torch.nn.GELU(),
+        SingLoraLinear(torch.nn.Linear(160, 64, bias=False), rank=4, alpha=8.0, warmup_steps=warmup),
+    ).to(dev, dtype)
+    with torch.no_grad():
+        for layer in (m[0], m[2]):
+            layer.a.mul_(4.0)
+    return m
+
+
+def _adapters(m):
+    return [l for l in m.modules() if isinstance(l, SingLoraLinear)]
+
+
+def check_library_ops(dev):
+    """torch.library.opcheck of every singlora:: op on CUDA tensors (our kernels)."""
+    from singlora import nn as snn
+    from torch.library import opcheck
+
+    for dtype in (torch.float32, torch.bfloat16):
+        d_in, d_out, rank, d = 40, 24, 6, 40
+        gen = torch.Generator(device=dev).manual_seed(77)
+
+        def t(*shape, grad=False, dt=dtype):
+            return torch.randn(*shape, generator=gen, device=dev, dtype=dt).requires_grad_(grad)
+
+        sc = torch.tensor(0.75, device=dev)
+        f32t = torch.float32
+        samples = {
+            "linear_forward": [(t(2, 9, d_in, grad=True), t(d_out, d_in), t(d_out), t(d, rank, grad=True), sc, True),
+                               (t(9, d_out), t(d_in, d_out, grad=True), None, t(d, rank, grad=True), sc, False)],
+            "adapter_forward": [(t(9, d_in, grad=True), t(d, rank, grad=True), sc, None, d_out, True),
+                                (t(9, d_in, grad=True), t(d, rank, grad=True), sc, t(9, d_out, grad=True), d_out, True)],
+            "adapter_backward": [(t(9, d_in), t(9, d_out), t(d, rank), sc, t(9, rank, dt=f32t), None, True),
+                                 (t(9, d_in), t(9, d_out), t(d, rank), sc, t(0, rank, dt=f32t), t(d_out, d_in), True)],
+            "merge": [(t(d_out, d_in), t(d, rank), sc)],
+            "unmerge": [(t(d_out, d_in), t(d, rank), sc)],
+        }
+        bad = []
+        for name in snn.OPS:
+            for args in samples[name]:
+                res = opcheck(getattr(torch.ops.singlora, name).default, args, raise_exception=False)
+                bad += [f"{name}: {k} {str(v)[:160]}" for k, v in res.items() if v != "SUCCESS"]
+        report(not bad, f"{NAME[dtype]:>4} opcheck of the singlora:: ops on CUDA"
+                        + ("" if not bad else " | " + "; ".join(bad)))
+
+
+def check_compile(dev):
+    """torch.compile(fullgraph=True) over a model of our layers: zero graph
+    breaks, one compile over ramp steps 0..5 (forward, backward, step), the
+    compiled output equal to eager at every step (it follows the ramp)."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    backends = ["aot_eager"]
+    try:
+        from torch.utils._triton import has_triton
+        if has_triton():
+            backends.append("inductor")
+    except ImportError:
+        pass
+    for backend in backends:
+        try:
+            torch._dynamo.reset()
+            m = _small_model(dev)
+            x = torch.randn(4, 33, 96, device=dev, requires_grad=True)
+            exp = torch._dynamo.explain(m)(x)
+            torch._dynamo.reset()
+            cnt = CompileCounterWithBackend(backend)
+            cm = torch.compile(m, backend=cnt, fullgraph=True)
+            opt = torch.optim.SGD([l.a for l in _adapters(m)], lr=1e-3)
+            worst = 0.0
+            for _ in range(6):
+                y = cm(x)
+                with torch.no_grad():
+                    worst = max(worst, rel_l2(y, m(x)))
+                opt.zero_grad()
+                y.square().mean().backward()
+                opt.step()
+                for layer in _adapters(m):
+                    layer.step()
+            bar = 1e-5 if backend == "aot_eager" else 1e-4  # inductor may reorder the frozen GEMM's epilogue
+            ok = exp.graph_break_count == 0 and cnt.frame_count == 1 and worst <= bar
+            report(ok, f" f32 torch.compile(fullgraph, {backend}): graph breaks {exp.graph_break_count}, "
+                       f"compiles over ramp 0..5 {cnt.frame_count}, compiled vs eager {worst:.1e} (bar {bar:.0e})")
+        except Exception as e:
+            report(False, f" f32 torch.compile(fullgraph, {backend}) | raised {type(e).__name__}: {str(e)[:300]}")
+
+
+def check_cuda_graph_training(dev):
+    """A training step (forward, backward, capturable Adam, ramp step()) captured
+    with torch.cuda.graph and replayed: equal to the same steps run eagerly,
+    and the ramp advancing inside the graph (the scale is read on the device)."""
+    import copy
+
+    try:
+        torch.manual_seed(31)
+        m = _small_model(dev, warmup=6)
+        params = [l.a for l in _adapters(m)]
+        opt = torch.optim.Adam(params, lr=1e-3, capturable=True)
+        static_x = torch.randn(64, 96, device=dev)
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(3):  # warm-up (also loads the kernels: singlora_init)
+                opt.zero_grad(set_to_none=True)
+                m(static_x).square().mean().backward()
+                opt.step()
+                for layer in _adapters(m):
+                    layer.step()
+        torch.cuda.current_stream().wait_stream(s)
+        # The eager twin, from the state after the warm-up.
+        ref = copy.deepcopy(m)
+        ref_opt = torch.optim.Adam([l.a for l in _adapters(ref)], lr=1e-3, capturable=True)
+        ref_opt.load_state_dict(copy.deepcopy(opt.state_dict()))  # no shared state tensors
+        g = torch.cuda.CUDAGraph()
+        opt.zero_grad(set_to_none=True)
+        with torch.cuda.graph(g):
+            static_loss = m(static_x).square().mean()
+            static_loss.backward()
+            opt.step()
+            for layer in _adapters(m):
+                layer.step()
+        losses, ref_losses = [], []
+        gen = torch.Generator(device=dev).manual_seed(5)
+        for _ in range(5):
+            xk = torch.randn(64, 96, device=dev, generator=gen)
+            static_x.copy_(xk)
+            g.replay()
+            losses.append(static_loss.item())
+            ref_opt.zero_grad(set_to_none=True)
+            loss = ref(xk).square().mean()
+            loss.backward()
+            ref_opt.step()
+            for layer in _adapters(ref):
+                layer.step()
+            ref_losses.append(loss.item())
+        torch.cuda.synchronize()
+        loss_err = max(abs(a - b) / max(abs(b), 1e-30) for a, b in zip(losses, ref_losses))
+        a_err = max(rel_l2(a, b) for a, b in zip(params, [l.a for l in _adapters(ref)]))
+        steps = [l.steps for l in _adapters(m)]
+        ref_steps = [l.steps for l in _adapters(ref)]
+        ok = loss_err <= 1e-4 and a_err <= 1e-4 and steps == ref_steps == [8, 8]
+        report(ok, f" f32 CUDA graph of a training step (capturable Adam, ramp): replayed loss vs eager "
+                   f"{loss_err:.1e}, A vs eager {a_err:.1e}, steps {steps} (eager {ref_steps})")
+    except Exception as e:
+        report(False, f" f32 CUDA graph of a training step | raised {type(e).__name__}: {str(e)[:300]}")
+
+
 def shapes(rng):
     """The shape grid: fixed corner cases, then random draws."""
     fixed = [  # (tokens, d_in, d_out, rank)
@@ -434,6 +589,9 @@ def main():
     check_module(dev)
     check_merge_state(dev)
     check_autocast(dev)
+    check_library_ops(dev)
+    check_compile(dev)
+    check_cuda_graph_training(dev)
     torch.cuda.synchronize()
     took = time.time() - started
     print(f"\ncheck.py: {passes} passed, {len(failures)} failed ({took:.1f} s)")

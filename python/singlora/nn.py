@@ -1,4 +1,18 @@
-"""The PyTorch binding: autograd functions and ``SingLoraLinear`` over the C ABI.
+"""The PyTorch binding: ``torch.library`` custom ops and ``SingLoraLinear`` over the C ABI.
+
+The work is done by custom ops in the ``singlora`` namespace
+(``torch.ops.singlora.*``; see the "custom ops" section below for their
+schemas): ``linear_forward``, ``adapter_forward``, ``adapter_backward``,
+``merge`` and ``unmerge``. Each has a CUDA kernel over the C ABI (launched
+on ``torch.cuda.current_stream()``, the scale read from a device float32
+tensor by the ABI-2 ``_dscale`` functions), a CPU kernel made of torch ops
+(f32 accumulation, cast back once, like the kernels: a model with our layers
+also runs, slowly, on CPU), a fake (shape) function, autocast rules and, for
+the forwards, an autograd formula (``register_autograd``, whose backward is
+the ``adapter_backward`` op). So ``torch.compile(model, fullgraph=True)``
+traces our layers without graph breaks, and a scale that changes (the ramp)
+is tensor data, never a recompile. ``merge``/``unmerge`` declare the weight
+they update in place (``mutates_args``).
 
 * :func:`singlora_linear` ``(x, weight, bias, a, scale)``: the adapted layer,
   ``y = x·Wᵀ + b + s·(x·A[:d_in])·A[:d_out]ᵀ``. The frozen product is
@@ -8,43 +22,52 @@
   ``s·(G·A[:d_out])·A[:d_in]ᵀ`` onto it, with ``dA`` in the same call.
 * :func:`singlora_adapter` ``(x, a, scale, base=None, d_out=None)``: the
   adapter alone, ``s·(x·A[:d_in])·A[:d_out]ᵀ``, written into a new tensor,
-  or added in place onto ``base`` (a frozen layer's output) and returned.
+  or added onto ``base`` (a frozen layer's output), written back into it and
+  returned.
 * :class:`SingLoraLinear`: wraps a frozen ``nn.Linear`` and owns ``A``, alpha
   and the ramp ``u(t) = min(t / T, 1)``, where ``t`` counts **optimizer
   steps** (call :meth:`SingLoraLinear.step` after ``optimizer.step()``),
-  never forward calls.
+  never forward calls. ``t`` lives in a 0-dim int64 buffer (``step_count``)
+  and the scale is computed from it with torch ops each forward.
 
-Kernels run on the tensors' CUDA device, on ``torch.cuda.current_stream()``,
-for float32, float16 and bfloat16 (x, W and A of one dtype; every reduction
-in f32). Any leading batch dimensions are flattened into tokens. Inputs
-whose last dimension is contiguous (stride 1) are used in place with their
-row stride (a column slice of a wider tensor included); anything else
-(transposed, expanded rows) is copied with ``.contiguous()`` first. ``A`` is
-used contiguous (a copy is made if it is not).
+``scale`` is a 0-dim float32 tensor on x's device (or a Python float, made
+into one; under torch.compile a changing Python float recompiles, a tensor
+does not). Kernels run for float32, float16 and bfloat16 (x, W and A of one
+dtype; every reduction in f32). Any leading batch dimensions are flattened
+into tokens. Inputs whose last dimension is contiguous (stride 1) are used
+in place with their row stride (a column slice of a wider tensor included);
+anything else (transposed, expanded rows) is copied with ``.contiguous()``
+first. ``A`` is used contiguous (a copy is made if it is not).
 
-Autocast: under ``torch.autocast`` enabled for x's device type, the ops
-behave like autocast's lower-precision ops: x, weight, bias, a (and base)
-are cast to the autocast dtype *before* the autograd function (so A's
-gradient flows back through the cast to an f32 parameter, in f32), and the
-function's forward and backward then run with autocast disabled, so every
-buffer handed to a kernel has the one dtype the launch names. Outside
-autocast, pass tensors of one dtype. The launch helpers check every buffer
-against the launch's dtype (TypeError naming it) before calling the library.
+Autocast: the forward ops carry an autocast rule (AutocastCPU and
+AutocastCUDA kernels): under ``torch.autocast`` for the tensors' device
+type, x, weight, bias, a (and base) are cast to the autocast dtype (float64
+and other non-kernel dtypes are left, and refused, as autocast leaves
+float64), the scale and S stay float32, and the op runs with autocast off;
+the casts sit above autograd, so A's gradient flows back to an f32 parameter
+in f32. The backward and merge/unmerge cast nothing and also run with
+autocast off. So every buffer handed to a kernel has the one dtype the
+launch names; the launch helpers check each buffer against it (TypeError
+naming it) before calling the library. Outside autocast, pass tensors of one
+dtype.
+
+Test seam: ``_device_check`` (see below) — replacing it routes CPU tensors
+through the launch path, so python/tests/test_torch_cpu.py can run it with
+faked launches.
 """
 
 import contextlib
-import functools
 import math
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.autograd.function import once_differentiable
 
 from . import _lib
 from ._lib import SingLoraError
 
-__all__ = ["SingLoraLinear", "singlora_linear", "singlora_adapter", "SingLoraError"]
+__all__ = ["SingLoraLinear", "singlora_linear", "singlora_adapter", "SingLoraError", "OPS"]
 
 # The one home of the dtype <-> code mapping.
 _CODES = {
@@ -120,7 +143,8 @@ def _cuda_device(*named):
 #: raises. The real kernels take CUDA tensors only; this module attribute is
 #: the test seam (python/tests/test_torch_cpu.py replaces it, together with
 #: the ``_lib`` launch functions, to run the autograd/autocast/merge logic on
-#: CPU tensors). Everything else keys on the tensors' own device type.
+#: CPU tensors; with the real check, CPU tensors take the ops' torch-op CPU
+#: kernels instead). Everything else keys on the tensors' own device type.
 _device_check = _cuda_device
 
 
@@ -157,32 +181,6 @@ def _no_autocast(device_type):
     if _autocast_dtype(device_type) is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type, enabled=False)
-
-
-def _autocast_off(forward):
-    """An autograd function's ``forward(ctx, x, ...)``, run with autocast
-    disabled for x's device type."""
-
-    @functools.wraps(forward)
-    def run(ctx, x, *args):
-        with _no_autocast(x.device.type):
-            return forward(ctx, x, *args)
-
-    return run
-
-
-def _autocast_inputs(x, *tensors):
-    """``(x, *tensors)`` cast to the autocast dtype when autocast is on for
-    x's device type (kernel dtypes only: float64 and others are left, and
-    refused later, as autocast leaves float64); else unchanged. ``.to`` is
-    differentiable, so gradients flow back to the originals in their dtype."""
-    dt = _autocast_dtype(x.device.type)
-    if dt is None:
-        return (x, *tensors)
-    return tuple(
-        t if t is None or t.dtype == dt or t.dtype not in _CODES else t.to(dt)
-        for t in (x, *tensors)
-    )
 
 
 def _row_stride(t2, rows, cols):
@@ -238,20 +236,73 @@ def _check_a(a, d_in, d_out):
             f"singlora: `a` must be (max(d_in, d_out), rank) = ({d}, rank) for d_in = {d_in}, "
             f"d_out = {d_out}; got {tuple(a.shape)}"
         )
+    if not 1 <= a.shape[1] <= 256:
+        raise ValueError(f"singlora: the rank (a.shape[1]) must be in 1..=256; got {a.shape[1]}")
     return a.contiguous()
 
 
+def _check_scale(scale, ref=None):
+    """The scale the ops take: a float32 tensor of one element (0-dim), on
+    ``ref``'s device when ``ref`` is given (the kernels read it there)."""
+    if not isinstance(scale, torch.Tensor):
+        raise TypeError(f"singlora: `scale` must be a float32 tensor here; got {type(scale).__name__}")
+    if scale.dtype != torch.float32:
+        raise TypeError(f"singlora: `scale` is {scale.dtype}; the kernels read a float32 scale")
+    if scale.numel() != 1:
+        raise ValueError(f"singlora: `scale` must hold one element; got shape {tuple(scale.shape)}")
+    if ref is not None and scale.device != ref.device:
+        raise ValueError(f"singlora: `scale` is on {scale.device} but `x` on {ref.device}")
+
+
+def _as_scale(scale, x):
+    """``scale`` as the ops' 0-dim float32 tensor on x's device. A tensor is
+    used as is (cast / moved if needed); a Python number becomes a new tensor
+    (under torch.compile a changing Python float is a new constant each time,
+    and a recompile: pass a tensor to vary it)."""
+    if isinstance(scale, torch.Tensor):
+        if scale.dtype != torch.float32 or scale.device != x.device:
+            scale = scale.to(device=x.device, dtype=torch.float32)
+        return scale.reshape(())
+    return torch.tensor(float(scale), dtype=torch.float32, device=x.device)
+
+
+def _launch_scale(scale):
+    """(by-value float, device pointer) for a launch: a tensor scale goes by
+    pointer (the _dscale functions), a Python float by value."""
+    if isinstance(scale, torch.Tensor):
+        _check_scale(scale)
+        return None, scale.data_ptr()
+    return float(scale), None
+
+
+_initialised = set()
+
+
+def _ensure_init(dev):
+    """singlora_init once per CUDA device: it loads the kernels and
+    synchronises, which must happen before any CUDA graph capture, so do it
+    on the first (eager) launch rather than inside one."""
+    if dev.type == "cuda" and dev.index not in _initialised:
+        _lib.init(dev.index)
+        _initialised.add(dev.index)
+
+
 def _launch_forward(x2, ld_x, a, y2, ld_y, s, scale, beta):
+    """The forward kernel; ``scale`` a 0-dim f32 tensor on the device (read
+    there when the kernel runs) or a Python float (by value)."""
     dev = x2.device
     code = _dtype_code(x2, "x")
-    _check_buffers(code, (("x", x2), ("a", a), ("y", y2)), (("s", s),))
-    _lib.forward(
-        code, dev.index,
-        x2.shape[0], x2.shape[1], y2.shape[1], a.shape[1],
-        x2.data_ptr(), ld_x, a.data_ptr(), y2.data_ptr(), ld_y,
-        0 if s is None else s.data_ptr(),
-        scale, beta, _stream(dev),
-    )
+    by_value, scale_ptr = _launch_scale(scale)
+    _check_buffers(code, (("x", x2), ("a", a), ("y", y2)),
+                   (("s", s), ("scale", None if scale_ptr is None else scale)))
+    _ensure_init(dev)
+    common = (code, dev.index, x2.shape[0], x2.shape[1], y2.shape[1], a.shape[1],
+              x2.data_ptr(), ld_x, a.data_ptr(), y2.data_ptr(), ld_y,
+              0 if s is None else s.data_ptr())
+    if scale_ptr is None:
+        _lib.forward(*common, by_value, beta, _stream(dev))
+    else:
+        _lib.forward_dscale(*common, scale_ptr, beta, _stream(dev))
 
 
 def _launch_backward(x2, ld_x, g2, ld_g, a, s, scale, dx2, dx_beta):
@@ -259,7 +310,9 @@ def _launch_backward(x2, ld_x, g2, ld_g, a, s, scale, dx2, dx_beta):
     None) receives ``dx_beta·dx2 + s·Q·A[:d_in]ᵀ``."""
     dev = x2.device
     code = _dtype_code(x2, "x")
-    _check_buffers(code, (("x", x2), ("g", g2), ("a", a), ("dx", dx2)), (("s", s),))
+    by_value, scale_ptr = _launch_scale(scale)
+    _check_buffers(code, (("x", x2), ("g", g2), ("a", a), ("dx", dx2)),
+                   (("s", s), ("scale", None if scale_ptr is None else scale)))
     tokens, d_in = x2.shape
     d_out = g2.shape[1]
     d, rank = a.shape
@@ -268,16 +321,355 @@ def _launch_backward(x2, ld_x, g2, ld_g, a, s, scale, dx2, dx_beta):
     nbytes = _lib.workspace_size(tokens, d_in, d_out, rank, saved_s=s is not None)
     # A fresh allocation of the caching allocator is 512-byte aligned (the
     # C ABI checks the 16 it needs), and is released only to later work on
-    # this same stream, so freeing it on return is safe.
+    # this same stream, so freeing it on return is safe (inside a CUDA graph
+    # capture it comes from the graph's private pool).
     ws = torch.empty(nbytes, dtype=torch.uint8, device=dev)
-    _lib.backward(
-        code, dev.index, tokens, d_in, d_out, rank,
-        x2.data_ptr(), ld_x, g2.data_ptr(), ld_g, a.data_ptr(),
-        0 if s is None else s.data_ptr(), scale,
-        0 if dx2 is None else dx2.data_ptr(), d_in, dx_beta,
-        da.data_ptr(), 0.0, ws.data_ptr(), nbytes, _stream(dev),
-    )
+    _ensure_init(dev)
+    head = (code, dev.index, tokens, d_in, d_out, rank,
+            x2.data_ptr(), ld_x, g2.data_ptr(), ld_g, a.data_ptr(),
+            0 if s is None else s.data_ptr())
+    tail = (0 if dx2 is None else dx2.data_ptr(), d_in, dx_beta,
+            da.data_ptr(), 0.0, ws.data_ptr(), nbytes, _stream(dev))
+    if scale_ptr is None:
+        _lib.backward(*head, by_value, *tail)
+    else:
+        _lib.backward_dscale(*head, scale_ptr, *tail)
     return da
+
+
+# ------------------------------------------------------------ custom ops
+#
+# The ops (namespace ``singlora``), each with a CUDA kernel over the C ABI
+# (the _dscale functions: the scale is a device f32 tensor, read when the
+# kernel runs, so a changing ramp is data, not a new graph constant), a CPU
+# kernel with torch ops (f32 accumulation, cast back once, like the kernels),
+# a fake (shape) function, autocast rules and, for the two forwards, autograd:
+#
+#   linear_forward(x, weight, bias?, a, scale, save_s) -> (y, s)
+#       y = x·weightᵀ + bias + scale·S·A[:d_out]ᵀ,  S = x·A[:d_in] (f32)
+#   adapter_forward(x, a, scale, base?, d_out, save_s) -> (y, s)
+#       y = base + scale·S·A[:d_out]ᵀ  (a new tensor; base only read)
+#   adapter_backward(x, grad, a, scale, s, weight?, need_dx) -> (dx, da)
+#       dx = grad·weight + scale·Q·A[:d_in]ᵀ  (Q = grad·A[:d_out]; empty
+#       when not need_dx), da = scale·(gradᵀS ⊕ xᵀQ) in f32; s with no rows
+#       (save_s False in the forward) is recomputed
+#   merge(weight!, a, scale), unmerge(weight!, a, scale)
+#       weight ±= scale·A[:d_out]·A[:d_in]ᵀ in place (declared mutated)
+#
+# s is (tokens, rank) f32 when save_s, else (0, rank). x may have any
+# leading dimensions (flattened into tokens); outputs are contiguous.
+
+Tensor = torch.Tensor
+
+
+def _launches(dev):
+    """Whether an op on ``dev`` runs the C ABI launches: CUDA tensors always;
+    CPU tensors only when the test seam has replaced ``_device_check``
+    (python/tests/test_torch_cpu.py runs the launch path on CPU with faked
+    launches). Otherwise CPU runs the torch-op implementation."""
+    return dev.type == "cuda" or _device_check is not _cuda_device
+
+
+def _lead_tokens(x, d_in, name="x"):
+    if x.dim() == 0 or x.shape[-1] != d_in:
+        raise ValueError(f"singlora: `{name}` must end in a dimension of {d_in}; got {tuple(x.shape)}")
+    return math.prod(x.shape[:-1])
+
+
+def _check_linear(x, weight, bias, a, scale):
+    """Shape and dtype checks of linear_forward (real and fake): (d_out, d_in, A contiguous)."""
+    _dtype_code(x, "x")
+    _same_dtype(x, "x", ("weight", weight), ("bias", bias), ("a", a))
+    _check_scale(scale)
+    if weight.dim() != 2:
+        raise ValueError(f"singlora: `weight` must be (d_out, d_in); got {tuple(weight.shape)}")
+    d_out, d_in = weight.shape
+    if bias is not None and tuple(bias.shape) != (d_out,):
+        raise ValueError(f"singlora: `bias` must be ({d_out},); got {tuple(bias.shape)}")
+    _lead_tokens(x, d_in)
+    return d_out, d_in, _check_a(a, d_in, d_out)
+
+
+def _check_adapter(x, a, scale, base, d_out):
+    _dtype_code(x, "x")
+    _same_dtype(x, "x", ("a", a), ("base", base))
+    _check_scale(scale)
+    d_in = x.shape[-1] if x.dim() else 0
+    a_c = _check_a(a, d_in, d_out)
+    if base is not None and tuple(base.shape) != tuple(x.shape[:-1]) + (d_out,):
+        raise ValueError(
+            f"singlora: `base` must be x's shape with d_out = {d_out} last: "
+            f"{tuple(x.shape[:-1]) + (d_out,)}; got {tuple(base.shape)}"
+        )
+    return d_in, a_c
+
+
+def _check_backward(x, grad, a, scale, s, weight):
+    _dtype_code(x, "x")
+    _same_dtype(x, "x", ("grad", grad), ("a", a), ("weight", weight))
+    _check_scale(scale)
+    d_in, d_out = x.shape[-1], grad.shape[-1]
+    if tuple(grad.shape[:-1]) != tuple(x.shape[:-1]):
+        raise ValueError(f"singlora: `grad` {tuple(grad.shape)} does not match `x` {tuple(x.shape)}")
+    if weight is not None and tuple(weight.shape) != (d_out, d_in):
+        raise ValueError(f"singlora: `weight` must be ({d_out}, {d_in}); got {tuple(weight.shape)}")
+    a_c = _check_a(a, d_in, d_out)
+    if s.dtype != torch.float32 or s.dim() != 2 or s.shape[1] != a_c.shape[1]:
+        raise ValueError(f"singlora: `s` must be f32 (tokens or 0, rank); got {tuple(s.shape)} {s.dtype}")
+    return d_in, d_out, a_c
+
+
+def _s_out(x, tokens, rank, save_s):
+    return torch.empty((tokens if save_s else 0, rank), dtype=torch.float32, device=x.device)
+
+
+@torch.library.custom_op("singlora::linear_forward", mutates_args=(), device_types="cpu")
+def linear_forward(
+    x: Tensor, weight: Tensor, bias: Optional[Tensor], a: Tensor, scale: Tensor, save_s: bool
+) -> Tuple[Tensor, Tensor]:
+    """The adapted layer ``x·Wᵀ + b + scale·(x·A[:d_in])·A[:d_out]ᵀ`` and S."""
+    if _launches(x.device):
+        return _linear_forward_launch(x, weight, bias, a, scale, save_s)
+    d_out, d_in, a_c = _check_linear(x, weight, bias, a, scale)
+    _device_same("x", x, ("weight", weight), ("bias", bias), ("a", a), ("scale", scale))
+    x2 = x.reshape(-1, d_in)
+    af = a_c.float()
+    sf = x2.float() @ af[:d_in]
+    y = (F.linear(x2, weight, bias).float() + scale * (sf @ af[:d_out].T)).to(x.dtype)
+    s = sf if save_s else _s_out(x, 0, a_c.shape[1], False)
+    return y.reshape(*x.shape[:-1], d_out).contiguous(), s.contiguous()
+
+
+def _device_same(name, t, *named):
+    """The CPU kernels' device check: one device for every tensor."""
+    for n, o in named:
+        if o is not None and o.device != t.device:
+            raise ValueError(f"singlora: `{n}` is on {o.device}, `{name}` on {t.device}")
+
+
+@linear_forward.register_kernel("cuda")
+def _linear_forward_launch(x, weight, bias, a, scale, save_s):
+    _device_check(("x", x), ("weight", weight), ("bias", bias), ("a", a), ("scale", scale))
+    d_out, d_in, a_c = _check_linear(x, weight, bias, a, scale)
+    x2, ld_x = _rows(x, d_in, "x")
+    tokens, rank = x2.shape[0], a_c.shape[1]
+    y2 = F.linear(x2, weight, bias)
+    if not y2.is_contiguous():
+        y2 = y2.contiguous()
+    s = _s_out(x, tokens, rank, save_s)
+    _launch_forward(x2, ld_x, a_c, y2, d_out, s if save_s else None, scale, 1.0)
+    return y2.view(*x.shape[:-1], d_out), s
+
+
+@linear_forward.register_fake
+def _linear_forward_fake(x, weight, bias, a, scale, save_s):
+    d_out, d_in, a_c = _check_linear(x, weight, bias, a, scale)
+    tokens = math.prod(x.shape[:-1])
+    return x.new_empty((*x.shape[:-1], d_out)), _s_out(x, tokens, a_c.shape[1], save_s)
+
+
+@torch.library.custom_op("singlora::adapter_forward", mutates_args=(), device_types="cpu")
+def adapter_forward(
+    x: Tensor, a: Tensor, scale: Tensor, base: Optional[Tensor], d_out: int, save_s: bool
+) -> Tuple[Tensor, Tensor]:
+    """The adapter ``base + scale·(x·A[:d_in])·A[:d_out]ᵀ`` (a new tensor) and S."""
+    if _launches(x.device):
+        return _adapter_forward_launch(x, a, scale, base, d_out, save_s)
+    d_in, a_c = _check_adapter(x, a, scale, base, d_out)
+    _device_same("x", x, ("a", a), ("base", base), ("scale", scale))
+    x2 = x.reshape(-1, d_in)
+    af = a_c.float()
+    sf = x2.float() @ af[:d_in]
+    y = scale * (sf @ af[:d_out].T)
+    if base is not None:
+        y = y + base.reshape(-1, d_out).float()
+    s = sf if save_s else _s_out(x, 0, a_c.shape[1], False)
+    return y.to(x.dtype).reshape(*x.shape[:-1], d_out).contiguous(), s.contiguous()
+
+
+@adapter_forward.register_kernel("cuda")
+def _adapter_forward_launch(x, a, scale, base, d_out, save_s):
+    _device_check(("x", x), ("a", a), ("base", base), ("scale", scale))
+    d_in, a_c = _check_adapter(x, a, scale, base, d_out)
+    x2, ld_x = _rows(x, d_in, "x")
+    tokens, rank = x2.shape[0], a_c.shape[1]
+    if base is not None:
+        y2 = base.reshape(tokens, d_out).clone(memory_format=torch.contiguous_format)
+        beta = 1.0
+    else:
+        y2 = torch.empty((tokens, d_out), dtype=x.dtype, device=x.device)
+        beta = 0.0
+    s = _s_out(x, tokens, rank, save_s)
+    _launch_forward(x2, ld_x, a_c, y2, d_out, s if save_s else None, scale, beta)
+    return y2.view(*x.shape[:-1], d_out), s
+
+
+@adapter_forward.register_fake
+def _adapter_forward_fake(x, a, scale, base, d_out, save_s):
+    _, a_c = _check_adapter(x, a, scale, base, d_out)
+    tokens = math.prod(x.shape[:-1])
+    return x.new_empty((*x.shape[:-1], d_out)), _s_out(x, tokens, a_c.shape[1], save_s)
+
+
+@torch.library.custom_op("singlora::adapter_backward", mutates_args=(), device_types="cpu")
+def adapter_backward(
+    x: Tensor, grad: Tensor, a: Tensor, scale: Tensor, s: Tensor, weight: Optional[Tensor],
+    need_dx: bool,
+) -> Tuple[Tensor, Tensor]:
+    """(dx, da) of the adapter (plus ``grad·weight`` in dx when weight is given)."""
+    if _launches(x.device):
+        return _adapter_backward_launch(x, grad, a, scale, s, weight, need_dx)
+    d_in, d_out, a_c = _check_backward(x, grad, a, scale, s, weight)
+    _device_same("x", x, ("grad", grad), ("a", a), ("scale", scale), ("s", s), ("weight", weight))
+    x2, g2 = x.reshape(-1, d_in), grad.reshape(-1, d_out)
+    af, xf, gf = a_c.float(), x2.float(), g2.float()
+    sf = s if s.shape[0] == x2.shape[0] else xf @ af[:d_in]
+    q = gf @ af[:d_out]
+    if need_dx:
+        dx = scale * (q @ af[:d_in].T)
+        if weight is not None:
+            dx = dx + torch.mm(g2, weight).float()
+        dx = dx.to(x.dtype).reshape(x.shape).contiguous()
+    else:
+        dx = x.new_empty((0,))
+    da = torch.zeros_like(af)
+    da[:d_out] += gf.T @ sf
+    da[:d_in] += xf.T @ q
+    return dx, (scale * da).contiguous()
+
+
+@adapter_backward.register_kernel("cuda")
+def _adapter_backward_launch(x, grad, a, scale, s, weight, need_dx):
+    _device_check(("x", x), ("grad", grad), ("a", a), ("scale", scale), ("s", s), ("weight", weight))
+    d_in, d_out, a_c = _check_backward(x, grad, a, scale, s, weight)
+    x2, ld_x = _rows(x, d_in, "x")
+    g2, ld_g = _rows(grad, d_out, "grad")
+    tokens = x2.shape[0]
+    saved = s if (s.shape[0] == tokens and tokens > 0) else None
+    dx2, beta = None, 0.0
+    if need_dx:
+        if weight is not None:
+            # The frozen path's dX = G·W (torch); the kernel adds the adapter's.
+            dx2 = torch.mm(g2, weight)
+            if not dx2.is_contiguous():
+                dx2 = dx2.contiguous()
+            beta = 1.0
+        else:
+            dx2 = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
+    da = _launch_backward(x2, ld_x, g2, ld_g, a_c, saved, scale, dx2, beta)
+    dx = dx2.view(x.shape) if need_dx else x.new_empty((0,))
+    return dx, da
+
+
+@adapter_backward.register_fake
+def _adapter_backward_fake(x, grad, a, scale, s, weight, need_dx):
+    _, _, a_c = _check_backward(x, grad, a, scale, s, weight)
+    dx = x.new_empty(x.shape) if need_dx else x.new_empty((0,))
+    return dx, a_c.new_empty(a_c.shape, dtype=torch.float32)
+
+
+def _check_fold(weight, a, scale):
+    code = _dtype_code(weight, "weight")
+    _same_dtype(weight, "weight", ("a", a))
+    _check_scale(scale)
+    if weight.dim() != 2:
+        raise ValueError(f"singlora: `weight` must be (d_out, d_in); got {tuple(weight.shape)}")
+    d_out, d_in = weight.shape
+    a_c = _check_a(a, d_in, d_out)
+    ld_w = _row_stride(weight, d_out, d_in)
+    if ld_w is None:
+        raise ValueError("singlora: merge needs a weight with unit column stride (it is updated in place)")
+    _check_buffers(code, (("w", weight), ("a", a_c)))
+    return code, d_out, d_in, a_c, ld_w
+
+
+def _fold_launch(weight, a, scale, undo):
+    dev = _device_check(("weight", weight), ("a", a), ("scale", scale))
+    code, d_out, d_in, a_c, ld_w = _check_fold(weight, a, scale)
+    _check_buffers(code, (), (("scale", scale),))
+    _ensure_init(dev)
+    fn = _lib.unmerge_dscale if undo else _lib.merge_dscale
+    fn(code, dev.index, d_in, d_out, a_c.shape[1], weight.data_ptr(), ld_w, a_c.data_ptr(),
+       scale.data_ptr(), _stream(dev))
+
+
+def _fold_impl(weight, a, scale, undo):
+    if _launches(weight.device):
+        return _fold_launch(weight, a, scale, undo)
+    _, d_out, d_in, a_c, _ = _check_fold(weight, a, scale)
+    _device_same("weight", weight, ("a", a), ("scale", scale))
+    af = a_c.float()
+    delta = scale * (af[:d_out] @ af[:d_in].T)
+    weight.copy_((weight.float() - delta if undo else weight.float() + delta).to(weight.dtype))
+
+
+@torch.library.custom_op("singlora::merge", mutates_args=("weight",), device_types=("cpu", "cuda"))
+def merge(weight: Tensor, a: Tensor, scale: Tensor) -> None:
+    """``weight += scale·A[:d_out]·A[:d_in]ᵀ`` in place."""
+    _fold_impl(weight, a, scale, undo=False)
+
+
+@torch.library.custom_op("singlora::unmerge", mutates_args=("weight",), device_types=("cpu", "cuda"))
+def unmerge(weight: Tensor, a: Tensor, scale: Tensor) -> None:
+    """``weight -= scale·A[:d_out]·A[:d_in]ᵀ`` in place (undoes merge)."""
+    _fold_impl(weight, a, scale, undo=True)
+
+
+@merge.register_fake
+def _merge_fake(weight, a, scale):
+    _check_fold(weight, a, scale)
+
+
+@unmerge.register_fake
+def _unmerge_fake(weight, a, scale):
+    _check_fold(weight, a, scale)
+
+
+# -- autograd
+
+
+def _linear_setup(ctx, inputs, output):
+    x, weight, bias, a, scale, save_s = inputs
+    _, s = output
+    ctx.mark_non_differentiable(s)
+    ctx.save_for_backward(x, weight, a, scale, s)
+
+
+def _linear_backward(ctx, gy, gs):
+    x, weight, a, scale, s = ctx.saved_tensors
+    need_x, need_w, need_b, need_a = ctx.needs_input_grad[:4]
+    gx = gw = gb = ga = None
+    with _no_autocast(x.device.type):
+        if need_x or need_a:
+            dx, da = adapter_backward(x, gy, a, scale, s, weight if need_x else None, need_x)
+            gx = dx if need_x else None
+            ga = _grad_a(da, a) if need_a else None
+        if need_w or need_b:
+            g2 = gy.reshape(-1, weight.shape[0])
+            if need_w:
+                gw = torch.mm(g2.t(), x.reshape(-1, weight.shape[1]))
+            if need_b:
+                gb = g2.sum(0)
+    return gx, gw, gb, ga, None, None
+
+
+def _adapter_setup(ctx, inputs, output):
+    x, a, scale, base, d_out, save_s = inputs
+    _, s = output
+    ctx.mark_non_differentiable(s)
+    ctx.save_for_backward(x, a, scale, s)
+
+
+def _adapter_backward(ctx, gy, gs):
+    x, a, scale, s = ctx.saved_tensors
+    need_x, need_a, _, need_base = ctx.needs_input_grad[:4]
+    gx = ga = None
+    if need_x or need_a:
+        with _no_autocast(x.device.type):
+            dx, da = adapter_backward(x, gy, a, scale, s, None, need_x)
+        gx = dx if need_x else None
+        ga = _grad_a(da, a) if need_a else None
+    return gx, ga, None, (gy if need_base else None), None, None
 
 
 def _grad_a(da, a):
@@ -285,111 +677,62 @@ def _grad_a(da, a):
     return da if da.dtype == a.dtype else da.to(a.dtype)
 
 
-class _AdapterFn(torch.autograd.Function):
-    @staticmethod
-    @_autocast_off
-    def forward(ctx, x, a, base, scale, d_out, save_s):
-        dev, _ = _checked("x", x, ("a", a), ("base", base))
-        d_in = x.shape[-1]
-        a_c = _check_a(a, d_in, d_out)
-        x2, ld_x = _rows(x, d_in, "x")
-        tokens, rank = x2.shape[0], a_c.shape[1]
-        if base is not None:
-            if tuple(base.shape) != tuple(x.shape[:-1]) + (d_out,):
-                raise ValueError(
-                    f"singlora: `base` must be x's shape with d_out = {d_out} last: "
-                    f"{tuple(x.shape[:-1]) + (d_out,)}; got {tuple(base.shape)}"
+linear_forward.register_autograd(_linear_backward, setup_context=_linear_setup)
+adapter_forward.register_autograd(_adapter_backward, setup_context=_adapter_setup)
+
+
+# -- autocast: every buffer handed to a kernel has the launch's dtype.
+#
+# The forwards behave like autocast's lower-precision ops: under
+# torch.autocast (for the tensors' device type) x, weight, bias, a and base
+# are cast to the autocast dtype (kernel dtypes only: float64 and others are
+# left, and refused, as autocast leaves float64), the scale and S stay f32,
+# and the op then runs with autocast off. The casts are ordinary `.to`s
+# above autograd, so A's gradient flows back to an f32 parameter in f32.
+# The backward and merge/unmerge cast nothing (their buffers are saved
+# forward tensors, or updated in place) and also run with autocast off.
+
+_AUTOCAST_KEYS = (torch._C.DispatchKeySet(torch._C.DispatchKey.AutocastCPU)
+                  | torch._C.DispatchKeySet(torch._C.DispatchKey.AutocastCUDA))
+_autocast_lib = torch.library.Library("singlora", "FRAGMENT")
+
+#: op name -> the positions of the arguments autocast casts.
+AUTOCAST_CAST_ARGS = {
+    "linear_forward": (0, 1, 2, 3),
+    "adapter_forward": (0, 1, 3),
+    "adapter_backward": (),
+    "merge": (),
+    "unmerge": (),
+}
+
+
+def _register_autocast(name, cast_idx):
+    op = getattr(torch.ops.singlora, name).default
+    for device_type, key in (("cpu", "AutocastCPU"), ("cuda", "AutocastCUDA")):
+
+        def kernel(*args, _device_type=device_type):
+            if cast_idx:
+                dt = torch.get_autocast_dtype(_device_type)
+                args = tuple(
+                    t.to(dt) if i in cast_idx and isinstance(t, torch.Tensor)
+                    and t.device.type == _device_type and t.dtype in _CODES and t.dtype != dt
+                    else t
+                    for i, t in enumerate(args)
                 )
-            try:
-                y2 = base.view(-1, d_out)
-            except RuntimeError:
-                y2 = None
-            ld_y = None if y2 is None else _row_stride(y2, tokens, d_out)
-            if ld_y is None:
-                raise ValueError(
-                    "singlora: `base` is updated in place, so it must be viewable as "
-                    "(tokens, d_out) with unit column stride; pass base.contiguous()"
-                )
-            beta = 1.0
-        else:
-            y2 = torch.empty((tokens, d_out), dtype=x.dtype, device=dev)
-            ld_y, beta = d_out, 0.0
-        s = torch.empty((tokens, rank), dtype=torch.float32, device=dev) if save_s else None
-        _launch_forward(x2, ld_x, a_c, y2, ld_y, s, scale, beta)
-        ctx.save_for_backward(x2, a_c, s)
-        ctx.ld_x, ctx.scale, ctx.x_shape = ld_x, scale, x.shape
-        if base is not None:
-            ctx.mark_dirty(base)
-            return base
-        return y2.view(*x.shape[:-1], d_out)
+            with torch._C._ExcludeDispatchKeyGuard(_AUTOCAST_KEYS):
+                return op(*args)
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, gy):
-        x2, a, s = ctx.saved_tensors
-        need_x, need_a, need_base = ctx.needs_input_grad[:3]
-        gx = ga = None
-        if need_x or need_a:
-            with _no_autocast(x2.device.type):
-                g2, ld_g = _rows(gy, gy.shape[-1], "grad")
-                dx2 = torch.empty(x2.shape, dtype=x2.dtype, device=x2.device) if need_x else None
-                da = _launch_backward(x2, ctx.ld_x, g2, ld_g, a, s, ctx.scale, dx2, 0.0)
-                if need_x:
-                    gx = dx2.view(ctx.x_shape)
-                if need_a:
-                    ga = _grad_a(da, a)
-        return gx, ga, (gy if need_base else None), None, None, None
+        _autocast_lib.impl(name, kernel, key)
 
 
-class _LinearFn(torch.autograd.Function):
-    @staticmethod
-    @_autocast_off
-    def forward(ctx, x, weight, bias, a, scale, save_s):
-        dev, _ = _checked("x", x, ("weight", weight), ("bias", bias), ("a", a))
-        if weight.dim() != 2:
-            raise ValueError(f"singlora: `weight` must be (d_out, d_in); got {tuple(weight.shape)}")
-        d_out, d_in = weight.shape
-        a_c = _check_a(a, d_in, d_out)
-        x2, ld_x = _rows(x, d_in, "x")
-        tokens, rank = x2.shape[0], a_c.shape[1]
-        y2 = F.linear(x2, weight, bias)
-        if not y2.is_contiguous():
-            y2 = y2.contiguous()
-        s = torch.empty((tokens, rank), dtype=torch.float32, device=dev) if save_s else None
-        _launch_forward(x2, ld_x, a_c, y2, d_out, s, scale, 1.0)
-        ctx.save_for_backward(x2, weight, a_c, s)
-        ctx.ld_x, ctx.scale, ctx.x_shape = ld_x, scale, x.shape
-        return y2.view(*x.shape[:-1], d_out)
+for _name, _idx in AUTOCAST_CAST_ARGS.items():
+    _register_autocast(_name, _idx)
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, gy):
-        x2, weight, a, s = ctx.saved_tensors
-        with _no_autocast(x2.device.type):
-            return _LinearFn._backward(ctx, gy, x2, weight, a, s)
+#: The ops, by name (torch.ops.singlora.<name>).
+OPS = tuple(AUTOCAST_CAST_ARGS)
 
-    @staticmethod
-    def _backward(ctx, gy, x2, weight, a, s):
-        need_x, need_w, need_b, need_a = ctx.needs_input_grad[:4]
-        gx = gw = gb = ga = None
-        g2, ld_g = _rows(gy, weight.shape[0], "grad")
-        dx2 = None
-        if need_x:
-            # The frozen path's dX = G·W (torch); the kernel adds the adapter's.
-            dx2 = torch.mm(g2, weight)
-            if not dx2.is_contiguous():
-                dx2 = dx2.contiguous()
-        if need_x or need_a:
-            da = _launch_backward(x2, ctx.ld_x, g2, ld_g, a, s, ctx.scale, dx2, 1.0)
-            if need_x:
-                gx = dx2.view(ctx.x_shape)
-            if need_a:
-                ga = _grad_a(da, a)
-        if need_w:
-            gw = torch.mm(g2.t(), x2)
-        if need_b:
-            gb = g2.sum(0)
-        return gx, gw, gb, ga, None, None
+
+# ------------------------------------------------------------ functional API
 
 
 def _needs_s(*tensors):
@@ -401,13 +744,15 @@ def singlora_linear(x, weight, bias, a, scale):
     """``x·weightᵀ + bias + scale·(x·a[:d_in])·a[:d_out]ᵀ`` with autograd.
 
     ``weight`` is (d_out, d_in) (usually frozen), ``bias`` (d_out) or None,
-    ``a`` (max(d_in, d_out), rank), ``scale`` a Python float (the kernels take
-    it as f32). Gradients flow to x, a, and to weight/bias if they require it.
-    Under autocast (for x's device type) the inputs are cast to its dtype
-    first, and the result is of that dtype.
+    ``a`` (max(d_in, d_out), rank), ``scale`` a 0-dim tensor (float32, on
+    x's device; read by the kernels on the device, so changing its value
+    never recompiles a torch.compile'd model nor invalidates a captured CUDA
+    graph) or a Python float. Gradients flow to x, a, and to weight/bias if
+    they require it. Under autocast (for x's device type) the inputs are cast
+    to its dtype first, and the result is of that dtype.
     """
-    x, weight, bias, a = _autocast_inputs(x, weight, bias, a)
-    return _LinearFn.apply(x, weight, bias, a, float(scale), _needs_s(x, weight, bias, a))
+    y, _ = linear_forward(x, weight, bias, a, _as_scale(scale, x), _needs_s(x, weight, bias, a))
+    return y
 
 
 def singlora_adapter(x, a, scale, base=None, d_out=None):
@@ -421,33 +766,45 @@ def singlora_adapter(x, a, scale, base=None, d_out=None):
     autocast (for x's device type) x, a and base are cast to its dtype
     first; a base of another dtype is then cast to a new tensor, which is
     updated and returned instead (``base`` itself is left unchanged).
+    ``scale`` as in :func:`singlora_linear`.
     """
     if d_out is None:
         d_out = base.shape[-1] if base is not None else a.shape[0]
     elif base is not None and base.shape[-1] != d_out:
         raise ValueError(f"singlora: d_out = {d_out} but `base` ends in {base.shape[-1]}")
-    _check_no_overlap("base", base, "x", x)
-    x, a, base = _autocast_inputs(x, a, base)
-    return _AdapterFn.apply(x, a, base, float(scale), int(d_out), _needs_s(x, a, base))
+    scale = _as_scale(scale, x)
+    if base is None:
+        y, _ = adapter_forward(x, a, scale, None, int(d_out), _needs_s(x, a))
+        return y
+    if not torch.compiler.is_compiling():
+        _check_no_overlap("base", base, "x", x)
+    ac = _autocast_dtype(x.device.type)
+    in_place = ac is None or base.dtype == ac or base.dtype not in _CODES
+    if in_place and tuple(base.shape) == tuple(x.shape[:-1]) + (int(d_out),):
+        # Updated in place, so it must be a (tokens, d_out) view with unit
+        # column stride (as the kernels' in-place output always was).
+        tokens = math.prod(x.shape[:-1])
+        try:
+            b2 = base.view(tokens, int(d_out))
+        except RuntimeError:
+            b2 = None
+        if b2 is None or _row_stride(b2, tokens, int(d_out)) is None:
+            raise ValueError(
+                "singlora: `base` is updated in place, so it must be viewable as "
+                "(tokens, d_out) with unit column stride; pass base.contiguous()"
+            )
+    y, _ = adapter_forward(x, a, scale, base, int(d_out), _needs_s(x, a, base))
+    if not in_place:
+        return y
+    # y = base + adapter (the op is functional); written back into base, the
+    # gradient of base's old value passes through y unchanged.
+    return base.copy_(y)
 
 
 def _fold(weight, a, scale, undo):
-    dev, code = _checked("weight", weight, ("a", a))
-    d_out, d_in = weight.shape
-    a_c = _check_a(a, d_in, d_out)
-    ld_w = _row_stride(weight, d_out, d_in)
-    if ld_w is None:
-        raise ValueError("singlora: merge needs a weight with unit column stride (it is updated in place)")
-    _check_buffers(code, (("w", weight), ("a", a_c)))
-    fn = _lib.unmerge if undo else _lib.merge
-    fn(code, dev.index, d_in, d_out, a_c.shape[1], weight.data_ptr(), ld_w, a_c.data_ptr(),
-       scale, _stream(dev))
-    # The kernel wrote through a raw pointer: tell autograd the weight changed
-    # (a graph that saved it will then refuse to backward instead of using
-    # the new values).
-    bump = getattr(torch.autograd.graph, "increment_version", None)
-    if bump is not None:
-        bump(weight)
+    """merge (undo False) or unmerge ``a`` at ``scale`` into ``weight`` in place."""
+    a_c = _check_a(a, weight.shape[-1], weight.shape[0]) if weight.dim() == 2 else a
+    (unmerge if undo else merge)(weight, a_c, _as_scale(scale, weight))
 
 
 class SingLoraLinear(nn.Module):
@@ -496,8 +853,16 @@ class SingLoraLinear(nn.Module):
         self.rank = rank
         self.alpha = float(alpha)
         self.warmup_steps = int(warmup_steps)
-        self.steps = 0
         self.merged_scale = None
+        # The optimizer-step count t, a 0-dim int64 tensor on A's device (not
+        # a Python int): forward computes the scale from it with torch ops, so
+        # stepping it never recompiles a torch.compile'd model and a captured
+        # CUDA graph follows it. Not a state_dict entry of its own (int64:
+        # .half() / .to(dtype) leave it alone); saved through the extra state.
+        self.register_buffer(
+            "step_count", torch.zeros((), dtype=torch.int64, device=base.weight.device),
+            persistent=False,
+        )
         # The A merged into base.weight (None when unmerged): a buffer so that
         # .to() / .half() move it with A and the weight; saved through the
         # extra state, not as a state_dict entry of its own.
@@ -524,21 +889,45 @@ class SingLoraLinear(nn.Module):
     def merged(self):
         return self.merged_scale is not None
 
+    @property
+    def steps(self):
+        """t, the optimizer steps counted so far (reads ``step_count``: a
+        device sync on CUDA; forward never reads it)."""
+        return int(self.step_count.item())
+
+    @steps.setter
+    def steps(self, value):
+        with torch.no_grad():
+            self.step_count.fill_(int(value))
+
     def ramp(self):
-        """u(t) = min(t / T, 1); 1 when T = 0."""
+        """u(t) = min(t / T, 1); 1 when T = 0 (a Python float)."""
         if self.warmup_steps == 0:
             return 1.0
         return min(self.steps / self.warmup_steps, 1.0)
 
     @property
     def scale(self):
-        """s = alpha / rank · u(t), in Python float (f64); the kernels round it
-        to f32 once."""
+        """s = alpha / rank · u(t), in Python float (f64); the kernels see
+        :meth:`scale_tensor`, this rounded to f32 once."""
         return self.alpha / self.rank * self.ramp()
 
+    def scale_tensor(self):
+        """s as the kernels read it: a 0-dim float32 tensor on the module's
+        device, computed with torch ops from ``step_count`` (in f64, rounded
+        to f32 once), so no Python number of the step enters a compiled graph."""
+        base = self.alpha / self.rank
+        dev = self.step_count.device
+        if self.warmup_steps == 0:
+            return torch.full((), base, dtype=torch.float32, device=dev)
+        u = (self.step_count.to(torch.float64) / self.warmup_steps).clamp(max=1.0)
+        return (u * base).to(torch.float32)
+
     def step(self, n=1):
-        """Counts ``n`` optimizer steps (call after ``optimizer.step()``)."""
-        self.steps += int(n)
+        """Counts ``n`` optimizer steps (call after ``optimizer.step()``): an
+        in-place add on ``step_count`` (capturable in a CUDA graph)."""
+        with torch.no_grad():
+            self.step_count.add_(int(n))
 
     def forward(self, x):
         if self.merged:
@@ -548,7 +937,7 @@ class SingLoraLinear(nn.Module):
                     "(or run under torch.no_grad())"
                 )
             return self.base(x)
-        return singlora_linear(x, self.base.weight, self.base.bias, self.a, self.scale)
+        return singlora_linear(x, self.base.weight, self.base.bias, self.a, self.scale_tensor())
 
     @torch.no_grad()
     def merge(self):
@@ -560,11 +949,11 @@ class SingLoraLinear(nn.Module):
                 f"SingLoraLinear.merge: the layer is already merged (scale {self.merged_scale}); "
                 f"call unmerge() first"
             )
-        s = self.scale
+        s = self.scale_tensor().to(self.base.weight.device)
         a = self.a.detach().clone(memory_format=torch.contiguous_format)
         _fold(self.base.weight, a, s, undo=False)
         self.merged_a = a
-        self.merged_scale = s
+        self.merged_scale = float(s)  # f32-exact: unmerge passes the same f32
 
     @torch.no_grad()
     def unmerge(self):

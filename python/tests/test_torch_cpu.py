@@ -182,6 +182,36 @@ class FakeLib:
     def unmerge(self, *args, **kw):
         self._fold("unmerge", -1.0, *args, **kw)
 
+    # -- the _dscale forms (ABI 2): the scale read from a device f32 tensor.
+    # Recorded under the same names as the by-value forms, with the scale's
+    # value (and `scale_ptr`, the pointer it was read from).
+    def _scale_at(self, fn, p):
+        t = self.tensor(p)
+        if t is None:
+            self.problems.append(f"{fn}: scale_ptr {p:#x} is no tensor's data_ptr()")
+            return float("nan")
+        if t.dtype != torch.float32 or t.numel() != 1:
+            self.problems.append(f"{fn}: the scale must be one float32, is {t.dtype} {tuple(t.shape)}")
+        return float(t.reshape(-1)[0].item())
+
+    def forward_dscale(self, dtype, device, tokens, d_in, d_out, rank, x, ld_x, a, y, ld_y, s, scale_ptr,
+                       beta, stream=0):
+        scale = self._scale_at("forward", scale_ptr)
+        self.forward(dtype, device, tokens, d_in, d_out, rank, x, ld_x, a, y, ld_y, s, scale, beta, stream)
+        self.calls[-1]["scale_ptr"] = scale_ptr
+
+    def backward_dscale(self, dtype, device, tokens, d_in, d_out, rank, x, ld_x, g, ld_g, a, saved_s,
+                        scale_ptr, *rest):
+        scale = self._scale_at("backward", scale_ptr)
+        self.backward(dtype, device, tokens, d_in, d_out, rank, x, ld_x, g, ld_g, a, saved_s, scale, *rest)
+        self.calls[-1]["scale_ptr"] = scale_ptr
+
+    def merge_dscale(self, dtype, device, d_in, d_out, rank, w, ld_w, a, scale_ptr, stream=0):
+        self.merge(dtype, device, d_in, d_out, rank, w, ld_w, a, self._scale_at("merge", scale_ptr), stream)
+
+    def unmerge_dscale(self, dtype, device, d_in, d_out, rank, w, ld_w, a, scale_ptr, stream=0):
+        self.unmerge(dtype, device, d_in, d_out, rank, w, ld_w, a, self._scale_at("unmerge", scale_ptr), stream)
+
 
 def cpu_device_check(*named):
     """The test's _device_check: the one device of the named tensors (CPU ok)."""
@@ -203,7 +233,8 @@ class Patched:
         self.fake = FakeLib()
         self.saved = [(snn, "_device_check", getattr(snn, "_device_check", None))]
         snn._device_check = cpu_device_check
-        for name in ("forward", "backward", "merge", "unmerge", "workspace_size"):
+        for name in ("forward", "backward", "merge", "unmerge", "workspace_size",
+                     "forward_dscale", "backward_dscale", "merge_dscale", "unmerge_dscale"):
             self.saved.append((_lib, name, getattr(_lib, name)))
             setattr(_lib, name, getattr(self.fake, name))
         orig = torch.Tensor.data_ptr
@@ -419,6 +450,9 @@ def no_autocast_f32_exact(fake, p):
     codes_match(p, fake, _lib.DTYPE_F32, "f32")
     fwd = fake.calls[0]
     expect(p, fwd["ptrs"]["x"] == xs[:, 7:].data_ptr(), "a column slice of x must be used in place")
+    expect(p, all(c.get("scale_ptr") for c in fake.calls),
+           "every launch reads the scale from a device tensor (the _dscale forms)")
+    expect(p, all(c["scale"] == f32(layer.scale) for c in fake.calls), "the launches' scale is f32(layer.scale)")
     y_ref, dx_ref, da_ref = reference_linear(x, layer.base.weight, layer.base.bias, layer.a, f32(layer.scale), g)
     for k, v in dict(y=rel_l2(y, y_ref), dx=rel_l2(xs.grad[:, 7:], dx_ref), da=rel_l2(layer.a.grad, da_ref)).items():
         expect(p, v <= F32_BAR, f"{k} rel L2 {v:.2e} > {F32_BAR}")
@@ -464,12 +498,25 @@ def launch_guards_name_the_buffer(fake, p):
 
 @case
 def real_device_check_refuses_cpu(fake, p):
-    """Without the seam the entry points still refuse CPU tensors (the kernels take CUDA)."""
+    """Without the seam the launch path still refuses CPU tensors (the kernels
+    take CUDA), and the entry points run CPU tensors on the ops' torch-op CPU
+    kernels instead, launching nothing."""
     snn._device_check = snn._cuda_device
     x, w, a = torch.randn(2, 4), torch.randn(3, 4), torch.randn(4, 2)
-    raises(p, ValueError, ["`x`", "CUDA"], lambda: singlora_linear(x, w, None, a, 1.0), "linear on CPU")
-    raises(p, ValueError, ["`x`", "CUDA"], lambda: singlora_adapter(x, a, 1.0), "adapter on CPU")
-    raises(p, ValueError, ["`weight`", "CUDA"], lambda: snn._fold(w, a, 1.0, undo=False), "fold on CPU")
+    raises(p, ValueError, ["`x`", "CUDA"], lambda: snn._cuda_device(("x", x), ("a", a)), "launch check on CPU")
+    raises(p, ValueError, ["`x`", "CUDA"], lambda: snn._linear_forward_launch(
+        x, w, None, a, torch.tensor(1.0), False), "linear launch on CPU")
+    raises(p, ValueError, ["`weight`", "CUDA"], lambda: snn._fold_launch(w, a, torch.tensor(1.0), undo=False),
+           "fold launch on CPU")
+    expect(p, not snn._launches(x.device), "CPU routes to the torch kernels without the seam")
+    y = singlora_linear(x, w, None, a, 1.0)
+    ref = x @ w.T + (x @ a[:4]) @ a[:3].T
+    expect(p, rel_l2(y, ref) <= F32_BAR, "linear on CPU (torch kernel)")
+    y = singlora_adapter(x, a, 1.0)
+    expect(p, rel_l2(y, (x @ a[:4]) @ a[:4].T) <= F32_BAR, "adapter on CPU (torch kernel)")
+    w0 = w.clone()
+    snn._fold(w, a, 1.0, undo=False)
+    expect(p, rel_l2(w, w0 + a[:3] @ a[:4].T) <= F32_BAR, "merge on CPU (torch kernel)")
     expect(p, not fake.calls, "nothing launched")
 
 
