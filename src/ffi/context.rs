@@ -51,9 +51,8 @@ pub(crate) struct RestoreCurrent(Option<sys::CUcontext>);
 impl RestoreCurrent {
     pub(crate) fn capture() -> Self {
         if !DRIVER_READY.load(Ordering::Acquire) {
-            // SAFETY: only tries to dlopen libcuda; nothing is called through
-            // it unless it is present.
-            if !unsafe { sys::is_culib_present() } || cu::init().is_err() {
+            // cuInit is called only once libcuda is known to load.
+            if !crate::runtime::device::driver_present() || cu::init().is_err() {
                 // context() will report the missing driver or device.
                 return Self(None);
             }

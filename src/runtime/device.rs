@@ -1,7 +1,7 @@
 //! Opening a device: the checks that run before any driver call can fail in
 //! an untyped way.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use cudarc::driver::sys::CUdevice_attribute;
 use cudarc::driver::CudaContext;
@@ -12,8 +12,7 @@ use crate::error::{Error, Result};
 /// order, that a driver exists, that the device exists, and that it is
 /// compute capability 8.0 or newer. Never panics on a machine without CUDA.
 pub fn open_device(ordinal: usize) -> Result<Arc<CudaContext>> {
-    // SAFETY: only tries to dlopen libcuda; nothing is called through it.
-    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+    if !driver_present() {
         return Err(Error::NoDriver);
     }
     let count = match CudaContext::device_count() {
@@ -27,6 +26,31 @@ pub fn open_device(ordinal: usize) -> Result<Arc<CudaContext>> {
     let ctx = CudaContext::new(ordinal)?;
     check_capability(&ctx)?;
     Ok(ctx)
+}
+
+/// The names the NVIDIA driver library goes by; cudarc looks for each of
+/// them too (among others), so when one loads, cudarc's own lookup succeeds.
+#[cfg(windows)]
+const DRIVER_LIBRARIES: &[&str] = &["nvcuda.dll"];
+#[cfg(not(windows))]
+const DRIVER_LIBRARIES: &[&str] = &["libcuda.so.1", "libcuda.so"];
+
+/// Whether the NVIDIA driver library (libcuda) can be loaded on this machine.
+///
+/// Our own check rather than cudarc's `is_culib_present`, which exists only
+/// under cudarc's `dynamic-loading`: a dependent that links CUDA itself
+/// (candle turns on cudarc's `dynamic-linking`) gets cudarc without it, and
+/// singlora must build either way. The answer is computed once per process.
+pub fn driver_present() -> bool {
+    static PRESENT: OnceLock<bool> = OnceLock::new();
+    *PRESENT.get_or_init(|| {
+        DRIVER_LIBRARIES.iter().any(|name| {
+            // SAFETY: loading libcuda runs only its initialisers (it is the
+            // same library cudarc loads or links); nothing is called
+            // through the handle, which is closed at once.
+            unsafe { libloading::Library::new(*name) }.is_ok()
+        })
+    })
 }
 
 /// The kernels use bf16 mma.sync and cp.async: compute capability 8.0 or newer.

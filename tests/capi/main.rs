@@ -73,8 +73,7 @@ pub(crate) fn assert_refused(code: i32, want: i32, arg: &str) {
 #[track_caller]
 pub(crate) fn assert_no_device(code: i32) {
     let msg = last_error();
-    // SAFETY: only tries to dlopen libcuda.
-    let driver = unsafe { cudarc::driver::sys::is_culib_present() };
+    let driver = singlora::runtime::device::driver_present();
     if driver {
         assert_eq!(code, SINGLORA_ERROR_NO_DEVICE, "{msg}");
         assert!(msg.contains("no CUDA device with ordinal 1000"), "{msg}");
