@@ -2,7 +2,7 @@
  *
  * The one source of the ABI: build.rs generates the Rust status and dtype
  * constants from its #defines, and tests/capi/header.rs parses it and holds
- * the Rust exports (src/ffi/exports.rs), the built library's symbols and the
+ * the Rust exports (src/ffi/), the built library's symbols and the
  * Python ctypes table (python/singlora/_lib.py) to every prototype and code;
  * a C99 program is compiled against it (-pedantic -Werror) and run.
  *

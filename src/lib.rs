@@ -45,4 +45,5 @@ pub use ops::forward::{check_forward, forward, forward_raw, ForwardPtrs, Forward
 pub use ops::merge::{check_merge, merge, merge_raw, merge_with, unmerge, MergeKernel, MergeShape};
 pub use ops::mse::{mse, mse_loss, MSE_PARTIALS};
 pub use ops::scale::{RawScale, Scale};
+pub use runtime::device::driver_present;
 pub use runtime::{kernel_names, open_device, Family, KernelId, Kernels, RANK_BUCKETS};

@@ -101,21 +101,18 @@ pub struct Data {
     pub x: Vec<Vec<f64>>,
 }
 
-/// A normal stream from SplitMix64 + Box–Muller (no dependency, same
-/// everywhere).
-pub struct Normal(u64);
+/// A normal stream from the crate's SplitMix64 (the generator A is
+/// initialised from) + Box–Muller: no dependency, same everywhere.
+pub struct Normal(singlora::SplitMix64);
 
 impl Normal {
     pub fn new(seed: u64) -> Self {
-        Self(seed)
+        Self(singlora::SplitMix64::new(seed))
     }
     fn uniform(&mut self) -> f64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^= z >> 31;
-        ((z >> 11) as f64 + 0.5) / (1u64 << 53) as f64 // (0, 1)
+        // The top 53 bits, shifted half a step off zero: (0, 1), so ln(u) is
+        // finite.
+        ((self.0.next_u64() >> 11) as f64 + 0.5) / (1u64 << 53) as f64
     }
     pub fn sample(&mut self, std: f64) -> f64 {
         let (u, v) = (self.uniform(), self.uniform());

@@ -23,8 +23,8 @@ __device__ __forceinline__ void zero16(void* smem) { *reinterpret_cast<uint4*>(s
 // One thread's share of copying a ROWS x COLS tile of a row-major global
 // matrix into shared memory, in 16-byte chunks. The thread's chunks sit at
 // the same tile positions for every tile of a loop, so their offsets are
-// computed once (the first H200 profile showed the kernels issue-bound, with
-// per-chunk index arithmetic a large part of the instructions).
+// computed once: per-chunk index arithmetic would otherwise be a large part
+// of the instructions of kernels that are issue-bound (benches/RESULTS.md).
 //
 // copy() fills the whole tile on every call: chunks inside the valid extent
 // (rows x cols, tile-relative) by cp.async (16-byte path) or element by

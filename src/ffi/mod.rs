@@ -5,7 +5,8 @@
 //!
 //! Split by concern: [`status`] (codes, the thread-local message, the panic
 //! guard), `args` (turning C arguments into checked Rust values), `context`
-//! (primary contexts and borrowed streams), [`exports`] (the functions).
+//! (primary contexts and borrowed streams), [`exports`] (queries and set-up)
+//! and one module per operation's launches ([`forward`], [`backward`], [`merge`]).
 //!
 //! Conventions, the same for every function:
 //!
@@ -35,9 +36,15 @@
 //!   [`singlora_init`] first when the calls will be captured in a CUDA graph.
 
 mod args;
+pub mod backward;
 mod context;
 pub mod exports;
+pub mod forward;
+pub mod merge;
 pub mod status;
 
+pub use backward::*;
 pub use exports::*;
+pub use forward::*;
+pub use merge::*;
 pub use status::*;

@@ -8,12 +8,13 @@
 
 use std::sync::Arc;
 
-use cudarc::cublas::{sys::cublasOperation_t, CudaBlas, Gemm, GemmConfig};
+use cudarc::cublas::{CudaBlas, Gemm};
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
 
 use crate::dims::{check_len, Dims};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
+use crate::nn::frozen::Frozen;
 use crate::nn::init::kaiming_uniform;
 use crate::nn::ramp::Ramp;
 use crate::ops::adamw::{adamw_device_step, advance_step, AdamW, AdamWState};
@@ -53,14 +54,6 @@ impl ForwardCtx {
     pub fn s(&self) -> Option<&CudaSlice<f32>> {
         self.s.as_ref().filter(|_| self.ran)
     }
-}
-
-/// The frozen base weight and the cuBLAS handle that applies it.
-struct Frozen<T> {
-    w0: CudaSlice<T>,
-    blas: CudaBlas,
-    /// `Some(scale)` while the adapter is folded into `w0` with that scale.
-    merged: Option<f32>,
 }
 
 /// A SingLoRA linear layer: `y = x·W0ᵀ + s·(x·A[:d_in])·A[:d_out]ᵀ` with
@@ -300,17 +293,7 @@ where
             forward_kernels::<T>(&*Kernels::for_stream(&self.stream)?, dims.rank())?;
         }
         if let Some(f) = &self.frozen {
-            // Row-major y (tokens × d_out) is column-major yᵀ = W0 · xᵀ, and
-            // row-major W0 is column-major W0ᵀ (d_in × d_out): op T.
-            let cfg = gemm_config::<T>(
-                cublasOperation_t::CUBLAS_OP_T,
-                (dims.d_out(), tokens, dims.d_in()),
-                (dims.d_in(), dims.d_in(), dims.d_out()),
-            )?;
-            // SAFETY: W0 holds d_out·d_in and x tokens·d_in elements, y
-            // tokens·d_out (checked above): exactly the extents the config
-            // describes; cuBLAS runs on the layer's stream.
-            unsafe { f.blas.gemm(cfg, &f.w0, x, y)? };
+            f.forward(&dims, x, y)?;
             if merged {
                 return Ok(());
             }
@@ -388,16 +371,7 @@ where
         let workspace = self.workspace.as_mut().expect("allocated above");
         let mut dx = dx;
         if let (Some(f), Some(dx)) = (&self.frozen, dx.as_deref_mut()) {
-            // Row-major dx (tokens × d_in) is column-major dxᵀ = W0ᵀ · gᵀ,
-            // with row-major W0 read as column-major W0ᵀ (op N).
-            let cfg = gemm_config::<T>(
-                cublasOperation_t::CUBLAS_OP_N,
-                (dims.d_in(), dims.tokens(), dims.d_out()),
-                (dims.d_in(), dims.d_out(), dims.d_in()),
-            )?;
-            // SAFETY: W0, g and dx hold the extents the config describes
-            // (checked above); cuBLAS runs on the layer's stream.
-            unsafe { f.blas.gemm(cfg, &f.w0, g, dx)? };
+            f.backward_dx(&dims, g, dx)?;
         }
         // The adapter term is added onto dx: the frozen path's gradient is
         // already there (from the GEMM above, or from the caller).
@@ -490,28 +464,4 @@ fn no_frozen(op: &'static str) -> Error {
         "a layer with a frozen W0 (with_frozen)",
         format!("no W0 to {op} into"),
     )
-}
-
-/// A cuBLAS config for column-major `C (m × n) = op(A) · B` with `alpha = 1`,
-/// `beta = 0`; `B` is never transposed. `mnk` and `lds` = (lda, ldb, ldc).
-fn gemm_config<T: DType>(
-    transa: cublasOperation_t,
-    (m, n, k): (usize, usize, usize),
-    (lda, ldb, ldc): (usize, usize, usize),
-) -> Result<GemmConfig<T>> {
-    let int = |v: usize, what: &'static str| -> Result<i32> {
-        i32::try_from(v).map_err(|_| Error::Overflow { what })
-    };
-    Ok(GemmConfig {
-        transa,
-        transb: cublasOperation_t::CUBLAS_OP_N,
-        m: int(m, "cuBLAS m")?,
-        n: int(n, "cuBLAS n")?,
-        k: int(k, "cuBLAS k")?,
-        alpha: T::from_f64(1.0),
-        lda: int(lda, "cuBLAS lda")?,
-        ldb: int(ldb, "cuBLAS ldb")?,
-        beta: T::from_f64(0.0),
-        ldc: int(ldc, "cuBLAS ldc")?,
-    })
 }

@@ -1,6 +1,7 @@
 //! The layer frameworks link ([`SingLoraLinear`]), its ramp and its
 //! initialisation.
 
+mod frozen;
 pub mod init;
 pub mod layer;
 pub mod ramp;

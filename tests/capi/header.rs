@@ -1,6 +1,6 @@
 //! include/singlora.h is the one source of the C ABI. This file parses it
 //! (prototypes and `#define`d codes) and holds to it, by name and type:
-//! the Rust exports (parsed from src/ffi/exports.rs), the symbols the built
+//! the Rust exports (parsed from src/ffi/*.rs), the symbols the built
 //! libsinglora.so exports, the status table `singlora_status_name` serves,
 //! the element types' codes, and the Python binding's ctypes table and
 //! constants (python/singlora/_lib.py). A C99 program then includes the
@@ -132,7 +132,7 @@ fn header_defines(header: &str) -> Vec<(String, i64)> {
         .collect()
 }
 
-/// One C type of the ABI as (src/ffi/exports.rs, python/singlora/_lib.py,
+/// One C type of the ABI as (src/ffi/*.rs, python/singlora/_lib.py,
 /// C) spell it.
 type Spelling = (&'static str, &'static str, &'static str);
 
@@ -159,10 +159,10 @@ fn to_c(file: &str, kind: &str, pick: fn(&Spelling) -> &'static str, t: &str) ->
 
 fn rust_to_c(t: &str) -> String {
     let t = t.split_whitespace().collect::<Vec<_>>().join(" ");
-    to_c("src/ffi/exports.rs", "Rust", |s| s.0, &t)
+    to_c("src/ffi/*.rs", "Rust", |s| s.0, &t)
 }
 
-/// Every `extern "C" fn singlora_*` of src/ffi/exports.rs.
+/// Every `extern "C" fn singlora_*` of src/ffi/*.rs.
 fn rust_exports(src: &str) -> Vec<Proto> {
     let mut out = Vec::new();
     let mut rest = src;
@@ -257,7 +257,12 @@ fn sources() -> Option<Sources> {
     let out = || {
         Some(Sources {
             header: read("include/singlora.h")?,
-            exports: read("src/ffi/exports.rs")?,
+            // Every module of src/ffi/ that exports functions.
+            exports: ["exports", "forward", "backward", "merge"]
+                .iter()
+                .map(|m| read(&format!("src/ffi/{m}.rs")))
+                .collect::<Option<Vec<_>>>()?
+                .concat(),
             python: read("python/singlora/_lib.py")?,
         })
     };
@@ -292,7 +297,7 @@ fn rust_exports_match_the_header() {
     let Some(src) = sources() else { return };
     let header = header_prototypes(&src.header);
     assert!(header.len() >= 10, "parsed only {header:?}");
-    assert_same_abi("src/ffi/exports.rs", rust_exports(&src.exports), header);
+    assert_same_abi("src/ffi/*.rs", rust_exports(&src.exports), header);
 }
 
 #[test]
