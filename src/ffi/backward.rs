@@ -23,12 +23,12 @@ use crate::ops::scale::RawScale;
 /// input (`ld_x`), `a` (`D × rank`), `saved_s` the forward's S (`tokens ×
 /// rank` f32) or 0 to recompute it. `dx_beta` and `da_beta` are 0 or 1
 /// (`ld_dx` and `dx_beta` are ignored when `dx` is 0). `workspace`: 16-byte
-/// aligned, at least [`singlora_backward_workspace_size`] bytes (for the same
+/// aligned, at least [`singlora_backward_workspace_size`](crate::ffi::singlora_backward_workspace_size) bytes (for the same
 /// `saved_s` choice), `workspace_bytes` its size. `x`, `g`, `saved_s` may be
 /// 0 when `tokens` is 0; `a`, `da` and `workspace` never.
 ///
 /// # Safety
-/// As for [`singlora_forward`]: every non-zero pointer addresses, on
+/// As for [`singlora_forward`](crate::ffi::singlora_forward): every non-zero pointer addresses, on
 /// `device`'s primary context and until the work completes on `stream`, the
 /// matrix described; the outputs (`dx`, `da`, `workspace`) overlap nothing
 /// else, and `workspace` really holds `workspace_bytes` bytes.

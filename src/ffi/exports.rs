@@ -60,7 +60,7 @@ pub extern "C" fn singlora_init(device: i32) -> i32 {
     })
 }
 
-/// Writes to `*out_bytes` the size of the workspace [`singlora_backward`]
+/// Writes to `*out_bytes` the size of the workspace [`singlora_backward`](crate::ffi::singlora_backward)
 /// needs for these dimensions, in bytes (`saved_s` nonzero: a saved S will be
 /// passed; zero: S is recomputed and needs room). Needs no GPU.
 ///
