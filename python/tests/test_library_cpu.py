@@ -25,29 +25,8 @@ SINGLORA_REQUIRE_TORCH=1 (scripts/test.sh sets it), then it fails.
 """
 
 import math
-import os
-import struct
-import sys
-import traceback
-import warnings
-from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))  # python/
-
-try:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # e.g. "Failed to initialize NumPy"
-        import torch
-except ImportError as e:
-    if os.environ.get("SINGLORA_REQUIRE_TORCH") == "1":
-        print(f"FAIL: torch cannot be imported ({e}) but SINGLORA_REQUIRE_TORCH=1")
-        print("0 passed, 1 failed")
-        sys.exit(1)
-    print("skipped: torch not installed")
-    sys.exit(0)
-
-warnings.filterwarnings("ignore", message=".*NumPy.*")
+from torch_harness import BF16_BAR, F32_BAR, Runner, expect, f32, rel_l2, torch
 
 import torch._dynamo  # noqa: E402
 from torch._dynamo.testing import CompileCounterWithBackend  # noqa: E402
@@ -57,40 +36,9 @@ from singlora import nn as snn  # noqa: E402
 from singlora.nn import SingLoraLinear, singlora_adapter, singlora_linear  # noqa: E402
 
 ops = torch.ops.singlora
-F32_BAR, BF16_BAR = 1e-5, 1e-2
 BAR = {torch.float32: F32_BAR, torch.bfloat16: BF16_BAR}
-results = []
-
-
-def f32(v):
-    return struct.unpack("f", struct.pack("f", v))[0]
-
-
-def rel_l2(out, ref):
-    out, ref = out.detach().double(), ref.detach().double()
-    if out.shape != ref.shape or not torch.isfinite(out).all():
-        return math.inf
-    den = ref.norm().item()
-    return (out - ref).norm().item() / den if den > 0 else (out - ref).norm().item()
-
-
-def case(fn):
-    name = fn.__name__
-    problems = []
-    try:
-        fn(problems)
-    except Exception:
-        problems.append("raised:\n" + traceback.format_exc())
-    results.append((name, problems))
-    print(("PASS " if not problems else "FAIL ") + name, flush=True)
-    for p in problems:
-        print("    " + p.replace("\n", "\n    "))
-    return fn
-
-
-def expect(p, cond, what):
-    if not cond:
-        p.append(what)
+runner = Runner()
+case = runner.case
 
 
 def within(p, errs, bar, what):
@@ -419,8 +367,4 @@ def refusals(p):
             p.append(f"{what}: {type(e).__name__} (want {exc.__name__}): {e}")
 
 
-passed = sum(1 for _, pr in results if not pr)
-failed = len(results) - passed
-print(f"torch {torch.__version__}")
-print(f"{passed} passed, {failed} failed")
-sys.exit(1 if failed else 0)
+runner.finish()

@@ -25,47 +25,15 @@ SINGLORA_REQUIRE_TORCH=1 (scripts/test.sh sets it), then it fails.
 """
 
 import math
-import os
-import struct
 import sys
-import traceback
-import warnings
-from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))  # python/
-
-try:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # e.g. "Failed to initialize NumPy"
-        import torch
-except ImportError as e:
-    if os.environ.get("SINGLORA_REQUIRE_TORCH") == "1":
-        print(f"FAIL: torch cannot be imported ({e}) but SINGLORA_REQUIRE_TORCH=1")
-        print("0 passed, 1 failed")
-        sys.exit(1)
-    print("skipped: torch not installed")
-    sys.exit(0)
+from torch_harness import BF16_BAR, F32_BAR, Runner, expect, f32, rel_l2, torch
 
 from singlora import _lib  # noqa: E402
 from singlora import nn as snn  # noqa: E402
 from singlora.nn import SingLoraLinear, singlora_adapter, singlora_linear  # noqa: E402
 
 DTYPE_OF = {_lib.DTYPE_F32: torch.float32, _lib.DTYPE_F16: torch.float16, _lib.DTYPE_BF16: torch.bfloat16}
-BF16_BAR = 1e-2
-F32_BAR = 1e-5
-
-
-def f32(v):
-    return struct.unpack("f", struct.pack("f", v))[0]
-
-
-def rel_l2(out, ref):
-    out, ref = out.detach().double(), ref.detach().double()
-    if out.shape != ref.shape or not torch.isfinite(out).all():
-        return math.inf
-    den = ref.norm().item()
-    return (out - ref).norm().item() / den if den > 0 else (out - ref).norm().item()
 
 
 # ------------------------------------------------------------------ fakes
@@ -257,30 +225,18 @@ class Patched:
 
 # ------------------------------------------------------------------ harness
 
-results = []
+def with_fakes(fn):
+    """Runs the case ``fn(fake, problems)`` with the launches faked: it
+    appends to ``problems`` (by ``expect`` and ``raises``) what it finds
+    wrong, and the fakes add theirs."""
+    with Patched() as fake:
+        problems = []
+        fn(fake, problems)
+        return problems + fake.problems
 
 
-def case(fn):
-    """Runs the case ``fn(fake, problems)`` now: it appends to ``problems``
-    (by ``expect`` and ``raises``) what it finds wrong."""
-    name = fn.__name__
-    try:
-        with Patched() as fake:
-            problems = []
-            fn(fake, problems)
-            problems = problems + fake.problems
-    except Exception:
-        problems = ["raised:\n" + traceback.format_exc()]
-    results.append((name, problems))
-    print(("PASS " if not problems else "FAIL ") + name, flush=True)
-    for p in problems:
-        print("    " + p.replace("\n", "\n    "))
-    return fn
-
-
-def expect(problems, cond, what):
-    if not cond:
-        problems.append(what)
+runner = Runner(with_fakes)
+case = runner.case
 
 
 def raises(problems, exc, needles, fn, what):
@@ -679,8 +635,4 @@ def module_to_moves_merged_a(fake, p):
 
 # ------------------------------------------------------------------ summary
 
-passed = sum(1 for _, pr in results if not pr)
-failed = len(results) - passed
-print(f"torch {torch.__version__}")
-print(f"{passed} passed, {failed} failed")
-sys.exit(1 if failed else 0)
+runner.finish()

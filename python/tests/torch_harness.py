@@ -1,0 +1,86 @@
+"""What the CPU tests of the torch binding share: importing torch (or
+skipping, unless SINGLORA_REQUIRE_TORCH=1), the relative L2 measure, and the
+case runner that prints one line per case and the closing count.
+
+    from torch_harness import torch, Runner
+"""
+
+import math
+import os
+import struct
+import sys
+import traceback
+import warnings
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # python/
+
+try:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # e.g. "Failed to initialize NumPy"
+        import torch
+except ImportError as e:
+    if os.environ.get("SINGLORA_REQUIRE_TORCH") == "1":
+        print(f"FAIL: torch cannot be imported ({e}) but SINGLORA_REQUIRE_TORCH=1")
+        print("0 passed, 1 failed")
+        sys.exit(1)
+    print("skipped: torch not installed")
+    sys.exit(0)
+
+warnings.filterwarnings("ignore", message=".*NumPy.*")
+
+F32_BAR, BF16_BAR = 1e-5, 1e-2
+
+
+def f32(v):
+    """``v`` rounded to float32."""
+    return struct.unpack("f", struct.pack("f", v))[0]
+
+
+def rel_l2(out, ref):
+    """‖out − ref‖₂ / ‖ref‖₂ in float64; inf for a shape mismatch or any
+    non-finite output."""
+    out, ref = out.detach().double(), ref.detach().double()
+    if out.shape != ref.shape or not torch.isfinite(out).all():
+        return math.inf
+    den = ref.norm().item()
+    return (out - ref).norm().item() / den if den > 0 else (out - ref).norm().item()
+
+
+def expect(problems, cond, what):
+    if not cond:
+        problems.append(what)
+
+
+class Runner:
+    """Runs each case when it is declared (``@runner.case``): the case gets
+    the list it appends its problems to (and whatever ``setup`` provides),
+    any exception is a problem, and one PASS/FAIL line is printed."""
+
+    def __init__(self, setup=None):
+        self.results = []
+        self.setup = setup
+
+    def case(self, fn):
+        name = fn.__name__
+        try:
+            if self.setup is None:
+                problems = []
+                fn(problems)
+            else:
+                problems = self.setup(fn)
+        except Exception:
+            problems = ["raised:\n" + traceback.format_exc()]
+        self.results.append((name, problems))
+        print(("PASS " if not problems else "FAIL ") + name, flush=True)
+        for p in problems:
+            print("    " + p.replace("\n", "\n    "))
+        return fn
+
+    def finish(self):
+        """Prints the closing count and exits (1 on any failure)."""
+        passed = sum(1 for _, pr in self.results if not pr)
+        failed = len(self.results) - passed
+        print(f"torch {torch.__version__}")
+        print(f"{passed} passed, {failed} failed")
+        sys.exit(1 if failed else 0)
