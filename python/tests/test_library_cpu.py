@@ -26,7 +26,17 @@ SINGLORA_REQUIRE_TORCH=1 (scripts/test.sh sets it), then it fails.
 
 import math
 
-from torch_harness import BF16_BAR, F32_BAR, Runner, expect, f32, rel_l2, torch
+from torch_harness import (
+    BF16_BAR,
+    F32_BAR,
+    Runner,
+    expect,
+    f32,
+    reference_adapter,
+    reference_linear,
+    rel_l2,
+    torch,
+)
 
 import torch._dynamo  # noqa: E402
 from torch._dynamo.testing import CompileCounterWithBackend  # noqa: E402
@@ -66,29 +76,6 @@ def make_model(seed=0, dtype=torch.float32, warmup=4):
 
 def layers(m):
     return [l for l in m.modules() if isinstance(l, SingLoraLinear)]
-
-
-def ref_linear(x, w, b, a, s, g):
-    """float64 autograd of the formula: y, dX, dA."""
-    d_out, d_in = w.shape
-    x = x.detach().double().requires_grad_(True)
-    a = a.detach().double().requires_grad_(True)
-    y = x @ w.double().T + s * (x @ a[:d_in]) @ a[:d_out].T
-    if b is not None:
-        y = y + b.double()
-    y.backward(g.double())
-    return y.detach(), x.grad, a.grad
-
-
-def ref_adapter(x, a, s, d_out, g, base=None):
-    d_in = x.shape[-1]
-    x = x.detach().double().requires_grad_(True)
-    a = a.detach().double().requires_grad_(True)
-    y = s * (x @ a[:d_in]) @ a[:d_out].T
-    if base is not None:
-        y = y + base.double()
-    y.backward(g.double())
-    return y.detach(), x.grad, a.grad
 
 
 # ------------------------------------------------------------------ registration
@@ -250,7 +237,7 @@ def linear_vs_float64(p):
             s = f32(1.3)
             y = singlora_linear(x, w, b, a, scale_t(s))
             y.backward(g)
-            yr, dxr, dar = ref_linear(x, w, b, a, s, g)
+            yr, dxr, dar = reference_linear(x, w, b, a, s, g)
             expect(p, y.dtype == dtype and a.grad.dtype == dtype, f"dtypes {y.dtype} {a.grad.dtype}")
             within(p, dict(y=rel_l2(y, yr), dx=rel_l2(x.grad, dxr), da=rel_l2(a.grad, dar)), BAR[dtype],
                    f"linear {dtype} {d_in}->{d_out} r{rank}")
@@ -267,7 +254,7 @@ def adapter_vs_float64(p):
         s = f32(0.6)
         y = singlora_adapter(x, a, s, d_out=d_out)
         y.backward(g)
-        yr, dxr, dar = ref_adapter(x, a, s, d_out, g)
+        yr, dxr, dar = reference_adapter(x, a, s, d_out, g)
         within(p, dict(y=rel_l2(y, yr), dx=rel_l2(x.grad, dxr), da=rel_l2(a.grad, dar)), BAR[dtype],
                f"adapter {dtype}")
         # In place onto base (a non-leaf that requires grad: its gradient passes through).
@@ -277,7 +264,7 @@ def adapter_vs_float64(p):
         out = singlora_adapter(x, a, scale_t(s), base=base)
         expect(p, out.data_ptr() == base.data_ptr(), "base updated in place and returned")
         out.backward(g)
-        yr, dxr, dar = ref_adapter(x, a, s, d_out, g, base=b0.detach())
+        yr, dxr, dar = reference_adapter(x, a, s, d_out, g, base=b0.detach())
         within(p, dict(y=rel_l2(out, yr), dx=rel_l2(x.grad, dxr), da=rel_l2(a.grad, dar),
                        dbase=rel_l2(b0.grad, g)), BAR[dtype], f"adapter+base {dtype}")
 
@@ -300,7 +287,7 @@ def module_ramp_and_merge(p):
         g = torch.randn(9, 28).to(dtype)
         y = layer(xg)
         y.backward(g)
-        yr, dxr, dar = ref_linear(x, layer.base.weight, layer.base.bias, layer.a, f32(s), g)
+        yr, dxr, dar = reference_linear(x, layer.base.weight, layer.base.bias, layer.a, f32(s), g)
         within(p, dict(y=rel_l2(y, yr), dx=rel_l2(xg.grad, dxr), da=rel_l2(layer.a.grad, dar)), BAR[dtype],
                f"SingLoraLinear {dtype} at t = 3")
         w0 = layer.base.weight.detach().clone()
@@ -336,7 +323,7 @@ def autocast_cpu_bf16(p):
         y.backward(g.to(y.dtype))
         expect(p, y.dtype == torch.bfloat16, f"y is {y.dtype}")
         expect(p, layer.a.grad.dtype == torch.float32 and x.grad.dtype == torch.float32, "grads f32")
-        yr, dxr, dar = ref_linear(x, layer.base.weight, layer.base.bias, layer.a, f32(layer.scale), g)
+        yr, dxr, dar = reference_linear(x, layer.base.weight, layer.base.bias, layer.a, f32(layer.scale), g)
         within(p, dict(y=rel_l2(y, yr), dx=rel_l2(x.grad, dxr), da=rel_l2(layer.a.grad, dar)), BF16_BAR,
                f"autocast {'compiled' if compiled else 'eager'}")
     # The op itself under autocast (no Python wrapper): casts x/weight/a, keeps the scale f32.

@@ -27,7 +27,17 @@ SINGLORA_REQUIRE_TORCH=1 (scripts/test.sh sets it), then it fails.
 import math
 import sys
 
-from torch_harness import BF16_BAR, F32_BAR, Runner, expect, f32, rel_l2, torch
+from torch_harness import (
+    BF16_BAR,
+    F32_BAR,
+    Runner,
+    expect,
+    f32,
+    reference_adapter,
+    reference_linear,
+    rel_l2,
+    torch,
+)
 
 from singlora import _lib  # noqa: E402
 from singlora import nn as snn  # noqa: E402
@@ -260,29 +270,6 @@ def codes_match(problems, fake, want_code, what):
     for c in launches:
         expect(problems, c["code"] == want_code,
                f"{what}: {c['fn']} launched with dtype code {c['code']}, expected {want_code}")
-
-
-def reference_linear(x, w, b, a, s, g):
-    """float64 autograd of the formula: y, dX, dA."""
-    d_out, d_in = w.shape
-    x = x.detach().double().requires_grad_(True)
-    a = a.detach().double().requires_grad_(True)
-    y = x @ w.double().T + s * (x @ a[:d_in]) @ a[:d_out].T
-    if b is not None:
-        y = y + b.double()
-    y.backward(g.double())
-    return y.detach(), x.grad, a.grad
-
-
-def reference_adapter(x, a, s, d_out, g, base=None):
-    d_in = x.shape[-1]
-    x = x.detach().double().requires_grad_(True)
-    a = a.detach().double().requires_grad_(True)
-    y = s * (x @ a[:d_in]) @ a[:d_out].T
-    if base is not None:
-        y = y + base.double()
-    y.backward(g.double())
-    return y.detach(), x.grad, a.grad
 
 
 def make_layer(d_in, d_out, rank, dtype=torch.float32, bias=True, seed=0, alpha=8.0):

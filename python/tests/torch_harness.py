@@ -52,6 +52,30 @@ def expect(problems, cond, what):
         problems.append(what)
 
 
+def reference_linear(x, w, b, a, s, g):
+    """float64 autograd of the formula: y, dX, dA."""
+    d_out, d_in = w.shape
+    x = x.detach().double().requires_grad_(True)
+    a = a.detach().double().requires_grad_(True)
+    y = x @ w.double().T + s * (x @ a[:d_in]) @ a[:d_out].T
+    if b is not None:
+        y = y + b.double()
+    y.backward(g.double())
+    return y.detach(), x.grad, a.grad
+
+
+def reference_adapter(x, a, s, d_out, g, base=None):
+    """float64 autograd of the adapter term (plus base): y, dX, dA."""
+    d_in = x.shape[-1]
+    x = x.detach().double().requires_grad_(True)
+    a = a.detach().double().requires_grad_(True)
+    y = s * (x @ a[:d_in]) @ a[:d_out].T
+    if base is not None:
+        y = y + base.double()
+    y.backward(g.double())
+    return y.detach(), x.grad, a.grad
+
+
 class Runner:
     """Runs each case when it is declared (``@runner.case``): the case gets
     the list it appends its problems to (and whatever ``setup`` provides),
