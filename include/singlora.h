@@ -67,9 +67,10 @@ extern "C" {
 #endif
 
 /* The ABI version this header describes; singlora_abi_version() returns
- * the library's. They must be equal. Version 2 added the _dscale forms (the
- * scale read from device memory); version 1's functions are unchanged. */
-#define SINGLORA_ABI_VERSION 2
+ * the library's. They must be equal. Version 3: every launch takes its scale
+ * as a value and a device pointer (scale_ptr, 0 = the value), replacing
+ * version 2's separate _dscale functions. */
+#define SINGLORA_ABI_VERSION 3
 
 /* Status codes. */
 typedef int32_t singlora_status;
@@ -133,19 +134,32 @@ singlora_status singlora_backward_workspace_size(int64_t tokens, int64_t d_in, i
                                                  int64_t rank, int32_t saved_s,
                                                  uint64_t *out_bytes);
 
+/* The scale. Every launch takes the SingLoRA scale s = (alpha / rank) *
+ * min(step / T, 1) in one of two ways:
+ *   scale_ptr == 0   `scale` by value; it must be finite.
+ *   scale_ptr != 0   a 4-byte aligned device float on `device` (e.g. a
+ *                    framework's scale tensor, computed on the device from
+ *                    its step), read when the kernels run and valid until the
+ *                    work completes; `scale` is then ignored. Misaligned is
+ *                    refused; its finiteness cannot be checked before the
+ *                    launch. A captured CUDA graph of such a call follows the
+ *                    scale as it changes (a by-value scale stays the one it
+ *                    was captured with). */
+
 /* Forward:  S = X * A[:d_in];  Y = beta*Y + scale * S * A[:d_out]^T.
  *   x      dtype, tokens x d_in, row stride ld_x >= d_in
  *   a      dtype, D x rank, contiguous (D = max(d_in, d_out)); rank 1..256
  *   y      dtype, tokens x d_out, row stride ld_y >= d_out
  *   s      f32, tokens x rank, contiguous: S for the backward; 0 = not stored
- *   scale  finite; the SingLoRA scale (alpha / rank) * min(step / T, 1)
+ *   scale, scale_ptr   the SingLoRA scale (alpha / rank) * min(step / T, 1):
+ *          see "The scale" above
  *   beta   0 (Y is overwritten and never read) or 1 (added onto, e.g. onto
  *          the frozen layer's output X * W0^T)
  * tokens may be 0 (a no-op; x and y may then be 0). */
 singlora_status singlora_forward(int32_t dtype, int32_t device, int64_t tokens, int64_t d_in,
                                  int64_t d_out, int64_t rank, uint64_t x, int64_t ld_x,
                                  uint64_t a, uint64_t y, int64_t ld_y, uint64_t s, float scale,
-                                 float beta, void *stream);
+                                 uint64_t scale_ptr, float beta, void *stream);
 
 /* Backward of the forward above, given G = dL/dY:
  *   Q  = G * A[:d_out]                    (f32; left in the workspace's first
@@ -167,7 +181,8 @@ singlora_status singlora_forward(int32_t dtype, int32_t device, int64_t tokens, 
 singlora_status singlora_backward(int32_t dtype, int32_t device, int64_t tokens, int64_t d_in,
                                   int64_t d_out, int64_t rank, uint64_t x, int64_t ld_x,
                                   uint64_t g, int64_t ld_g, uint64_t a, uint64_t saved_s,
-                                  float scale, uint64_t dx, int64_t ld_dx, float dx_beta,
+                                  float scale, uint64_t scale_ptr, uint64_t dx, int64_t ld_dx,
+                                  float dx_beta,
                                   uint64_t da, float da_beta, uint64_t workspace,
                                   uint64_t workspace_bytes, void *stream);
 
@@ -177,40 +192,14 @@ singlora_status singlora_backward(int32_t dtype, int32_t device, int64_t tokens,
  *   a   dtype, D x rank, contiguous */
 singlora_status singlora_merge(int32_t dtype, int32_t device, int64_t d_in, int64_t d_out,
                                int64_t rank, uint64_t w, int64_t ld_w, uint64_t a, float scale,
-                               void *stream);
+                               uint64_t scale_ptr, void *stream);
 
 /* Undo singlora_merge with the same arguments:
  *   W = W - scale * A[:d_out] * A[:d_in]^T
  * (each element returns to within one rounding of its value before). */
 singlora_status singlora_unmerge(int32_t dtype, int32_t device, int64_t d_in, int64_t d_out,
                                  int64_t rank, uint64_t w, int64_t ld_w, uint64_t a, float scale,
-                                 void *stream);
-
-/* The device-scalar forms (ABI 2): the same calls with the scale read from
- * device memory when the kernels run, instead of passed by value:
- *   scale_ptr  a 4-byte aligned device float on `device` (e.g. a framework's
- *              scale tensor, computed on the device from its step), valid
- *              until the work completes; NULL or misaligned is refused.
- * A captured CUDA graph of these calls follows the scale as it changes (a
- * by-value scale stays the one it was captured with). Its finiteness cannot
- * be checked before the launch. */
-singlora_status singlora_forward_dscale(int32_t dtype, int32_t device, int64_t tokens,
-                                        int64_t d_in, int64_t d_out, int64_t rank, uint64_t x,
-                                        int64_t ld_x, uint64_t a, uint64_t y, int64_t ld_y,
-                                        uint64_t s, uint64_t scale_ptr, float beta, void *stream);
-singlora_status singlora_backward_dscale(int32_t dtype, int32_t device, int64_t tokens,
-                                         int64_t d_in, int64_t d_out, int64_t rank, uint64_t x,
-                                         int64_t ld_x, uint64_t g, int64_t ld_g, uint64_t a,
-                                         uint64_t saved_s, uint64_t scale_ptr, uint64_t dx,
-                                         int64_t ld_dx, float dx_beta, uint64_t da, float da_beta,
-                                         uint64_t workspace, uint64_t workspace_bytes,
-                                         void *stream);
-singlora_status singlora_merge_dscale(int32_t dtype, int32_t device, int64_t d_in, int64_t d_out,
-                                      int64_t rank, uint64_t w, int64_t ld_w, uint64_t a,
-                                      uint64_t scale_ptr, void *stream);
-singlora_status singlora_unmerge_dscale(int32_t dtype, int32_t device, int64_t d_in,
-                                        int64_t d_out, int64_t rank, uint64_t w, int64_t ld_w,
-                                        uint64_t a, uint64_t scale_ptr, void *stream);
+                                 uint64_t scale_ptr, void *stream);
 
 #ifdef __cplusplus
 }

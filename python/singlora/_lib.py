@@ -26,7 +26,7 @@ import threading
 from pathlib import Path
 
 #: The ABI version this module speaks (SINGLORA_ABI_VERSION in the header).
-ABI_VERSION = 2
+ABI_VERSION = 3
 
 # Status codes (include/singlora.h).
 OK = 0
@@ -113,35 +113,23 @@ _SIGNATURES = {
     ),
     "singlora_forward": (
         _i32,
-        [_i32, _i32, _i64, _i64, _i64, _i64, _u64, _i64, _u64, _u64, _i64, _u64, _f32, _f32, _ptr],
+        [
+            _i32, _i32, _i64, _i64, _i64, _i64,  # dtype, device, tokens, d_in, d_out, rank
+            _u64, _i64, _u64, _u64, _i64, _u64,  # x, ld_x, a, y, ld_y, s
+            _f32, _u64, _f32, _ptr,  # scale, scale_ptr, beta, stream
+        ],
     ),
     "singlora_backward": (
         _i32,
         [
             _i32, _i32, _i64, _i64, _i64, _i64,  # dtype, device, tokens, d_in, d_out, rank
             _u64, _i64, _u64, _i64, _u64, _u64,  # x, ld_x, g, ld_g, a, saved_s
-            _f32, _u64, _i64, _f32,  # scale, dx, ld_dx, dx_beta
+            _f32, _u64, _u64, _i64, _f32,  # scale, scale_ptr, dx, ld_dx, dx_beta
             _u64, _f32, _u64, _u64, _ptr,  # da, da_beta, workspace, workspace_bytes, stream
         ],
     ),
-    "singlora_merge": (_i32, [_i32, _i32, _i64, _i64, _i64, _u64, _i64, _u64, _f32, _ptr]),
-    "singlora_unmerge": (_i32, [_i32, _i32, _i64, _i64, _i64, _u64, _i64, _u64, _f32, _ptr]),
-    # ABI 2: the scale read from device memory (scale_ptr, a device float).
-    "singlora_forward_dscale": (
-        _i32,
-        [_i32, _i32, _i64, _i64, _i64, _i64, _u64, _i64, _u64, _u64, _i64, _u64, _u64, _f32, _ptr],
-    ),
-    "singlora_backward_dscale": (
-        _i32,
-        [
-            _i32, _i32, _i64, _i64, _i64, _i64,  # dtype, device, tokens, d_in, d_out, rank
-            _u64, _i64, _u64, _i64, _u64, _u64,  # x, ld_x, g, ld_g, a, saved_s
-            _u64, _u64, _i64, _f32,  # scale_ptr, dx, ld_dx, dx_beta
-            _u64, _f32, _u64, _u64, _ptr,  # da, da_beta, workspace, workspace_bytes, stream
-        ],
-    ),
-    "singlora_merge_dscale": (_i32, [_i32, _i32, _i64, _i64, _i64, _u64, _i64, _u64, _u64, _ptr]),
-    "singlora_unmerge_dscale": (_i32, [_i32, _i32, _i64, _i64, _i64, _u64, _i64, _u64, _u64, _ptr]),
+    "singlora_merge": (_i32, [_i32, _i32, _i64, _i64, _i64, _u64, _i64, _u64, _f32, _u64, _ptr]),
+    "singlora_unmerge": (_i32, [_i32, _i32, _i64, _i64, _i64, _u64, _i64, _u64, _f32, _u64, _ptr]),
 }
 
 
@@ -239,61 +227,33 @@ def _run(function, stream, *args):
     _check(getattr(lib(), function)(*args, _stream(stream)), function)
 
 
+# The launches. ``scale`` and ``scale_ptr`` as the header's "The scale":
+# the scale by value when ``scale_ptr`` is 0, else the device float there
+# (read when the kernels run; ``scale`` is then ignored).
+
+
 def forward(
-    dtype, device, tokens, d_in, d_out, rank, x, ld_x, a, y, ld_y, s, scale, beta, stream=0,
+    dtype, device, tokens, d_in, d_out, rank, x, ld_x, a, y, ld_y, s, scale, scale_ptr, beta, stream=0,
 ):
     """``S = X·A[:d_in]`` (f32, stored at ``s`` unless 0) and
     ``Y = beta·Y + scale·S·A[:d_out]ᵀ``; see include/singlora.h."""
-    _run("singlora_forward", stream, dtype, device, tokens, d_in, d_out, rank, x, ld_x, a, y, ld_y, s, scale, beta)
+    _run("singlora_forward", stream, dtype, device, tokens, d_in, d_out, rank, x, ld_x, a, y, ld_y, s, scale, scale_ptr, beta)
 
 
 def backward(
-    dtype, device, tokens, d_in, d_out, rank, x, ld_x, g, ld_g, a, saved_s, scale,
+    dtype, device, tokens, d_in, d_out, rank, x, ld_x, g, ld_g, a, saved_s, scale, scale_ptr,
     dx, ld_dx, dx_beta, da, da_beta, workspace, workspace_bytes, stream=0,
 ):
     """``Q = G·A[:d_out]``, ``dX = dx_beta·dX + scale·Q·A[:d_in]ᵀ`` (unless
     ``dx`` is 0), ``dA = da_beta·dA + scale·(GᵀS ⊕ XᵀQ)``; see the header."""
-    _run("singlora_backward", stream, dtype, device, tokens, d_in, d_out, rank, x, ld_x, g, ld_g, a, saved_s, scale, dx, ld_dx, dx_beta, da, da_beta, workspace, workspace_bytes)
+    _run("singlora_backward", stream, dtype, device, tokens, d_in, d_out, rank, x, ld_x, g, ld_g, a, saved_s, scale, scale_ptr, dx, ld_dx, dx_beta, da, da_beta, workspace, workspace_bytes)
 
 
-def merge(
-    dtype, device, d_in, d_out, rank, w, ld_w, a, scale, stream=0,
-):
+def merge(dtype, device, d_in, d_out, rank, w, ld_w, a, scale, scale_ptr, stream=0):
     """``W += scale·A[:d_out]·A[:d_in]ᵀ`` in place."""
-    _run("singlora_merge", stream, dtype, device, d_in, d_out, rank, w, ld_w, a, scale)
+    _run("singlora_merge", stream, dtype, device, d_in, d_out, rank, w, ld_w, a, scale, scale_ptr)
 
 
-def unmerge(
-    dtype, device, d_in, d_out, rank, w, ld_w, a, scale, stream=0,
-):
+def unmerge(dtype, device, d_in, d_out, rank, w, ld_w, a, scale, scale_ptr, stream=0):
     """``W -= scale·A[:d_out]·A[:d_in]ᵀ`` in place (undoes :func:`merge`)."""
-    _run("singlora_unmerge", stream, dtype, device, d_in, d_out, rank, w, ld_w, a, scale)
-
-
-def forward_dscale(
-    dtype, device, tokens, d_in, d_out, rank, x, ld_x, a, y, ld_y, s, scale_ptr, beta, stream=0,
-):
-    """:func:`forward` with the scale read from the device float at ``scale_ptr`` (ABI 2)."""
-    _run("singlora_forward_dscale", stream, dtype, device, tokens, d_in, d_out, rank, x, ld_x, a, y, ld_y, s, scale_ptr, beta)
-
-
-def backward_dscale(
-    dtype, device, tokens, d_in, d_out, rank, x, ld_x, g, ld_g, a, saved_s, scale_ptr,
-    dx, ld_dx, dx_beta, da, da_beta, workspace, workspace_bytes, stream=0,
-):
-    """:func:`backward` with the scale read from the device float at ``scale_ptr`` (ABI 2)."""
-    _run("singlora_backward_dscale", stream, dtype, device, tokens, d_in, d_out, rank, x, ld_x, g, ld_g, a, saved_s, scale_ptr, dx, ld_dx, dx_beta, da, da_beta, workspace, workspace_bytes)
-
-
-def merge_dscale(
-    dtype, device, d_in, d_out, rank, w, ld_w, a, scale_ptr, stream=0,
-):
-    """:func:`merge` with the scale read from the device float at ``scale_ptr`` (ABI 2)."""
-    _run("singlora_merge_dscale", stream, dtype, device, d_in, d_out, rank, w, ld_w, a, scale_ptr)
-
-
-def unmerge_dscale(
-    dtype, device, d_in, d_out, rank, w, ld_w, a, scale_ptr, stream=0,
-):
-    """:func:`unmerge` with the scale read from the device float at ``scale_ptr`` (ABI 2)."""
-    _run("singlora_unmerge_dscale", stream, dtype, device, d_in, d_out, rank, w, ld_w, a, scale_ptr)
+    _run("singlora_unmerge", stream, dtype, device, d_in, d_out, rank, w, ld_w, a, scale, scale_ptr)

@@ -5,7 +5,7 @@ The work is done by custom ops in the ``singlora`` namespace
 schemas): ``linear_forward``, ``adapter_forward``, ``adapter_backward``,
 ``merge`` and ``unmerge``. Each has a CUDA kernel over the C ABI (launched
 on ``torch.cuda.current_stream()``, the scale read from a device float32
-tensor by the ABI-2 ``_dscale`` functions), a CPU kernel made of torch ops
+tensor by pointer, ``scale_ptr`` of the C launches), a CPU kernel made of torch ops
 (f32 accumulation, cast back once, like the kernels: a model with our layers
 also runs, slowly, on CPU), a fake (shape) function, autocast rules and, for
 the forwards, an autograd formula (``register_autograd``, whose backward is
@@ -268,11 +268,11 @@ def _as_scale(scale, x):
 
 def _launch_scale(scale):
     """(by-value float, device pointer) for a launch: a tensor scale goes by
-    pointer (the _dscale functions), a Python float by value."""
+    pointer (``scale_ptr``), a Python float by value (``scale_ptr`` 0)."""
     if isinstance(scale, torch.Tensor):
         _check_scale(scale)
-        return None, scale.data_ptr()
-    return float(scale), None
+        return 0.0, scale.data_ptr()
+    return float(scale), 0
 
 
 _initialised = set()
@@ -294,15 +294,12 @@ def _launch_forward(x2, ld_x, a, y2, ld_y, s, scale, beta):
     code = _dtype_code(x2, "x")
     by_value, scale_ptr = _launch_scale(scale)
     _check_buffers(code, (("x", x2), ("a", a), ("y", y2)),
-                   (("s", s), ("scale", None if scale_ptr is None else scale)))
+                   (("s", s), ("scale", scale if scale_ptr else None)))
     _ensure_init(dev)
     common = (code, dev.index, x2.shape[0], x2.shape[1], y2.shape[1], a.shape[1],
               x2.data_ptr(), ld_x, a.data_ptr(), y2.data_ptr(), ld_y,
               0 if s is None else s.data_ptr())
-    if scale_ptr is None:
-        _lib.forward(*common, by_value, beta, _stream(dev))
-    else:
-        _lib.forward_dscale(*common, scale_ptr, beta, _stream(dev))
+    _lib.forward(*common, by_value, scale_ptr, beta, _stream(dev))
 
 
 def _launch_backward(x2, ld_x, g2, ld_g, a, s, scale, dx2, dx_beta):
@@ -312,7 +309,7 @@ def _launch_backward(x2, ld_x, g2, ld_g, a, s, scale, dx2, dx_beta):
     code = _dtype_code(x2, "x")
     by_value, scale_ptr = _launch_scale(scale)
     _check_buffers(code, (("x", x2), ("g", g2), ("a", a), ("dx", dx2)),
-                   (("s", s), ("scale", None if scale_ptr is None else scale)))
+                   (("s", s), ("scale", scale if scale_ptr else None)))
     tokens, d_in = x2.shape
     d_out = g2.shape[1]
     d, rank = a.shape
@@ -330,17 +327,14 @@ def _launch_backward(x2, ld_x, g2, ld_g, a, s, scale, dx2, dx_beta):
             0 if s is None else s.data_ptr())
     tail = (0 if dx2 is None else dx2.data_ptr(), d_in, dx_beta,
             da.data_ptr(), 0.0, ws.data_ptr(), nbytes, _stream(dev))
-    if scale_ptr is None:
-        _lib.backward(*head, by_value, *tail)
-    else:
-        _lib.backward_dscale(*head, scale_ptr, *tail)
+    _lib.backward(*head, by_value, scale_ptr, *tail)
     return da
 
 
 # ------------------------------------------------------------ custom ops
 #
 # The ops (namespace ``singlora``), each with a CUDA kernel over the C ABI
-# (the _dscale functions: the scale is a device f32 tensor, read when the
+# (``scale_ptr``: the scale is a device f32 tensor, read when the
 # kernel runs, so a changing ramp is data, not a new graph constant), a CPU
 # kernel with torch ops (f32 accumulation, cast back once, like the kernels),
 # a fake (shape) function, autocast rules and, for the two forwards, autograd:
@@ -588,9 +582,9 @@ def _fold_launch(weight, a, scale, undo):
     code, d_out, d_in, a_c, ld_w = _check_fold(weight, a, scale)
     _check_buffers(code, (), (("scale", scale),))
     _ensure_init(dev)
-    fn = _lib.unmerge_dscale if undo else _lib.merge_dscale
+    fn = _lib.unmerge if undo else _lib.merge
     fn(code, dev.index, d_in, d_out, a_c.shape[1], weight.data_ptr(), ld_w, a_c.data_ptr(),
-       scale.data_ptr(), _stream(dev))
+       0.0, scale.data_ptr(), _stream(dev))
 
 
 def _fold_impl(weight, a, scale, undo):

@@ -137,7 +137,7 @@ def fwd(**over):
     args = dict(
         dtype=_lib.DTYPE_BF16, device=NO_SUCH_DEVICE, tokens=33, d_in=96, d_out=160, rank=8,
         x=P, ld_x=96, a=P + 0x100000, y=P + 0x200000, ld_y=160, s=P + 0x300000,
-        scale=2.0, beta=1.0, stream=0,
+        scale=2.0, scale_ptr=0, beta=1.0, stream=0,
     )
     args.update(over)
     return lambda: _lib.forward(**args)
@@ -147,7 +147,7 @@ def bwd(**over):
     args = dict(
         dtype=_lib.DTYPE_F16, device=NO_SUCH_DEVICE, tokens=33, d_in=96, d_out=160, rank=8,
         x=P, ld_x=96, g=P + 0x100000, ld_g=160, a=P + 0x200000, saved_s=P + 0x300000,
-        scale=2.0, dx=P + 0x400000, ld_dx=96, dx_beta=1.0, da=P + 0x500000, da_beta=0.0,
+        scale=2.0, scale_ptr=0, dx=P + 0x400000, ld_dx=96, dx_beta=1.0, da=P + 0x500000, da_beta=0.0,
         workspace=P + 0x600000, workspace_bytes=singlora.workspace_size(33, 96, 160, 8), stream=0,
     )
     args.update(over)
@@ -156,7 +156,7 @@ def bwd(**over):
 
 def mrg(fn, **over):
     args = dict(dtype=_lib.DTYPE_F32, device=NO_SUCH_DEVICE, d_in=96, d_out=160, rank=8, w=P,
-                ld_w=96, a=P + 0x100000, scale=0.5, stream=0)
+                ld_w=96, a=P + 0x100000, scale=0.5, scale_ptr=0, stream=0)
     args.update(over)
     return lambda: fn(**args)
 
@@ -185,6 +185,9 @@ for call, name in [
     (bwd(workspace=P + 8), "workspace"), (bwd(workspace_bytes=16), "workspace"),
     (bwd(saved_s=0), "workspace"),
     (mrg(_lib.merge, ld_w=10), "ld_w"), (mrg(_lib.unmerge, w=0), "w"),
+    # A device scale: misaligned is refused; the by-value scale is then unused.
+    (fwd(scale_ptr=P + 2, scale=float("nan")), "scale_ptr"), (bwd(scale_ptr=P + 1), "scale_ptr"),
+    (mrg(_lib.unmerge, scale_ptr=P + 3), "scale_ptr"),
 ]:
     raises(call, INV, f"`{name}`")
 raises(fwd(dtype=7), _lib.ERROR_UNKNOWN_DTYPE, "`dtype`", "7")

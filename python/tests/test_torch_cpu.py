@@ -94,11 +94,13 @@ class FakeLib:
     def workspace_size(self, tokens, d_in, d_out, rank, saved_s=True):
         return 4 * (tokens * rank * (1 if saved_s else 2) + 64)
 
-    def forward(self, dtype, device, tokens, d_in, d_out, rank, x, ld_x, a, y, ld_y, s, scale, beta, stream=0):
+    def forward(self, dtype, device, tokens, d_in, d_out, rank, x, ld_x, a, y, ld_y, s, scale, scale_ptr, beta,
+                stream=0):
+        scale = self._scale_of("forward", scale, scale_ptr)
         X, A, Y, S = self.tensor(x), self.tensor(a), self.tensor(y), self.tensor(s)
         self._record("forward", dtype, {"x": X, "a": A, "y": Y}, {"s": S},
                      tokens=tokens, d_in=d_in, d_out=d_out, rank=rank, scale=scale, beta=beta,
-                     ptrs=dict(x=x, a=a, y=y, s=s))
+                     scale_ptr=scale_ptr, ptrs=dict(x=x, a=a, y=y, s=s))
         self._mat("forward", "x", X, tokens, d_in, ld_x)
         self._mat("forward", "y", Y, tokens, d_out, ld_y)
         self._mat("forward", "a", A, max(d_in, d_out), rank, rank)
@@ -114,11 +116,12 @@ class FakeLib:
                 S.copy_(Sf)
 
     def backward(self, dtype, device, tokens, d_in, d_out, rank, x, ld_x, g, ld_g, a, saved_s, scale,
-                 dx, ld_dx, dx_beta, da, da_beta, workspace, workspace_bytes, stream=0):
+                 scale_ptr, dx, ld_dx, dx_beta, da, da_beta, workspace, workspace_bytes, stream=0):
+        scale = self._scale_of("backward", scale, scale_ptr)
         X, G, A, S, DX, DA = (self.tensor(p) for p in (x, g, a, saved_s, dx, da))
         self._record("backward", dtype, {"x": X, "g": G, "a": A, "dx": DX}, {"s": S, "da": DA},
                      tokens=tokens, d_in=d_in, d_out=d_out, rank=rank, scale=scale,
-                     ptrs=dict(x=x, g=g, a=a, s=saved_s, dx=dx, da=da))
+                     scale_ptr=scale_ptr, ptrs=dict(x=x, g=g, a=a, s=saved_s, dx=dx, da=da))
         need = self.workspace_size(tokens, d_in, d_out, rank, saved_s != 0)
         if workspace_bytes < need:
             self.problems.append(f"backward: workspace {workspace_bytes} < {need}")
@@ -144,10 +147,11 @@ class FakeLib:
                 dA = dA + DA
             DA.copy_(dA)
 
-    def _fold(self, fn, sign, dtype, device, d_in, d_out, rank, w, ld_w, a, scale, stream=0):
+    def _fold(self, fn, sign, dtype, device, d_in, d_out, rank, w, ld_w, a, scale, scale_ptr, stream=0):
+        scale = self._scale_of(fn, scale, scale_ptr)
         W, A = self.tensor(w), self.tensor(a)
         self._record(fn, dtype, {"w": W, "a": A}, {}, d_in=d_in, d_out=d_out, rank=rank, scale=scale,
-                     ptrs=dict(w=w, a=a), a_value=None if A is None else A.detach().clone())
+                     scale_ptr=scale_ptr, ptrs=dict(w=w, a=a), a_value=None if A is None else A.detach().clone())
         self._mat(fn, "w", W, d_out, d_in, ld_w)
         self._mat(fn, "a", A, max(d_in, d_out), rank, rank)
         with torch.no_grad(), torch.autocast("cpu", enabled=False):
@@ -160,9 +164,9 @@ class FakeLib:
     def unmerge(self, *args, **kw):
         self._fold("unmerge", -1.0, *args, **kw)
 
-    # -- the _dscale forms (ABI 2): the scale read from a device f32 tensor.
-    # Recorded under the same names as the by-value forms, with the scale's
-    # value (and `scale_ptr`, the pointer it was read from).
+    # -- a device scale (scale_ptr != 0): the scale read from an f32 tensor.
+    # Recorded with the scale's value (and `scale_ptr`, the pointer it was
+    # read from).
     def _scale_at(self, fn, p):
         t = self.tensor(p)
         if t is None:
@@ -172,23 +176,8 @@ class FakeLib:
             self.problems.append(f"{fn}: the scale must be one float32, is {t.dtype} {tuple(t.shape)}")
         return float(t.reshape(-1)[0].item())
 
-    def forward_dscale(self, dtype, device, tokens, d_in, d_out, rank, x, ld_x, a, y, ld_y, s, scale_ptr,
-                       beta, stream=0):
-        scale = self._scale_at("forward", scale_ptr)
-        self.forward(dtype, device, tokens, d_in, d_out, rank, x, ld_x, a, y, ld_y, s, scale, beta, stream)
-        self.calls[-1]["scale_ptr"] = scale_ptr
-
-    def backward_dscale(self, dtype, device, tokens, d_in, d_out, rank, x, ld_x, g, ld_g, a, saved_s,
-                        scale_ptr, *rest):
-        scale = self._scale_at("backward", scale_ptr)
-        self.backward(dtype, device, tokens, d_in, d_out, rank, x, ld_x, g, ld_g, a, saved_s, scale, *rest)
-        self.calls[-1]["scale_ptr"] = scale_ptr
-
-    def merge_dscale(self, dtype, device, d_in, d_out, rank, w, ld_w, a, scale_ptr, stream=0):
-        self.merge(dtype, device, d_in, d_out, rank, w, ld_w, a, self._scale_at("merge", scale_ptr), stream)
-
-    def unmerge_dscale(self, dtype, device, d_in, d_out, rank, w, ld_w, a, scale_ptr, stream=0):
-        self.unmerge(dtype, device, d_in, d_out, rank, w, ld_w, a, self._scale_at("unmerge", scale_ptr), stream)
+    def _scale_of(self, fn, scale, scale_ptr):
+        return self._scale_at(fn, scale_ptr) if scale_ptr else scale
 
 
 def cpu_device_check(*named):
@@ -211,8 +200,7 @@ class Patched:
         self.fake = FakeLib()
         self.saved = [(snn, "_device_check", getattr(snn, "_device_check", None))]
         snn._device_check = cpu_device_check
-        for name in ("forward", "backward", "merge", "unmerge", "workspace_size",
-                     "forward_dscale", "backward_dscale", "merge_dscale", "unmerge_dscale"):
+        for name in ("forward", "backward", "merge", "unmerge", "workspace_size"):
             self.saved.append((_lib, name, getattr(_lib, name)))
             setattr(_lib, name, getattr(self.fake, name))
         orig = torch.Tensor.data_ptr
@@ -394,7 +382,7 @@ def no_autocast_f32_exact(fake, p):
     fwd = fake.calls[0]
     expect(p, fwd["ptrs"]["x"] == xs[:, 7:].data_ptr(), "a column slice of x must be used in place")
     expect(p, all(c.get("scale_ptr") for c in fake.calls),
-           "every launch reads the scale from a device tensor (the _dscale forms)")
+           "every launch reads the scale from a device tensor (scale_ptr)")
     expect(p, all(c["scale"] == f32(layer.scale) for c in fake.calls), "the launches' scale is f32(layer.scale)")
     y_ref, dx_ref, da_ref = reference_linear(x, layer.base.weight, layer.base.bias, layer.a, f32(layer.scale), g)
     for k, v in dict(y=rel_l2(y, y_ref), dx=rel_l2(xs.grad[:, 7:], dx_ref), da=rel_l2(layer.a.grad, da_ref)).items():

@@ -4,6 +4,7 @@
 use crate::dims::Dims;
 use crate::error::Error;
 use crate::ffi::status::{Failure, Outcome, SINGLORA_ERROR_UNKNOWN_DTYPE};
+use crate::ops::scale::RawScale;
 use crate::params::singlora_dtype;
 
 pub(crate) fn invalid(name: &'static str, expected: &'static str, actual: String) -> Failure {
@@ -22,6 +23,17 @@ pub(crate) fn dims(tokens: i64, d_in: i64, d_out: i64, rank: i64) -> Result<Dims
         non_negative("d_out", d_out)?,
         non_negative("rank", rank)?,
     )?)
+}
+
+/// The scale of a launch, as every C launch takes it (include/singlora.h,
+/// "The scale"): `value` when `ptr` is 0, else the device `float` at `ptr`
+/// (its alignment is checked with the shape, by [`RawScale::check`]).
+pub(crate) fn scale(value: f32, ptr: u64) -> RawScale {
+    if ptr == 0 {
+        RawScale::Value(value)
+    } else {
+        RawScale::Device(ptr)
+    }
 }
 
 /// A device pointer: non-null when `required`, and aligned to `align` bytes

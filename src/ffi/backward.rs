@@ -1,15 +1,14 @@
-//! The C ABI of the backward: `singlora_backward` and its `_dscale` form.
+//! The C ABI of the backward: `singlora_backward`.
 
 use std::ffi::c_void;
 
 use half::{bf16, f16};
 
-use crate::ffi::args::{device_ordinal, dims, dtype, non_negative, pointer, with_dtype, Dt};
+use crate::ffi::args::{device_ordinal, dims, dtype, non_negative, pointer, scale, with_dtype, Dt};
 use crate::ffi::context::on_stream;
 use crate::ffi::status::ffi_guard;
 use crate::ffi::status::{Failure, SINGLORA_ERROR_INVALID_ARGUMENT};
 use crate::ops::backward::{backward_raw, BackwardPtrs, BackwardShape};
-use crate::ops::scale::RawScale;
 
 /// The adapter backward on `stream`:
 ///
@@ -21,7 +20,8 @@ use crate::ops::scale::RawScale;
 ///
 /// `g` = ∂L/∂Y (`tokens × d_out`, row stride `ld_g`), `x` the forward's
 /// input (`ld_x`), `a` (`D × rank`), `saved_s` the forward's S (`tokens ×
-/// rank` f32) or 0 to recompute it. `dx_beta` and `da_beta` are 0 or 1
+/// rank` f32) or 0 to recompute it. `scale`, `scale_ptr`: the scale by value
+/// (`scale_ptr` = 0) or a device `float` (see [`singlora_forward`](crate::ffi::singlora_forward)). `dx_beta` and `da_beta` are 0 or 1
 /// (`ld_dx` and `dx_beta` are ignored when `dx` is 0). `workspace`: 16-byte
 /// aligned, at least [`singlora_backward_workspace_size`](crate::ffi::singlora_backward_workspace_size) bytes (for the same
 /// `saved_s` choice), `workspace_bytes` its size. `x`, `g`, `saved_s` may be
@@ -46,120 +46,8 @@ pub unsafe extern "C" fn singlora_backward(
     ld_g: i64,
     a: u64,
     saved_s: u64,
-    scale: f32,
-    dx: u64,
-    ld_dx: i64,
-    dx_beta: f32,
-    da: u64,
-    da_beta: f32,
-    workspace: u64,
-    workspace_bytes: u64,
-    stream: *mut c_void,
-) -> i32 {
-    // SAFETY: the caller's contract, forwarded.
-    unsafe {
-        backward_call(
-            dtype_code,
-            device,
-            tokens,
-            d_in,
-            d_out,
-            rank,
-            x,
-            ld_x,
-            g,
-            ld_g,
-            a,
-            saved_s,
-            RawScale::Value(scale),
-            dx,
-            ld_dx,
-            dx_beta,
-            da,
-            da_beta,
-            workspace,
-            workspace_bytes,
-            stream,
-        )
-    }
-}
-
-/// [`singlora_backward`] with the scale read from the device when the
-/// kernels run (`scale_ptr`: a 4-byte aligned device `float`; ABI 2).
-///
-/// # Safety
-/// As for [`singlora_backward`]; `scale_ptr` must address one `float`.
-#[no_mangle]
-pub unsafe extern "C" fn singlora_backward_dscale(
-    dtype_code: i32,
-    device: i32,
-    tokens: i64,
-    d_in: i64,
-    d_out: i64,
-    rank: i64,
-    x: u64,
-    ld_x: i64,
-    g: u64,
-    ld_g: i64,
-    a: u64,
-    saved_s: u64,
+    scale_value: f32,
     scale_ptr: u64,
-    dx: u64,
-    ld_dx: i64,
-    dx_beta: f32,
-    da: u64,
-    da_beta: f32,
-    workspace: u64,
-    workspace_bytes: u64,
-    stream: *mut c_void,
-) -> i32 {
-    // SAFETY: the caller's contract, forwarded.
-    unsafe {
-        backward_call(
-            dtype_code,
-            device,
-            tokens,
-            d_in,
-            d_out,
-            rank,
-            x,
-            ld_x,
-            g,
-            ld_g,
-            a,
-            saved_s,
-            RawScale::Device(scale_ptr),
-            dx,
-            ld_dx,
-            dx_beta,
-            da,
-            da_beta,
-            workspace,
-            workspace_bytes,
-            stream,
-        )
-    }
-}
-
-/// The body of [`singlora_backward`] and its `_dscale` form.
-///
-/// # Safety
-/// As for [`singlora_backward`].
-#[allow(clippy::too_many_arguments)]
-unsafe fn backward_call(
-    dtype_code: i32,
-    device: i32,
-    tokens: i64,
-    d_in: i64,
-    d_out: i64,
-    rank: i64,
-    x: u64,
-    ld_x: i64,
-    g: u64,
-    ld_g: i64,
-    a: u64,
-    saved_s: u64,
-    scale: RawScale,
     dx: u64,
     ld_dx: i64,
     dx_beta: f32,
@@ -179,6 +67,7 @@ unsafe fn backward_call(
         } else {
             None
         };
+        let scale = scale(scale_value, scale_ptr);
         let shape = BackwardShape::new(&dims, ld_x, ld_g, dx_arg, saved_s != 0, scale, da_beta)?;
         let has_rows = dims.tokens() > 0;
         pointer("x", x, dt.size(), has_rows)?;

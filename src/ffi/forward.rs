@@ -1,14 +1,13 @@
-//! The C ABI of the forward: `singlora_forward` and its `_dscale` form.
+//! The C ABI of the forward: `singlora_forward`.
 
 use std::ffi::c_void;
 
 use half::{bf16, f16};
 
-use crate::ffi::args::{device_ordinal, dims, dtype, non_negative, pointer, with_dtype, Dt};
+use crate::ffi::args::{device_ordinal, dims, dtype, non_negative, pointer, scale, with_dtype, Dt};
 use crate::ffi::context::on_stream;
 use crate::ffi::status::ffi_guard;
 use crate::ops::forward::{forward_raw, ForwardPtrs, ForwardShape};
-use crate::ops::scale::RawScale;
 
 /// The adapter forward on `stream`:
 /// `S = X·A[:d_in]` (f32, stored when `s` is not 0) and
@@ -19,6 +18,8 @@ use crate::ops::scale::RawScale;
 /// * `x`: `tokens × d_in`, row stride `ld_x ≥ d_in` (elements); `a`:
 ///   `D × rank` contiguous, `D = max(d_in, d_out)`; `y`: `tokens × d_out`,
 ///   row stride `ld_y ≥ d_out`; `s`: `tokens × rank` f32 contiguous, or 0.
+/// * `scale`, `scale_ptr`: the scale by value (`scale_ptr` = 0), or a device
+///   `float` read when the kernels run (see [`scale`]).
 /// * `beta`: 0 (Y is overwritten, never read) or 1 (added onto).
 /// * `x`, `y` may be 0 when `tokens` is 0; `a` never.
 ///
@@ -42,121 +43,34 @@ pub unsafe extern "C" fn singlora_forward(
     y: u64,
     ld_y: i64,
     s: u64,
-    scale: f32,
-    beta: f32,
-    stream: *mut c_void,
-) -> i32 {
-    let call = ForwardCall {
-        dtype_code,
-        device,
-        dims: [tokens, d_in, d_out, rank],
-        x,
-        ld_x,
-        a,
-        y,
-        ld_y,
-        s,
-        beta,
-    };
-    // SAFETY: the caller's contract, forwarded.
-    unsafe { call.run(RawScale::Value(scale), stream) }
-}
-
-/// [`singlora_forward`] with the scale read from the device when the
-/// kernels run: `scale_ptr` is a 4-byte aligned device `float` of the same
-/// context (ABI 2), so a captured CUDA graph follows the scale as it changes.
-///
-/// # Safety
-/// As for [`singlora_forward`]; `scale_ptr` must address one `float`, valid
-/// until the work completes.
-#[no_mangle]
-pub unsafe extern "C" fn singlora_forward_dscale(
-    dtype_code: i32,
-    device: i32,
-    tokens: i64,
-    d_in: i64,
-    d_out: i64,
-    rank: i64,
-    x: u64,
-    ld_x: i64,
-    a: u64,
-    y: u64,
-    ld_y: i64,
-    s: u64,
+    scale_value: f32,
     scale_ptr: u64,
     beta: f32,
     stream: *mut c_void,
 ) -> i32 {
-    let call = ForwardCall {
-        dtype_code,
-        device,
-        dims: [tokens, d_in, d_out, rank],
-        x,
-        ld_x,
-        a,
-        y,
-        ld_y,
-        s,
-        beta,
-    };
-    // SAFETY: the caller's contract, forwarded.
-    unsafe { call.run(RawScale::Device(scale_ptr), stream) }
-}
-
-/// The C arguments of a forward, but the scale and the stream.
-struct ForwardCall {
-    dtype_code: i32,
-    device: i32,
-    dims: [i64; 4],
-    x: u64,
-    ld_x: i64,
-    a: u64,
-    y: u64,
-    ld_y: i64,
-    s: u64,
-    beta: f32,
-}
-
-impl ForwardCall {
-    /// # Safety
-    /// As for [`singlora_forward`].
-    unsafe fn run(self, scale: RawScale, stream: *mut c_void) -> i32 {
-        let ForwardCall {
-            dtype_code,
-            device,
-            dims: [tokens, d_in, d_out, rank],
-            x,
-            ld_x,
-            a,
-            y,
-            ld_y,
-            s,
-            beta,
-        } = self;
-        ffi_guard(|| {
-            let dt = dtype(dtype_code)?;
-            let dims = dims(tokens, d_in, d_out, rank)?;
-            let ld_x = non_negative("ld_x", ld_x)?;
-            let ld_y = non_negative("ld_y", ld_y)?;
-            let shape = ForwardShape::new(&dims, ld_x, ld_y, scale, beta)?;
-            let has_rows = dims.tokens() > 0;
-            pointer("x", x, dt.size(), has_rows)?;
-            pointer("a", a, dt.size(), true)?;
-            pointer("y", y, dt.size(), has_rows)?;
-            pointer("s", s, 4, false)?;
-            let device = device_ordinal(device)?;
-            let ptrs = ForwardPtrs { x, a, y, s };
-            shape.check_ptrs(&ptrs, dt.size() as usize)?;
-            // SAFETY: the caller's contract (see above) is forward_raw's: the
-            // pointers address the matrices the checked shape describes, on
-            // `device`'s primary context, until completion.
-            unsafe {
-                on_stream(
-                    device,
-                    stream,
-                    |st| with_dtype!(dt, T => forward_raw::<T>(st, &shape, &ptrs)),
-                )
-            }
-        })
-    }
+    ffi_guard(|| {
+        let dt = dtype(dtype_code)?;
+        let dims = dims(tokens, d_in, d_out, rank)?;
+        let ld_x = non_negative("ld_x", ld_x)?;
+        let ld_y = non_negative("ld_y", ld_y)?;
+        let shape = ForwardShape::new(&dims, ld_x, ld_y, scale(scale_value, scale_ptr), beta)?;
+        let has_rows = dims.tokens() > 0;
+        pointer("x", x, dt.size(), has_rows)?;
+        pointer("a", a, dt.size(), true)?;
+        pointer("y", y, dt.size(), has_rows)?;
+        pointer("s", s, 4, false)?;
+        let device = device_ordinal(device)?;
+        let ptrs = ForwardPtrs { x, a, y, s };
+        shape.check_ptrs(&ptrs, dt.size() as usize)?;
+        // SAFETY: the caller's contract (see above) is forward_raw's: the
+        // pointers address the matrices the checked shape describes, on
+        // `device`'s primary context, until completion.
+        unsafe {
+            on_stream(
+                device,
+                stream,
+                |st| with_dtype!(dt, T => forward_raw::<T>(st, &shape, &ptrs)),
+            )
+        }
+    })
 }

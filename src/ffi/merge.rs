@@ -1,10 +1,10 @@
-//! The C ABI of merge and unmerge, and their `_dscale` forms.
+//! The C ABI of merge and unmerge.
 
 use std::ffi::c_void;
 
 use half::{bf16, f16};
 
-use crate::ffi::args::{device_ordinal, dims, dtype, non_negative, pointer, with_dtype, Dt};
+use crate::ffi::args::{device_ordinal, dims, dtype, non_negative, pointer, scale, with_dtype, Dt};
 use crate::ffi::context::on_stream;
 use crate::ffi::status::ffi_guard;
 use crate::ops::merge::{merge_raw, MergeShape};
@@ -53,7 +53,8 @@ unsafe fn fold(
 /// Folds the adapter into the frozen weight in place:
 /// `W = W + scale·A[:d_out]·A[:d_in]ᵀ`, `W` being `d_out × d_in` with row
 /// stride `ld_w ≥ d_in` (the `nn.Linear` weight), `a` `D × rank`
-/// contiguous, both of `dtype`. The only operation that touches a
+/// contiguous, both of `dtype`; `scale`, `scale_ptr` as for
+/// [`singlora_forward`](crate::ffi::singlora_forward). The only operation that touches a
 /// `d_out × d_in` matrix, because it is the weight.
 ///
 /// # Safety
@@ -70,7 +71,8 @@ pub unsafe extern "C" fn singlora_merge(
     w: u64,
     ld_w: i64,
     a: u64,
-    scale: f32,
+    scale_value: f32,
+    scale_ptr: u64,
     stream: *mut c_void,
 ) -> i32 {
     // SAFETY: the caller's contract, forwarded.
@@ -84,7 +86,7 @@ pub unsafe extern "C" fn singlora_merge(
             w,
             ld_w,
             a,
-            RawScale::Value(scale),
+            scale(scale_value, scale_ptr),
             stream,
             false,
         )
@@ -107,7 +109,8 @@ pub unsafe extern "C" fn singlora_unmerge(
     w: u64,
     ld_w: i64,
     a: u64,
-    scale: f32,
+    scale_value: f32,
+    scale_ptr: u64,
     stream: *mut c_void,
 ) -> i32 {
     // SAFETY: the caller's contract, forwarded.
@@ -121,62 +124,9 @@ pub unsafe extern "C" fn singlora_unmerge(
             w,
             ld_w,
             a,
-            RawScale::Value(scale),
+            scale(scale_value, scale_ptr),
             stream,
             true,
-        )
-    }
-}
-
-/// [`singlora_merge`] with the scale read from the device (`scale_ptr`: a
-/// 4-byte aligned device `float`; ABI 2).
-///
-/// # Safety
-/// As for [`singlora_merge`]; `scale_ptr` must address one `float`.
-#[no_mangle]
-pub unsafe extern "C" fn singlora_merge_dscale(
-    dtype_code: i32,
-    device: i32,
-    d_in: i64,
-    d_out: i64,
-    rank: i64,
-    w: u64,
-    ld_w: i64,
-    a: u64,
-    scale_ptr: u64,
-    stream: *mut c_void,
-) -> i32 {
-    let scale = RawScale::Device(scale_ptr);
-    // SAFETY: the caller's contract, forwarded.
-    unsafe {
-        fold(
-            dtype_code, device, d_in, d_out, rank, w, ld_w, a, scale, stream, false,
-        )
-    }
-}
-
-/// [`singlora_unmerge`] with the scale read from the device (ABI 2).
-///
-/// # Safety
-/// As for [`singlora_merge_dscale`].
-#[no_mangle]
-pub unsafe extern "C" fn singlora_unmerge_dscale(
-    dtype_code: i32,
-    device: i32,
-    d_in: i64,
-    d_out: i64,
-    rank: i64,
-    w: u64,
-    ld_w: i64,
-    a: u64,
-    scale_ptr: u64,
-    stream: *mut c_void,
-) -> i32 {
-    let scale = RawScale::Device(scale_ptr);
-    // SAFETY: the caller's contract, forwarded.
-    unsafe {
-        fold(
-            dtype_code, device, d_in, d_out, rank, w, ld_w, a, scale, stream, true,
         )
     }
 }

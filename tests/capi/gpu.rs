@@ -102,6 +102,7 @@ fn forward_backward<T: DType>(code: i32) {
         ld_y: ld_y as i64,
         s: ptr(&gpu, &s_c),
         scale: SCALE,
+        scale_ptr: 0,
         beta: 1.0,
         stream: stream(&gpu),
     };
@@ -113,6 +114,7 @@ fn forward_backward<T: DType>(code: i32) {
         a: ptr(&gpu, &a),
         saved_s: ptr(&gpu, &s_c),
         scale: SCALE,
+        scale_ptr: 0,
         dx: ptr(&gpu, &dx_c),
         ld_dx: ld_x as i64,
         dx_beta: 0.0,
@@ -208,6 +210,7 @@ fn capi_merge_unmerge_equal_the_rust_api() {
         ld_w: ld_w as i64,
         a: ptr(&gpu, &a),
         scale: SCALE,
+        scale_ptr: 0,
         stream: stream(&gpu),
     };
     // SAFETY: w_c and a are live buffers of the described shapes on device
@@ -254,6 +257,7 @@ fn capi_refuses_a_stream_of_another_context() {
         ld_y: 32,
         s: 0,
         scale: 1.0,
+        scale_ptr: 0,
         beta: 0.0,
         stream: foreign.cu_stream() as *mut c_void,
     };

@@ -421,21 +421,21 @@ int main(void) {
 
     /* a null x with tokens > 0: refused, naming `x` */
     st = singlora_forward(SINGLORA_DTYPE_BF16, 0, 16, 64, 64, 8, 0, 64, 0x10000, 0x20000, 64, 0,
-                          1.0f, 1.0f, NULL);
+                          1.0f, 0, 1.0f, NULL);
     EXPECT(st == SINGLORA_ERROR_INVALID_ARGUMENT);
     EXPECT(strstr(singlora_last_error(), "`x`") != NULL);
     printf("forward(x = NULL): %s: %s\n", singlora_status_name(st), singlora_last_error());
 
     st = singlora_backward(77, 0, 16, 64, 64, 8, 0x10000, 64, 0x20000, 64, 0x30000, 0, 1.0f,
-                           0, 0, 0.0f, 0x40000, 0.0f, 0x50000, 1u << 30, NULL);
+                           0, 0, 0, 0.0f, 0x40000, 0.0f, 0x50000, 1u << 30, NULL);
     EXPECT(st == SINGLORA_ERROR_UNKNOWN_DTYPE);
 
-    st = singlora_merge(SINGLORA_DTYPE_F16, 0, 64, 64, 8, 0x10000, -1, 0x20000, 1.0f, NULL);
+    st = singlora_merge(SINGLORA_DTYPE_F16, 0, 64, 64, 8, 0x10000, -1, 0x20000, 1.0f, 0, NULL);
     EXPECT(st == SINGLORA_ERROR_INVALID_ARGUMENT);
     EXPECT(strstr(singlora_last_error(), "`ld_w`") != NULL);
 
     /* valid arguments on a device that does not exist */
-    st = singlora_unmerge(SINGLORA_DTYPE_F32, 1000, 64, 64, 8, 0x10000, 64, 0x20000, 1.0f, NULL);
+    st = singlora_unmerge(SINGLORA_DTYPE_F32, 1000, 64, 64, 8, 0x10000, 64, 0x20000, 1.0f, 0, NULL);
     EXPECT(st == SINGLORA_ERROR_NO_DRIVER || st == SINGLORA_ERROR_NO_DEVICE);
     printf("unmerge(device 1000): %s: %s\n", singlora_status_name(st), singlora_last_error());
     st = singlora_init(1000);

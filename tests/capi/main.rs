@@ -144,18 +144,18 @@ macro_rules! c_call {
 
 c_call!(Fwd = singlora_forward(
     dtype: i32, device: i32, tokens: i64, d_in: i64, d_out: i64, rank: i64,
-    x: u64, ld_x: i64, a: u64, y: u64, ld_y: i64, s: u64, scale: f32, beta: f32,
+    x: u64, ld_x: i64, a: u64, y: u64, ld_y: i64, s: u64, scale: f32, scale_ptr: u64, beta: f32,
     stream: *mut c_void,
 ));
 
 c_call!(Bwd = singlora_backward(
     dtype: i32, device: i32, tokens: i64, d_in: i64, d_out: i64, rank: i64,
-    x: u64, ld_x: i64, g: u64, ld_g: i64, a: u64, saved_s: u64, scale: f32,
+    x: u64, ld_x: i64, g: u64, ld_g: i64, a: u64, saved_s: u64, scale: f32, scale_ptr: u64,
     dx: u64, ld_dx: i64, dx_beta: f32, da: u64, da_beta: f32,
     workspace: u64, workspace_bytes: u64, stream: *mut c_void,
 ));
 
 c_call!(Merge = singlora_merge(
     dtype: i32, device: i32, d_in: i64, d_out: i64, rank: i64,
-    w: u64, ld_w: i64, a: u64, scale: f32, stream: *mut c_void,
+    w: u64, ld_w: i64, a: u64, scale: f32, scale_ptr: u64, stream: *mut c_void,
 ));

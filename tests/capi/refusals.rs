@@ -53,6 +53,7 @@ fn fwd() -> Fwd {
         ld_y: 160,
         s: P + 0x30_0000,
         scale: 2.0,
+        scale_ptr: 0,
         beta: 1.0,
         stream: std::ptr::null_mut(),
     }
@@ -177,6 +178,7 @@ fn bwd() -> Bwd {
         a: P + 0x20_0000,
         saved_s: P + 0x30_0000,
         scale: 2.0,
+        scale_ptr: 0,
         dx: P + 0x40_0000,
         ld_dx: 96,
         dx_beta: 0.0,
@@ -331,6 +333,7 @@ fn mrg() -> Merge {
         ld_w: 96,
         a: P + 0x10_0000,
         scale: 2.0,
+        scale_ptr: 0,
         stream: std::ptr::null_mut(),
     }
 }
@@ -565,100 +568,92 @@ fn overlapping_outputs_and_wrapping_ranges_are_refused() {
     }
 }
 
-// ------------------------------------------------- device-scalar forms (ABI 2)
+// ------------------------------------------------- the device scale
 
-/// The `_dscale` forms take the scale as a device float: a null or
-/// misaligned pointer is refused naming `scale_ptr`, a scale pointer that
-/// an output overlaps is refused naming the output, and valid calls reach
-/// the device check.
+/// A launch with `scale_ptr` set reads the scale from a device float: a
+/// misaligned pointer is refused naming `scale_ptr`, a scale pointer that an
+/// output overlaps is refused naming the output, the by-value `scale` is then
+/// not used (a NaN there is no refusal), and valid calls reach the device
+/// check.
 #[test]
-fn dscale_forms_check_the_scale_pointer() {
+fn a_device_scale_is_checked() {
     use SINGLORA_ERROR_INVALID_ARGUMENT as INVALID;
-    let f = fwd();
-    let fwd_ds = |scale_ptr: u64, y: u64| {
-        // SAFETY: as for Fwd::call.
-        unsafe {
-            singlora_forward_dscale(
-                f.dtype,
-                f.device,
-                f.tokens,
-                f.d_in,
-                f.d_out,
-                f.rank,
-                f.x,
-                f.ld_x,
-                f.a,
-                y,
-                f.ld_y,
-                f.s,
-                scale_ptr,
-                f.beta,
-                std::ptr::null_mut(),
-            )
-        }
+    let scale_ptr = P + 0x70_0000;
+    let f = Fwd {
+        scale: f32::NAN,
+        scale_ptr,
+        ..fwd()
     };
-    let scale = P + 0x70_0000;
-    assert_no_device(fwd_ds(scale, f.y));
-    assert_refused(fwd_ds(0, f.y), INVALID, "scale_ptr");
-    assert_refused(fwd_ds(scale + 2, f.y), INVALID, "scale_ptr");
+    assert_no_device(f.call());
+    assert_refused(
+        Fwd {
+            scale_ptr: scale_ptr + 2,
+            ..f
+        }
+        .call(),
+        INVALID,
+        "scale_ptr",
+    );
     // y written over the scale it reads.
-    assert_refused(fwd_ds(f.y + 64, f.y), INVALID, "y");
-
-    let b = bwd();
-    let bwd_ds = |scale_ptr: u64| {
-        // SAFETY: as for Fwd::call.
-        unsafe {
-            singlora_backward_dscale(
-                b.dtype,
-                b.device,
-                b.tokens,
-                b.d_in,
-                b.d_out,
-                b.rank,
-                b.x,
-                b.ld_x,
-                b.g,
-                b.ld_g,
-                b.a,
-                b.saved_s,
-                scale_ptr,
-                b.dx,
-                b.ld_dx,
-                b.dx_beta,
-                b.da,
-                b.da_beta,
-                b.workspace,
-                b.workspace_bytes,
-                std::ptr::null_mut(),
-            )
+    assert_refused(
+        Fwd {
+            scale_ptr: f.y + 64,
+            ..f
         }
-    };
-    assert_no_device(bwd_ds(scale));
-    assert_refused(bwd_ds(0), INVALID, "scale_ptr");
-    assert_refused(bwd_ds(scale + 1), INVALID, "scale_ptr");
-    assert_refused(bwd_ds(b.da + 4), INVALID, "da");
+        .call(),
+        INVALID,
+        "y",
+    );
 
-    let m = mrg();
-    for f in [singlora_merge_dscale, singlora_unmerge_dscale] {
-        let call = |scale_ptr: u64| {
-            // SAFETY: as for Fwd::call.
-            unsafe {
-                f(
-                    m.dtype,
-                    m.device,
-                    m.d_in,
-                    m.d_out,
-                    m.rank,
-                    m.w,
-                    m.ld_w,
-                    m.a,
-                    scale_ptr,
-                    std::ptr::null_mut(),
-                )
+    let b = Bwd {
+        scale: f32::NAN,
+        scale_ptr,
+        ..bwd()
+    };
+    assert_no_device(b.call());
+    assert_refused(
+        Bwd {
+            scale_ptr: scale_ptr + 1,
+            ..b
+        }
+        .call(),
+        INVALID,
+        "scale_ptr",
+    );
+    assert_refused(
+        Bwd {
+            scale_ptr: b.da + 4,
+            ..b
+        }
+        .call(),
+        INVALID,
+        "da",
+    );
+
+    let m = Merge {
+        scale: f32::NAN,
+        scale_ptr,
+        ..mrg()
+    };
+    for undo in [false, true] {
+        assert_no_device(m.call(undo));
+        assert_refused(
+            Merge {
+                scale_ptr: scale_ptr + 3,
+                ..m
             }
-        };
-        assert_no_device(call(scale));
-        assert_refused(call(0), INVALID, "scale_ptr");
-        assert_refused(call(m.w + 8), INVALID, "w");
+            .call(undo),
+            INVALID,
+            "scale_ptr",
+        );
+        assert_refused(
+            Merge {
+                scale_ptr: m.w + 8,
+                ..m
+            }
+            .call(undo),
+            INVALID,
+            "w",
+        );
     }
 }
