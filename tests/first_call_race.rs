@@ -92,6 +92,7 @@ fn first_calls_race_for_the_primary_contexts_module() {
                                 d_out as i64,
                                 0,
                                 SCALE,
+                                0, // scale_ptr: the scale by value
                                 0.0,
                                 stream.cu_stream() as *mut c_void,
                             )

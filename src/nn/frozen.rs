@@ -22,47 +22,48 @@ impl<T: DType> Frozen<T>
 where
     CudaBlas: Gemm<T>,
 {
-    /// `y = x·W0ᵀ` over `dims.tokens()` contiguous rows; the caller checked
-    /// that x and y hold `tokens × d_in` and `tokens × d_out` elements.
-    pub(crate) fn forward(
+    /// The frozen product `p` over `dims.tokens()` contiguous rows: `input`
+    /// and `output` hold the row-major matrices `p` names (the caller checked
+    /// their lengths).
+    pub(crate) fn apply(
         &self,
+        p: Product,
         dims: &Dims,
-        x: &impl DevicePtr<T>,
-        y: &mut impl DevicePtrMut<T>,
+        input: &impl DevicePtr<T>,
+        output: &mut impl DevicePtrMut<T>,
     ) -> Result<()> {
-        // Row-major y (tokens × d_out) is column-major yᵀ = W0 · xᵀ, and
-        // row-major W0 is column-major W0ᵀ (d_in × d_out): op T.
-        let cfg = gemm_config::<T>(
-            cublasOperation_t::CUBLAS_OP_T,
-            (dims.d_out(), dims.tokens(), dims.d_in()),
-            (dims.d_in(), dims.d_in(), dims.d_out()),
-        )?;
-        // SAFETY: W0 holds d_out·d_in elements (checked by with_frozen), x
-        // and y the extents the config describes (checked by the caller);
-        // cuBLAS runs on the layer's stream.
-        unsafe { self.blas.gemm(cfg, &self.w0, x, y)? };
+        let (tokens, d_in, d_out) = (dims.tokens(), dims.d_in(), dims.d_out());
+        // cuBLAS is column-major: a row-major matrix is its transpose, and
+        // row-major W0 (d_out × d_in) is column-major W0ᵀ (d_in × d_out).
+        let cfg = match p {
+            // yᵀ (d_out × tokens) = W0 · xᵀ: op T on the stored W0ᵀ.
+            Product::Forward => gemm_config::<T>(
+                cublasOperation_t::CUBLAS_OP_T,
+                (d_out, tokens, d_in),
+                (d_in, d_in, d_out),
+            )?,
+            // dxᵀ (d_in × tokens) = W0ᵀ · gᵀ: the stored W0ᵀ as it is (op N).
+            Product::BackwardDx => gemm_config::<T>(
+                cublasOperation_t::CUBLAS_OP_N,
+                (d_in, tokens, d_out),
+                (d_in, d_out, d_in),
+            )?,
+        };
+        // SAFETY: W0 holds d_out·d_in elements (checked by with_frozen),
+        // input and output the extents the config describes (checked by the
+        // caller); cuBLAS runs on the layer's stream.
+        unsafe { self.blas.gemm(cfg, &self.w0, input, output)? };
         Ok(())
     }
+}
 
-    /// `dx = g·W0`; the caller checked that g and dx hold `tokens × d_out`
-    /// and `tokens × d_in` elements.
-    pub(crate) fn backward_dx(
-        &self,
-        dims: &Dims,
-        g: &impl DevicePtr<T>,
-        dx: &mut impl DevicePtrMut<T>,
-    ) -> Result<()> {
-        // Row-major dx (tokens × d_in) is column-major dxᵀ = W0ᵀ · gᵀ, with
-        // row-major W0 read as column-major W0ᵀ (op N).
-        let cfg = gemm_config::<T>(
-            cublasOperation_t::CUBLAS_OP_N,
-            (dims.d_in(), dims.tokens(), dims.d_out()),
-            (dims.d_in(), dims.d_out(), dims.d_in()),
-        )?;
-        // SAFETY: as in forward.
-        unsafe { self.blas.gemm(cfg, &self.w0, g, dx)? };
-        Ok(())
-    }
+/// The two products of the frozen weight.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Product {
+    /// `y = x·W0ᵀ` (`tokens × d_in` in, `tokens × d_out` out).
+    Forward,
+    /// `dx = g·W0` (`tokens × d_out` in, `tokens × d_in` out).
+    BackwardDx,
 }
 
 /// A cuBLAS config for column-major `C (m × n) = op(A) · B` with `alpha = 1`,

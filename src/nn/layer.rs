@@ -14,7 +14,7 @@ use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
 use crate::dims::{check_len, Dims};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
-use crate::nn::frozen::Frozen;
+use crate::nn::frozen::{Frozen, Product};
 use crate::nn::init::kaiming_uniform;
 use crate::nn::ramp::Ramp;
 use crate::ops::adamw::{adamw_device_step, advance_step, AdamW, AdamWState};
@@ -293,7 +293,7 @@ where
             forward_kernels::<T>(&*Kernels::for_stream(&self.stream)?, dims.rank())?;
         }
         if let Some(f) = &self.frozen {
-            f.forward(&dims, x, y)?;
+            f.apply(Product::Forward, &dims, x, y)?;
             if merged {
                 return Ok(());
             }
@@ -371,7 +371,7 @@ where
         let workspace = self.workspace.as_mut().expect("allocated above");
         let mut dx = dx;
         if let (Some(f), Some(dx)) = (&self.frozen, dx.as_deref_mut()) {
-            f.backward_dx(&dims, g, dx)?;
+            f.apply(Product::BackwardDx, &dims, g, dx)?;
         }
         // The adapter term is added onto dx: the frozen path's gradient is
         // already there (from the GEMM above, or from the caller).

@@ -36,14 +36,15 @@ pub fn merge<'s, T: DType>(
     a: &impl DevicePtr<T>,
     scale: impl Into<Scale<'s>>,
 ) -> Result<()> {
-    fold(
+    merge_with(
         stream,
         dims,
         w,
         ld_w,
         a,
-        scale.into(),
-        (false, MergeKernel::default()),
+        scale,
+        false,
+        MergeKernel::default(),
     )
 }
 
@@ -57,14 +58,15 @@ pub fn unmerge<'s, T: DType>(
     a: &impl DevicePtr<T>,
     scale: impl Into<Scale<'s>>,
 ) -> Result<()> {
-    fold(
+    merge_with(
         stream,
         dims,
         w,
         ld_w,
         a,
-        scale.into(),
-        (true, MergeKernel::default()),
+        scale,
+        true,
+        MergeKernel::default(),
     )
 }
 
@@ -95,18 +97,7 @@ pub fn merge_with<'s, T: DType>(
     undo: bool,
     kernel: MergeKernel,
 ) -> Result<()> {
-    fold(stream, dims, w, ld_w, a, scale.into(), (undo, kernel))
-}
-
-fn fold<T: DType>(
-    stream: &Arc<CudaStream>,
-    dims: &Dims,
-    w: &mut impl DevicePtrMut<T>,
-    ld_w: usize,
-    a: &impl DevicePtr<T>,
-    scale: Scale<'_>,
-    (undo, kernel): (bool, MergeKernel),
-) -> Result<()> {
+    let scale = scale.into();
     let (raw_scale, _scale_rec) = scale.raw(stream)?;
     let shape = MergeShape::new(dims, ld_w, raw_scale)?.with_kernel(kernel);
     let shape = if undo { shape.undo() } else { shape };

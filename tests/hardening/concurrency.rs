@@ -263,6 +263,7 @@ fn run_capi<T: DType>(stream: &Arc<CudaStream>, job: &Job, inp: &Inputs, reps: u
                 dout,
                 ptr(stream, &o.s),
                 SCALE,
+                0, // scale_ptr: the scale by value
                 1.0,
                 cu,
             );
@@ -281,6 +282,7 @@ fn run_capi<T: DType>(stream: &Arc<CudaStream>, job: &Job, inp: &Inputs, reps: u
                 ptr(stream, &a),
                 ptr(stream, &o.s),
                 SCALE,
+                0, // scale_ptr: the scale by value
                 ptr(stream, &o.dx),
                 di,
                 0.0,
