@@ -24,10 +24,7 @@ use cudarc::cublas::{CudaBlas, Gemm};
 use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtr};
 use half::{bf16, f16};
 use singlora::ffi::{singlora_backward, singlora_forward, singlora_last_error, SINGLORA_OK};
-use singlora::{
-    backward, backward_workspace_len, forward, reference, AdamW, DType, Dims, DxOut, Kernels,
-    SingLoraLinear,
-};
+use singlora::{AdamW, DType, Dims, Kernels, SingLoraLinear};
 
 const SCALE: f32 = 0.75;
 
@@ -117,52 +114,21 @@ fn bits_of(v: Vec<f64>) -> Vec<u64> {
     v.into_iter().map(f64::to_bits).collect()
 }
 
-fn to_host<T: DType>(stream: &Arc<CudaStream>, d: &CudaSlice<T>) -> Vec<f64> {
-    let host: Vec<T> = stream.clone_dtoh(d).unwrap();
-    host.into_iter().map(|v| v.to_f64()).collect()
+/// The device buffers of one repetition: poisoned, Y starting as Y0.
+fn outs<T: DType>(stream: &Arc<CudaStream>, dims: &Dims, y0: &CudaSlice<T>) -> PassBufs<T> {
+    let mut o = PassBufs::new(stream, dims, f64::NAN, true);
+    stream.memcpy_dtod(y0, &mut o.y).unwrap();
+    o
 }
 
-fn to_device<T: DType>(stream: &Arc<CudaStream>, v: &[f64]) -> CudaSlice<T> {
-    let host: Vec<T> = v.iter().map(|&x| T::from_f64(x)).collect();
-    stream.clone_htod(&host).unwrap()
-}
-
-fn nans<T: DType>(stream: &Arc<CudaStream>, n: usize) -> CudaSlice<T> {
-    let mut d = stream.alloc_zeros::<T>(n.max(1)).unwrap();
-    singlora::fill_bits(stream, &mut d, T::NAN_BITS).unwrap();
-    d
-}
-
-/// The device buffers of one repetition.
-struct Outs<T> {
-    y: CudaSlice<T>,
-    s: CudaSlice<f32>,
-    dx: CudaSlice<T>,
-    da: CudaSlice<f32>,
-    ws: CudaSlice<f32>,
-}
-
-impl<T: DType> Outs<T> {
-    fn new(stream: &Arc<CudaStream>, dims: &Dims, y0: &CudaSlice<T>) -> Self {
-        let mut y = nans::<T>(stream, y0.len());
-        stream.memcpy_dtod(y0, &mut y).unwrap();
-        Self {
-            y,
-            s: nans(stream, dims.s_len()),
-            dx: nans(stream, dims.tokens() * dims.d_in()),
-            da: nans(stream, dims.a_len()),
-            ws: nans(stream, backward_workspace_len(dims, true).unwrap()),
-        }
-    }
-
-    fn bits(&self, stream: &Arc<CudaStream>, dims: &Dims) -> Bits {
-        Bits {
-            y: bits_of(to_host(stream, &self.y)),
-            s: bits_of(to_host(stream, &self.s)),
-            dx: bits_of(to_host(stream, &self.dx)),
-            da: bits_of(to_host(stream, &self.da)),
-            q: bits_of(to_host(stream, &self.ws)[..dims.s_len()].to_vec()),
-        }
+fn bits(stream: &Arc<CudaStream>, dims: &Dims, o: &PassBufs<impl DType>) -> Bits {
+    let p = o.read(stream, dims);
+    Bits {
+        y: bits_of(p.y),
+        s: bits_of(p.s),
+        dx: bits_of(p.dx),
+        da: bits_of(p.da),
+        q: bits_of(p.q),
     }
 }
 
@@ -171,48 +137,15 @@ impl<T: DType> Outs<T> {
 /// repetition.
 fn run_rust<T: DType>(stream: &Arc<CudaStream>, job: &Job, inp: &Inputs, reps: usize) -> Vec<Bits> {
     let dims = job.dims();
-    let (d_in, d_out) = (job.d_in, job.d_out);
-    let x = to_device::<T>(stream, &inp.x);
-    let a = to_device::<T>(stream, &inp.a);
-    let g = to_device::<T>(stream, &inp.g);
-    let y0 = to_device::<T>(stream, &inp.y0);
-    let mut outs: Vec<Outs<T>> = (0..reps).map(|_| Outs::new(stream, &dims, &y0)).collect();
+    let x = upload_on::<T>(stream, &inp.x);
+    let a = upload_on::<T>(stream, &inp.a);
+    let g = upload_on::<T>(stream, &inp.g);
+    let y0 = upload_on::<T>(stream, &inp.y0);
+    let mut outs: Vec<PassBufs<T>> = (0..reps).map(|_| outs(stream, &dims, &y0)).collect();
     for o in &mut outs {
-        forward(
-            stream,
-            &dims,
-            &x,
-            d_in,
-            &a,
-            &mut o.y,
-            d_out,
-            Some(&mut o.s),
-            SCALE,
-            1.0,
-        )
-        .unwrap();
-        backward(
-            stream,
-            &dims,
-            &x,
-            d_in,
-            &g,
-            d_out,
-            &a,
-            Some(&o.s),
-            SCALE,
-            Some(DxOut {
-                dx: &mut o.dx,
-                ld_dx: d_in,
-                beta: 0.0,
-            }),
-            &mut o.da,
-            0.0,
-            &mut o.ws,
-        )
-        .unwrap();
+        o.run(stream, &dims, [&x, &g, &a], SCALE, 1.0, true);
     }
-    outs.iter().map(|o| o.bits(stream, &dims)).collect()
+    outs.iter().map(|o| bits(stream, &dims, o)).collect()
 }
 
 fn ptr<T>(stream: &Arc<CudaStream>, s: &CudaSlice<T>) -> u64 {
@@ -238,11 +171,11 @@ fn run_capi<T: DType>(stream: &Arc<CudaStream>, job: &Job, inp: &Inputs, reps: u
         job.rank as i64,
     );
     let code = T::CODE as i32;
-    let x = to_device::<T>(stream, &inp.x);
-    let a = to_device::<T>(stream, &inp.a);
-    let g = to_device::<T>(stream, &inp.g);
-    let y0 = to_device::<T>(stream, &inp.y0);
-    let outs: Vec<Outs<T>> = (0..reps).map(|_| Outs::new(stream, &dims, &y0)).collect();
+    let x = upload_on::<T>(stream, &inp.x);
+    let a = upload_on::<T>(stream, &inp.a);
+    let g = upload_on::<T>(stream, &inp.g);
+    let y0 = upload_on::<T>(stream, &inp.y0);
+    let outs: Vec<PassBufs<T>> = (0..reps).map(|_| outs(stream, &dims, &y0)).collect();
     let cu = stream.cu_stream() as *mut c_void;
     for o in &outs {
         // SAFETY: every pointer addresses a live buffer of the described
@@ -293,7 +226,7 @@ fn run_capi<T: DType>(stream: &Arc<CudaStream>, job: &Job, inp: &Inputs, reps: u
             assert_eq!(st, SINGLORA_OK, "{}", last_error());
         }
     }
-    outs.iter().map(|o| o.bits(stream, &dims)).collect()
+    outs.iter().map(|o| bits(stream, &dims, o)).collect()
 }
 
 fn run(job: &Job, stream: &Arc<CudaStream>, inp: &Inputs, reps: usize, capi: bool) -> Vec<Bits> {
@@ -311,22 +244,7 @@ fn run(job: &Job, stream: &Arc<CudaStream>, inp: &Inputs, reps: usize, capi: boo
 /// element type's bar.
 fn check_reference(job: &Job, inp: &Inputs, b: &Bits) {
     let dims = job.dims();
-    let mut y = inp.y0.clone();
-    let s = reference::forward(&dims, &inp.x, &inp.a, SCALE as f64, 1.0, &mut y).unwrap();
-    let mut dx = vec![0.0; job.tokens * job.d_in];
-    let mut da = vec![0.0; dims.a_len()];
-    reference::backward(
-        &dims,
-        &inp.x,
-        &inp.a,
-        &inp.g,
-        SCALE as f64,
-        0.0,
-        &mut dx,
-        0.0,
-        &mut da,
-    )
-    .unwrap();
+    let want = reference_pass(&dims, [&inp.x, &inp.g, &inp.a], SCALE as f64, &inp.y0, 1.0);
     let f = |v: &[u64]| v.iter().map(|&b| f64::from_bits(b)).collect::<Vec<_>>();
     let name = format!("{job:?}");
     let close = |what: &str, got: &[u64], want: &[f64]| match job.dt {
@@ -334,10 +252,10 @@ fn check_reference(job: &Job, inp: &Inputs, b: &Bits) {
         Dt::F16 => assert_close::<f16>(what, &name, &f(got), want),
         Dt::Bf16 => assert_close::<bf16>(what, &name, &f(got), want),
     };
-    close("Y", &b.y, &y);
-    close("S", &b.s, &s);
-    close("dX", &b.dx, &dx);
-    close("dA", &b.da, &da);
+    close("Y", &b.y, &want.y);
+    close("S", &b.s, &want.s);
+    close("dX", &b.dx, &want.dx);
+    close("dA", &b.da, &want.da);
 }
 
 fn assert_same(what: &str, job: &Job, got: &[Bits], want: &Bits) {
@@ -470,25 +388,25 @@ where
 {
     let mut r = rng(seed);
     let q = |v: Vec<f64>| quantize::<T>(&v);
-    let w0 = to_device::<T>(stream, &q(randn(&mut r, d_out * d_in, 0.05)));
-    let x = to_device::<T>(stream, &q(randn(&mut r, tokens * d_in, 1.0)));
-    let g = to_device::<T>(stream, &q(randn(&mut r, tokens * d_out, 1.0)));
+    let w0 = upload_on::<T>(stream, &q(randn(&mut r, d_out * d_in, 0.05)));
+    let x = upload_on::<T>(stream, &q(randn(&mut r, tokens * d_in, 1.0)));
+    let g = upload_on::<T>(stream, &q(randn(&mut r, tokens * d_out, 1.0)));
     let mut layer = SingLoraLinear::<T>::new(stream, d_in, d_out, rank, 16.0, 4, seed)
         .unwrap()
         .with_frozen(w0)
         .unwrap();
-    let mut y = nans::<T>(stream, tokens * d_out);
-    let mut dx = nans::<T>(stream, tokens * d_in);
+    let mut y = poisoned_on::<T>(stream, tokens * d_out);
+    let mut dx = poisoned_on::<T>(stream, tokens * d_in);
     for _ in 0..steps {
         let ctx = layer.forward(tokens, &x, &mut y).unwrap();
         layer.backward(&ctx, &x, &g, Some(&mut dx), false).unwrap();
         layer.adamw_step(&AdamW::default(), 1.0).unwrap();
     }
     LayerBits {
-        y: bits_of(to_host(stream, &y)),
-        dx: bits_of(to_host(stream, &dx)),
-        grad: bits_of(to_host(stream, layer.grad())),
-        a: bits_of(to_host(stream, layer.a())),
+        y: bits_of(download_on(stream, &y)),
+        dx: bits_of(download_on(stream, &dx)),
+        grad: bits_of(download_on(stream, layer.grad())),
+        a: bits_of(download_on(stream, layer.a())),
     }
 }
 
