@@ -25,7 +25,7 @@ use cudarc::driver::{CudaSlice, CudaView, DevicePtrMut, DeviceRepr};
 use half::{bf16, f16};
 use singlora::{backward_workspace_len, AdamWState, DxOut};
 
-use crate::checks::{check_layouts, refuse, wrap, Checked, Geometry};
+use crate::checks::{check_storages, refuse, wrap, Checked, Geometry};
 use crate::op::{Saved, SingLoraOp};
 use crate::rows::{rows, Rows};
 
@@ -146,12 +146,7 @@ pub(crate) fn forward(
     a: (&CudaStorage, &Layout),
     w: Option<(&CudaStorage, &Layout)>,
 ) -> Result<(CudaStorage, Shape)> {
-    let checked = check_layouts(
-        &op.geo,
-        (x.1, x.0.dtype()),
-        (a.1, a.0.dtype()),
-        w.map(|(s, l)| (l, s.dtype())),
-    )?;
+    let checked = check_storages(&op.geo, x, a, w)?;
     dispatch!(checked.dtype, forward_t(op, &checked, x, a, w))
 }
 

@@ -17,7 +17,7 @@ use candle_core::{
     CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor,
 };
 
-use crate::checks::{check_call, check_layouts, check_scale, refuse, Checked, Geometry};
+use crate::checks::{check_call, check_scale, check_storages, refuse, Checked, Geometry};
 
 /// `S = x·A_in` (`tokens × rank`, f32) as the forward left it.
 pub(crate) enum Saved {
@@ -57,12 +57,7 @@ impl SingLoraOp {
         a: (&CpuStorage, &Layout),
         w: Option<(&CpuStorage, &Layout)>,
     ) -> Result<(CpuStorage, Shape)> {
-        let checked = check_layouts(
-            &self.geo,
-            (x.1, x.0.dtype()),
-            (a.1, a.0.dtype()),
-            w.map(|(s, l)| (l, s.dtype())),
-        )?;
+        let checked = check_storages(&self.geo, x, a, w)?;
         let Checked {
             dtype,
             tokens,
