@@ -98,6 +98,8 @@ pub fn print_config(on: &str, cfg: &Config) {
 
 /// The progress line of step `t`, on every tenth of the run and its last
 /// step; `None` between.
+// `is_multiple_of` is newer than singlora's rust-version (1.80).
+#[allow(clippy::manual_is_multiple_of)]
 pub fn step_line(cfg: &Config, t: usize, loss: f64, tokens_per_s: f64) -> Option<String> {
     let every = (cfg.steps / 10).max(1);
     (t % every == 0 || t + 1 == cfg.steps).then(|| {
