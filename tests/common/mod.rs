@@ -18,11 +18,13 @@ pub use pass::*;
 
 use std::sync::Arc;
 
-use cudarc::driver::{CudaContext, CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr};
+use cudarc::driver::{
+    CudaContext, CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut,
+};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 use rand_distr::{Distribution, Normal};
-use singlora::{backward_workspace_len, fill_bits, DType, Dims, Error, Kernels};
+use singlora::{backward_workspace_len, fill_bits, forward, DType, Dims, Error, Kernels, Scale};
 
 pub struct Gpu {
     pub ctx: Arc<CudaContext>,
@@ -326,6 +328,36 @@ impl<T: DType> Placed<T> {
         assert_gaps_untouched::<T>(what, &all, rows, cols, ld);
         unstride(&all, rows, cols, ld)
     }
+}
+
+/// The forward on placed matrices: Y (row stride `ld_y`) ← beta·Y +
+/// scale·X·A[:d_in]·A[:d_out]ᵀ from X (row stride `ld_x`), S into `s` where
+/// given.
+#[allow(clippy::too_many_arguments)]
+pub fn forward_placed<'s, T: DType>(
+    gpu: &Gpu,
+    dims: &Dims,
+    (x, ld_x): (&Placed<T>, usize),
+    a: &Placed<T>,
+    (y, ld_y): (&mut Placed<T>, usize),
+    s: Option<&mut Placed<f32>>,
+    scale: impl Into<Scale<'s>>,
+    beta: f32,
+) {
+    let mut s_view = s.map(|s| s.view_mut());
+    forward(
+        &gpu.stream,
+        dims,
+        &x.view(),
+        ld_x,
+        &a.view(),
+        &mut y.view_mut(),
+        ld_y,
+        s_view.as_mut().map(|v| v as &mut dyn DevicePtrMut<f32>),
+        scale,
+        beta,
+    )
+    .unwrap();
 }
 
 /// What an output with this beta starts as: `base` where it is added onto

@@ -37,9 +37,9 @@
 use crate::common::*;
 use half::{bf16, f16};
 use singlora::{
-    adamw, adamw_device_step, advance_step, backward, backward_workspace_len, forward,
-    kernel_names, merge, merge_with, mse, mse_loss, reference, unmerge, AdamW, AdamWState, DType,
-    Dims, DxOut, Kernels, MergeKernel, Scale, MSE_PARTIALS, RANK_BUCKETS,
+    adamw, adamw_device_step, advance_step, backward, backward_workspace_len, kernel_names, merge,
+    merge_with, mse, mse_loss, reference, unmerge, AdamW, AdamWState, DType, Dims, DxOut, Kernels,
+    MergeKernel, Scale, MSE_PARTIALS, RANK_BUCKETS,
 };
 
 /// One rank per bucket (32, 64, 128, 256).
@@ -220,22 +220,9 @@ fn run_case<T: DType>(gpu: &Gpu, c: Case, rank: usize, seed: u64) {
     let (y_at, dx_at) = ((c.tokens, c.d_out, ld_y), (c.tokens, c.d_in, ld_x));
     let mut yd = Placed::<T>::strided(gpu, &start(&y0), y_at, c.off.y, SENTINEL);
     let mut sd = Placed::<f32>::new(gpu, &vec![f64::NAN; dims.s_len()], c.off.s, f64::NAN);
-    {
-        let mut s_view = sd.view_mut();
-        forward(
-            &gpu.stream,
-            &dims,
-            &xd.view(),
-            ld_x,
-            &ad.view(),
-            &mut yd.view_mut(),
-            ld_y,
-            if c.saved_s { Some(&mut s_view) } else { None },
-            scale(c.scale),
-            c.beta,
-        )
-        .unwrap();
-    }
+    let s_out = c.saved_s.then_some(&mut sd);
+    let (x_in, y_out) = ((&xd, ld_x), (&mut yd, ld_y));
+    forward_placed(gpu, &dims, x_in, &ad, y_out, s_out, scale(c.scale), c.beta);
     let y = yd.read_strided(gpu, &format!("Y ({name})"), y_at);
     assert_close::<T>("Y", &name, &y, &y_ref);
 
