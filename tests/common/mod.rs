@@ -2,10 +2,12 @@
 //! NaN poisoning, matrices placed at chosen strides and offsets, and
 //! comparison against the f64 reference: relative L2 and per-element bounds
 //! (bounds.rs); tables of cases run per element type (cases.rs); one dense
-//! forward + backward and its reference, as a whole (pass.rs).
+//! forward + backward and its reference, as a whole (pass.rs); the C ABI's
+//! calls as structs (capi.rs).
 #![allow(dead_code)]
 
 pub mod bounds;
+pub mod capi;
 pub mod cases;
 pub mod pass;
 

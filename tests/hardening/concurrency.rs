@@ -19,11 +19,12 @@ use std::ffi::{c_void, CStr};
 use std::sync::{Arc, Barrier};
 use std::thread;
 
+use crate::common::capi::{Bwd, Fwd, Launch};
 use crate::common::*;
 use cudarc::cublas::{CudaBlas, Gemm};
 use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtr};
 use half::{bf16, f16};
-use singlora::ffi::{singlora_backward, singlora_forward, singlora_last_error, SINGLORA_OK};
+use singlora::ffi::{singlora_last_error, SINGLORA_OK};
 use singlora::{AdamW, DType, Dims, Kernels, SingLoraLinear};
 
 const SCALE: f32 = 0.75;
@@ -39,25 +40,13 @@ enum Dt {
 #[derive(Clone, Copy, Debug)]
 struct Job {
     dt: Dt,
-    tokens: usize,
-    d_in: usize,
-    d_out: usize,
-    rank: usize,
-}
-
-impl Job {
-    fn dims(&self) -> Dims {
-        Dims::new(self.tokens, self.d_in, self.d_out, self.rank).unwrap()
-    }
+    sh: Shape,
 }
 
 const fn job(dt: Dt, tokens: usize, d_in: usize, d_out: usize, rank: usize) -> Job {
     Job {
         dt,
-        tokens,
-        d_in,
-        d_out,
-        rank,
+        sh: Shape::new(tokens, d_in, d_out, rank),
     }
 }
 
@@ -89,13 +78,13 @@ fn inputs(job: &Job, seed: u64) -> Inputs {
         Dt::F16 => quantize::<f16>(&v),
         Dt::Bf16 => quantize::<bf16>(&v),
     };
-    let dims = job.dims();
+    let dims = job.sh.dims();
     let mut r = rng(seed);
     Inputs {
-        x: q(randn(&mut r, job.tokens * job.d_in, 1.0)),
+        x: q(randn(&mut r, job.sh.tokens * job.sh.d_in, 1.0)),
         a: q(randn(&mut r, dims.a_len(), 1.0 / (dims.d() as f64).sqrt())),
-        g: q(randn(&mut r, job.tokens * job.d_out, 1.0)),
-        y0: q(randn(&mut r, job.tokens * job.d_out, 0.5)),
+        g: q(randn(&mut r, job.sh.tokens * job.sh.d_out, 1.0)),
+        y0: q(randn(&mut r, job.sh.tokens * job.sh.d_out, 0.5)),
     }
 }
 
@@ -136,7 +125,7 @@ fn bits(stream: &Arc<CudaStream>, dims: &Dims, o: &PassBufs<impl DType>) -> Bits
 /// all enqueued before anything is read back; the outputs of every
 /// repetition.
 fn run_rust<T: DType>(stream: &Arc<CudaStream>, job: &Job, inp: &Inputs, reps: usize) -> Vec<Bits> {
-    let dims = job.dims();
+    let dims = job.sh.dims();
     let x = upload_on::<T>(stream, &inp.x);
     let a = upload_on::<T>(stream, &inp.a);
     let g = upload_on::<T>(stream, &inp.g);
@@ -163,13 +152,7 @@ fn last_error() -> String {
 /// The same as [`run_rust`] through the C ABI (raw pointers, the stream as
 /// a `CUstream`), on a stream of the primary context.
 fn run_capi<T: DType>(stream: &Arc<CudaStream>, job: &Job, inp: &Inputs, reps: usize) -> Vec<Bits> {
-    let dims = job.dims();
-    let (t, di, dout, rk) = (
-        job.tokens as i64,
-        job.d_in as i64,
-        job.d_out as i64,
-        job.rank as i64,
-    );
+    let dims = job.sh.dims();
     let code = T::CODE as i32;
     let x = upload_on::<T>(stream, &inp.x);
     let a = upload_on::<T>(stream, &inp.a);
@@ -178,52 +161,17 @@ fn run_capi<T: DType>(stream: &Arc<CudaStream>, job: &Job, inp: &Inputs, reps: u
     let outs: Vec<PassBufs<T>> = (0..reps).map(|_| outs(stream, &dims, &y0)).collect();
     let cu = stream.cu_stream() as *mut c_void;
     for o in &outs {
+        let (x, a, g) = (ptr(stream, &x), ptr(stream, &a), ptr(stream, &g));
+        let (y, s) = (ptr(stream, &o.y), ptr(stream, &o.s));
+        let (dx, da, ws) = (ptr(stream, &o.dx), ptr(stream, &o.da), ptr(stream, &o.ws));
+        let fwd = Fwd::dense(code, &dims, [x, a, y, s], (SCALE, 1.0), cu);
+        let bwd = Bwd::after(&fwd, [g, dx, da, ws]);
         // SAFETY: every pointer addresses a live buffer of the described
         // shape on device 0's primary context, `cu` is a stream of that
         // context; the buffers outlive the reads below, which synchronise.
         unsafe {
-            let st = singlora_forward(
-                code,
-                0,
-                t,
-                di,
-                dout,
-                rk,
-                ptr(stream, &x),
-                di,
-                ptr(stream, &a),
-                ptr(stream, &o.y),
-                dout,
-                ptr(stream, &o.s),
-                SCALE,
-                1.0,
-                cu,
-            );
-            assert_eq!(st, SINGLORA_OK, "{}", last_error());
-            let st = singlora_backward(
-                code,
-                0,
-                t,
-                di,
-                dout,
-                rk,
-                ptr(stream, &x),
-                di,
-                ptr(stream, &g),
-                dout,
-                ptr(stream, &a),
-                ptr(stream, &o.s),
-                SCALE,
-                ptr(stream, &o.dx),
-                di,
-                0.0,
-                ptr(stream, &o.da),
-                0.0,
-                ptr(stream, &o.ws),
-                o.ws.len() as u64 * 4,
-                cu,
-            );
-            assert_eq!(st, SINGLORA_OK, "{}", last_error());
+            assert_eq!(fwd.launch(), SINGLORA_OK, "{}", last_error());
+            assert_eq!(bwd.launch(), SINGLORA_OK, "{}", last_error());
         }
     }
     outs.iter().map(|o| bits(stream, &dims, o)).collect()
@@ -243,7 +191,7 @@ fn run(job: &Job, stream: &Arc<CudaStream>, inp: &Inputs, reps: usize, capi: boo
 /// Checks a single-threaded result against the f64 reference at the job's
 /// element type's bar.
 fn check_reference(job: &Job, inp: &Inputs, b: &Bits) {
-    let dims = job.dims();
+    let dims = job.sh.dims();
     let want = reference_pass(&dims, [&inp.x, &inp.g, &inp.a], SCALE as f64, &inp.y0, 1.0);
     let f = |v: &[u64]| v.iter().map(|&b| f64::from_bits(b)).collect::<Vec<_>>();
     let name = format!("{job:?}");
@@ -299,6 +247,33 @@ fn all_inputs() -> Vec<Inputs> {
         .collect()
 }
 
+/// `reps` runs of each picked job (indices into [`JOBS`]), in a thread of
+/// its own on a new stream of the harness's context, the threads started
+/// together; the outputs per picked job.
+fn in_threads(
+    gpu: &Gpu,
+    picked: &[usize],
+    inps: &[Inputs],
+    reps: usize,
+    capi: bool,
+) -> Vec<Vec<Bits>> {
+    let start = Barrier::new(picked.len());
+    thread::scope(|sc| {
+        let handles: Vec<_> = picked
+            .iter()
+            .map(|&i| {
+                let (ctx, start, job, inp) = (&gpu.ctx, &start, &JOBS[i], &inps[i]);
+                sc.spawn(move || {
+                    let stream = ctx.new_stream().unwrap();
+                    start.wait();
+                    run(job, &stream, inp, reps, capi)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
 /// Eight threads, each with its own stream, run their job (a different
 /// shape each) four times, starting together; every repetition equals the
 /// single-threaded run bit for bit.
@@ -307,22 +282,8 @@ fn eight_threads_on_their_own_streams_equal_a_single_threaded_run() {
     let Some(gpu) = gpu() else { return };
     let inps = all_inputs();
     let want = baseline(&gpu, &inps);
-    let start = Barrier::new(JOBS.len());
-    let got: Vec<Vec<Bits>> = thread::scope(|sc| {
-        let handles: Vec<_> = JOBS
-            .iter()
-            .zip(&inps)
-            .map(|(job, inp)| {
-                let (ctx, start) = (&gpu.ctx, &start);
-                sc.spawn(move || {
-                    let stream = ctx.new_stream().unwrap();
-                    start.wait();
-                    run(job, &stream, inp, 4, false)
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
-    });
+    let all: Vec<usize> = (0..JOBS.len()).collect();
+    let got = in_threads(&gpu, &all, &inps, 4, false);
     for ((job, g), w) in JOBS.iter().zip(&got).zip(&want) {
         assert_same("8 threads", job, g, w);
     }
@@ -344,21 +305,7 @@ fn capi_from_four_threads_on_their_own_streams_equals_the_rust_api() {
     let want = baseline(&gpu, &inps);
     // Four jobs: every element type, decode and regular sizes.
     let picked = [0usize, 1, 2, 6];
-    let start = Barrier::new(picked.len());
-    let got: Vec<Vec<Bits>> = thread::scope(|sc| {
-        let handles: Vec<_> = picked
-            .iter()
-            .map(|&i| {
-                let (ctx, start, job, inp) = (&gpu.ctx, &start, &JOBS[i], &inps[i]);
-                sc.spawn(move || {
-                    let stream = ctx.new_stream().unwrap();
-                    start.wait();
-                    run(job, &stream, inp, 3, true)
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
-    });
+    let got = in_threads(&gpu, &picked, &inps, 3, true);
     for (&i, g) in picked.iter().zip(&got) {
         assert_same("C ABI, 4 threads", &JOBS[i], g, &want[i]);
     }
