@@ -14,28 +14,6 @@ use singlora_candle::{
     singlora_adapter, singlora_linear, FusedAdamW, SingLoraConfig, SingLoraLinear,
 };
 
-/// `x · W0ᵀ` in f64 (tokens × d_out).
-fn base(x: &[f64], w: &[f64], tokens: usize, d_in: usize, d_out: usize) -> Vec<f64> {
-    let mut y = vec![0.0; tokens * d_out];
-    for t in 0..tokens {
-        for o in 0..d_out {
-            y[t * d_out + o] = (0..d_in).map(|i| x[t * d_in + i] * w[o * d_in + i]).sum();
-        }
-    }
-    y
-}
-
-/// `G · W0` in f64 (tokens × d_in).
-fn base_grad(g: &[f64], w: &[f64], tokens: usize, d_in: usize, d_out: usize) -> Vec<f64> {
-    let mut dx = vec![0.0; tokens * d_in];
-    for t in 0..tokens {
-        for i in 0..d_in {
-            dx[t * d_in + i] = (0..d_out).map(|o| g[t * d_out + o] * w[o * d_in + i]).sum();
-        }
-    }
-    dx
-}
-
 struct Case {
     lead: Vec<usize>,
     d_in: usize,
@@ -93,7 +71,7 @@ impl Case {
         let dims = self.dims();
         let mut y = base(&x, &w, t, di, dout);
         reference::forward(&dims, &x, &a, self.scale, 1.0, &mut y).unwrap();
-        let mut dx = base_grad(&g, &w, t, di, dout);
+        let mut dx = base_dx(&g, &w, t, di, dout);
         let mut da = vec![0.0; dims.a_len()];
         reference::backward(&dims, &x, &a, &g, self.scale, 1.0, &mut dx, 0.0, &mut da).unwrap();
         Ok((y, dx, da))

@@ -3,18 +3,22 @@
 //! comparison against the f64 reference: relative L2 and per-element bounds
 //! (bounds.rs); tables of cases run per element type (cases.rs); one dense
 //! forward + backward and its reference, as a whole (pass.rs); the C ABI's
-//! calls as structs (capi.rs).
+//! calls as structs (capi.rs); the frozen layer's products on the host
+//! (frozen.rs).
 #![allow(dead_code)]
 
 pub mod bounds;
 pub mod capi;
 pub mod cases;
+pub mod frozen;
 pub mod pass;
 
 #[allow(unused_imports)]
 pub use bounds::*;
 #[allow(unused_imports)]
 pub use cases::*;
+#[allow(unused_imports)]
+pub use frozen::*;
 #[allow(unused_imports)]
 pub use pass::*;
 

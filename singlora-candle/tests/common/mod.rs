@@ -1,7 +1,12 @@
 //! What the binding's tests share: random inputs, tensors from and to f64
 //! host vectors (on any device), the element types' bars and the relative
-//! L2 check.
+//! L2 check; the frozen layer's products on the host (singlora's
+//! tests/common/frozen.rs).
 #![allow(dead_code)]
+
+#[path = "../../../tests/common/frozen.rs"]
+mod frozen;
+pub use frozen::*;
 
 use candle_core::{DType, Device, Tensor};
 use rand::{rngs::StdRng, Rng};
