@@ -6,6 +6,7 @@
 
 #[path = "../../../tests/common/frozen.rs"]
 mod frozen;
+#[allow(unused_imports)]
 pub use frozen::*;
 
 use candle_core::{DType, Device, Tensor};
