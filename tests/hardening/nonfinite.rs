@@ -241,23 +241,29 @@ fn run_case<T: DType>(gpu: &Gpu, c: Case, seed: u64, saved_s: bool) {
         clean_da_rows >= 8,
         "{name}: the case must leave clean dA rows to check"
     );
-    // (what, the kernel's output, the reference, its columns, which of its
-    // rows are non-finite)
-    let clean: [(&str, &[f64], &[f64], usize, &dyn Fn(usize) -> bool); 5] = [
-        ("Y, clean rows", &got.y, &want.y, d_out, &x_row_bad),
-        ("S, clean rows", &got.s, &want.s, rank, &x_row_bad),
-        ("Q, clean rows", &got.q, &want.q, rank, &g_row_bad),
-        ("dX, clean rows", &got.dx, &want.dx, d_in, &g_row_bad),
-        ("dA, clean rows", &got.da, &want.da, rank, &da_row_bad),
-    ];
-    for (what, got, want, cols, bad) in clean {
-        assert_close::<T>(
-            what,
-            &name,
-            &rows_where(got, cols, |r| !bad(r)),
-            &rows_where(want, cols, |r| !bad(r)),
-        );
-    }
+    let n = &name;
+    assert_clean_rows::<T>("Y, clean rows", n, (&got.y, &want.y), d_out, x_row_bad);
+    assert_clean_rows::<T>("S, clean rows", n, (&got.s, &want.s), rank, x_row_bad);
+    assert_clean_rows::<T>("Q, clean rows", n, (&got.q, &want.q), rank, g_row_bad);
+    assert_clean_rows::<T>("dX, clean rows", n, (&got.dx, &want.dx), d_in, g_row_bad);
+    assert_clean_rows::<T>("dA, clean rows", n, (&got.da, &want.da), rank, da_row_bad);
+}
+
+/// Asserts T's bar for the rows (of `cols`) of an output that `bad` does not
+/// mark, against the same rows of the reference.
+fn assert_clean_rows<T: DType>(
+    what: &str,
+    name: &str,
+    (got, want): (&[f64], &[f64]),
+    cols: usize,
+    bad: impl Fn(usize) -> bool,
+) {
+    assert_close::<T>(
+        what,
+        name,
+        &rows_where(got, cols, |r| !bad(r)),
+        &rows_where(want, cols, |r| !bad(r)),
+    );
 }
 
 fn all_cases<T: DType>(seed: u64) {
