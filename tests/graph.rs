@@ -76,58 +76,24 @@ fn device_ramp_scale_equals_the_host_scale_bitwise() {
         rank: 12,
         warmup_steps: 7,
     };
+    // Y ← Y0 + the adapter's term at `scale`, read back.
+    let forward_at = |scale: Scale<'_>| {
+        let mut y = upload::<bf16>(&gpu, &y0);
+        forward(&gpu.stream, &dims, &x, 96, &a, &mut y, 80, None, scale, 1.0).unwrap();
+        download(&gpu, &y)
+    };
     for t in [0u64, 1, 3, 6, 7, 12] {
         let step = gpu.stream.clone_htod(&[t]).unwrap();
-        let mut y_dev = upload::<bf16>(&gpu, &y0);
-        let mut y_host = upload::<bf16>(&gpu, &y0);
-        forward(
-            &gpu.stream,
-            &dims,
-            &x,
-            96,
-            &a,
-            &mut y_dev,
-            80,
-            None,
-            ramp.on_device(&step),
-            1.0,
-        )
-        .unwrap();
-        forward(
-            &gpu.stream,
-            &dims,
-            &x,
-            96,
-            &a,
-            &mut y_host,
-            80,
-            None,
-            ramp.scale(t),
-            1.0,
-        )
-        .unwrap();
-        let (d, h) = (download(&gpu, &y_dev), download(&gpu, &y_host));
+        let d = forward_at(ramp.on_device(&step));
+        let h = forward_at(ramp.scale(t).into());
         assert!(
             d.iter().zip(&h).all(|(p, q)| p.to_bits() == q.to_bits()),
             "step {t}: device-ramp forward differs from the host-scale forward"
         );
         // A device f32 scale too.
         let s = gpu.stream.clone_htod(&[ramp.scale(t)]).unwrap();
-        let mut y_ptr = upload::<bf16>(&gpu, &y0);
-        forward(
-            &gpu.stream,
-            &dims,
-            &x,
-            96,
-            &a,
-            &mut y_ptr,
-            80,
-            None,
-            Scale::Device(&s),
-            1.0,
-        )
-        .unwrap();
-        assert_eq!(download(&gpu, &y_ptr), h, "step {t}: device f32 scale");
+        let y_ptr = forward_at(Scale::Device(&s));
+        assert_eq!(y_ptr, h, "step {t}: device f32 scale");
     }
 }
 

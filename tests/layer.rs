@@ -10,31 +10,6 @@ use half::{bf16, f16};
 use singlora::kaiming_uniform;
 use singlora::{reference, AdamW, DType, Dims, Ramp, SingLoraLinear};
 
-/// `x · W0ᵀ` in f64 for row-major x (tokens × d_in) and W0 (d_out × d_in).
-fn base(x: &[f64], w0: &[f64], tokens: usize, d_in: usize, d_out: usize) -> Vec<f64> {
-    let mut y = vec![0.0; tokens * d_out];
-    for t in 0..tokens {
-        for o in 0..d_out {
-            y[t * d_out + o] = (0..d_in).map(|i| x[t * d_in + i] * w0[o * d_in + i]).sum();
-        }
-    }
-    y
-}
-
-/// `g · W0` in f64 (tokens × d_in).
-fn base_dx(g: &[f64], w0: &[f64], tokens: usize, d_in: usize, d_out: usize) -> Vec<f64> {
-    let mut dx = vec![0.0; tokens * d_in];
-    for t in 0..tokens {
-        for o in 0..d_out {
-            let gv = g[t * d_out + o];
-            for i in 0..d_in {
-                dx[t * d_in + i] += gv * w0[o * d_in + i];
-            }
-        }
-    }
-    dx
-}
-
 const ALPHA: f64 = 12.0;
 const WARMUP: u64 = 4;
 

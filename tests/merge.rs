@@ -5,6 +5,7 @@
 mod common;
 
 use common::*;
+use cudarc::driver::CudaSlice;
 use half::{bf16, f16};
 use singlora::{
     check_merge, merge, merge_with, reference, unmerge, DType, Dims, Error, MergeKernel,
@@ -61,17 +62,11 @@ fn run_case_with<T: DType>(
 
     let a_dev = upload::<T>(gpu, &a);
     let mut w_dev = upload::<T>(gpu, &w0_strided);
-    merge_with(
-        &gpu.stream,
-        &dims,
-        &mut w_dev,
-        ld_w,
-        &a_dev,
-        SCALE,
-        false,
-        kernel,
-    )
-    .unwrap();
+    // Merges (or, with `undo`, unmerges) A into W in place.
+    let fold = |w: &mut CudaSlice<T>, undo: bool| {
+        merge_with(&gpu.stream, &dims, w, ld_w, &a_dev, SCALE, undo, kernel).unwrap()
+    };
+    fold(&mut w_dev, false);
     let w1_strided = download(gpu, &w_dev);
     for rr in 0..d_out {
         for c in d_in..ld_w.min(w1_strided.len() - rr * ld_w) {
@@ -98,17 +93,7 @@ fn run_case_with<T: DType>(
         ulp::<T>(exact[i]) + acc_eps * magnitude[i] + 1e-40
     });
 
-    merge_with(
-        &gpu.stream,
-        &dims,
-        &mut w_dev,
-        ld_w,
-        &a_dev,
-        SCALE,
-        true,
-        kernel,
-    )
-    .unwrap();
+    fold(&mut w_dev, true);
     let w2 = unstride(&download(gpu, &w_dev), d_out, d_in, ld_w);
     // W1 = round(W0 + d), W2 = round(W1 − d) with the same f32 d: each
     // rounding is at most half a unit of the larger magnitude.

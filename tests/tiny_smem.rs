@@ -8,6 +8,7 @@
 mod common;
 
 use common::*;
+use cudarc::driver::CudaSlice;
 use half::bf16;
 use singlora::runtime::registry::SMEM_LIMIT_ENV;
 use singlora::{Error, Kernels, SingLoraLinear};
@@ -21,6 +22,16 @@ fn bucket(rank: usize) -> usize {
         .into_iter()
         .find(|&b| rank <= b)
         .unwrap()
+}
+
+/// A refusal for shared memory, and the output still poisoned (`what`
+/// says which was written otherwise).
+fn assert_refused_untouched(gpu: &Gpu, e: &Error, out: &CudaSlice<bf16>, what: &str) {
+    assert!(matches!(e, Error::SharedMemoryTooSmall { .. }), "{e}");
+    assert!(
+        download(gpu, out).iter().all(|v| v.is_nan()),
+        "{what} (cuBLAS ran first?)"
+    );
 }
 
 #[test]
@@ -68,11 +79,8 @@ fn kernels_over_the_limit_are_refused_and_touch_no_output() {
                     Ok(()) => assert!(bwd_fits, "{case}: the backward ran past the limit"),
                     Err(e) => {
                         assert!(!bwd_fits, "{case}: backward refused: {e}");
-                        assert!(matches!(e, Error::SharedMemoryTooSmall { .. }), "{e}");
-                        assert!(
-                            download(&gpu, &dx).iter().all(|v| v.is_nan()),
-                            "{case}: a refused backward wrote dx (cuBLAS ran first?)"
-                        );
+                        let what = format!("{case}: a refused backward wrote dx");
+                        assert_refused_untouched(&gpu, &e, &dx, &what);
                         let grad_after = gpu.stream.clone_dtoh(layer.grad()).unwrap();
                         assert_eq!(grad_before, grad_after, "{case}: dA written");
                         refusals += 1;
@@ -81,11 +89,8 @@ fn kernels_over_the_limit_are_refused_and_touch_no_output() {
             }
             Err(e) => {
                 assert!(!fwd_fits, "{case}: forward refused: {e}");
-                assert!(matches!(e, Error::SharedMemoryTooSmall { .. }), "{e}");
-                assert!(
-                    download(&gpu, &y).iter().all(|v| v.is_nan()),
-                    "{case}: a refused forward wrote y (cuBLAS ran first?)"
-                );
+                let what = format!("{case}: a refused forward wrote y");
+                assert_refused_untouched(&gpu, &e, &y, &what);
                 refusals += 1;
             }
         }

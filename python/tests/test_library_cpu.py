@@ -19,24 +19,12 @@ is made, so neither libsinglora.so nor a GPU is needed):
     L2; f32 bar 1e-5, bf16 1e-2), for the layer, the adapter (with and
     without base), merge/unmerge, and autocast (CPU, bf16) eager and compiled.
 
-Prints one line per case, then "N passed, M failed"; exits 1 on a failure.
-Without torch: prints "skipped: torch not installed" and exits 0, unless
-SINGLORA_REQUIRE_TORCH=1 (scripts/test.sh sets it), then it fails.
+Output, exit status and the skip without torch: torch_harness.py.
 """
 
 import math
 
-from torch_harness import (
-    BF16_BAR,
-    F32_BAR,
-    Runner,
-    expect,
-    f32,
-    reference_adapter,
-    reference_linear,
-    rel_l2,
-    torch,
-)
+from torch_harness import BF16_BAR, F32_BAR, Runner, expect, f32, reference_adapter, reference_linear, rel_l2, torch
 
 import torch._dynamo  # noqa: E402
 from torch._dynamo.testing import CompileCounterWithBackend  # noqa: E402

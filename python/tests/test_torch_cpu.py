@@ -19,25 +19,13 @@ names (S, dA: f32) and that the dimensions and row strides match the tensor.
 The real device check is used once, to show that CPU tensors are still
 refused without the seam.
 
-Prints one line per case, then "N passed, M failed"; exits 1 on a failure.
-Without torch: prints "skipped: torch not installed" and exits 0, unless
-SINGLORA_REQUIRE_TORCH=1 (scripts/test.sh sets it), then it fails.
+Output, exit status and the skip without torch: torch_harness.py.
 """
 
 import math
 import sys
 
-from torch_harness import (
-    BF16_BAR,
-    F32_BAR,
-    Runner,
-    expect,
-    f32,
-    reference_adapter,
-    reference_linear,
-    rel_l2,
-    torch,
-)
+from torch_harness import BF16_BAR, F32_BAR, Runner, expect, f32, reference_adapter, reference_linear, rel_l2, torch
 
 from singlora import _lib  # noqa: E402
 from singlora import nn as snn  # noqa: E402

@@ -3,6 +3,11 @@ skipping, unless SINGLORA_REQUIRE_TORCH=1), the relative L2 measure, and the
 case runner that prints one line per case and the closing count.
 
     from torch_harness import torch, Runner
+
+A test using it prints one line per case, then "N passed, M failed", and
+exits 1 on a failure. Without torch it prints "skipped: torch not installed"
+and exits 0, unless SINGLORA_REQUIRE_TORCH=1 (scripts/test.sh sets it), then
+it fails.
 """
 
 import math

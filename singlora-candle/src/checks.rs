@@ -1,6 +1,7 @@
 //! Argument checks shared by the ops: every refusal is a candle error that
 //! names the argument, with what was expected and what was given.
 
+use candle_core::backend::BackendStorage;
 use candle_core::{DType, Layout, Shape};
 use singlora::Dims;
 
@@ -156,17 +157,16 @@ pub(crate) fn check_call(
     })
 }
 
-/// [`check_call`] on layouts (what a custom op's forward receives).
-pub(crate) fn check_layouts(
+/// [`check_call`] on storages and their layouts (what a custom op's forward
+/// receives).
+pub(crate) fn check_storages<S: BackendStorage>(
     geo: &Geometry,
-    x: (&Layout, DType),
-    a: (&Layout, DType),
-    w: Option<(&Layout, DType)>,
+    x: (&S, &Layout),
+    a: (&S, &Layout),
+    w: Option<(&S, &Layout)>,
 ) -> candle_core::Result<Checked> {
-    check_call(
-        geo,
-        (x.0.shape(), x.1),
-        (a.0.shape(), a.1),
-        w.map(|(l, t)| (l.shape(), t)),
-    )
+    fn of<'l, S: BackendStorage>((s, l): (&S, &'l Layout)) -> (&'l Shape, DType) {
+        (l.shape(), s.dtype())
+    }
+    check_call(geo, of(x), of(a), w.map(of))
 }

@@ -25,8 +25,9 @@ use cudarc::driver::{CudaSlice, CudaView, DevicePtrMut, DeviceRepr};
 use half::{bf16, f16};
 use singlora::{backward_workspace_len, AdamWState, DxOut};
 
-use crate::checks::{check_layouts, refuse, wrap, Checked, Geometry};
-use crate::op::{Saved, SingLoraOp};
+use crate::checks::{check_storages, refuse, wrap, Checked, Geometry};
+use crate::op::{BackwardArgs, Saved, SingLoraOp};
+use crate::optim::AdamWOp;
 use crate::rows::{rows, Rows};
 
 /// A cudarc or cuBLAS error as a candle error.
@@ -139,6 +140,32 @@ fn gemm_config<T: singlora::DType>(
     })
 }
 
+/// `C (m × n, ldc = m) = op(W0) · B` in column-major terms (see
+/// [`gemm_config`]) with cuBLAS on candle's stream and handle: `w` the
+/// frozen weight, `b` the rows of `B` and their view.
+fn w0_gemm<T>(
+    dev: &CudaDevice,
+    transa: cublasOperation_t,
+    (m, n, k): (usize, usize, usize),
+    w: (&CudaStorage, &Layout),
+    (b, bv): (&Input, &CudaView<'_, T>),
+    c: &mut CudaSlice<T>,
+) -> Result<()>
+where
+    T: singlora::DType + CudaDType,
+    CudaBlas: Gemm<T>,
+{
+    let wi = input(w.0, w.1, false)?;
+    let wv = wi.view::<T>("w0")?;
+    let cfg = gemm_config::<T>(transa, (m, n, k), (wi.ld(), b.ld(), m))?;
+    let blas = dev.cublas_handle();
+    // SAFETY: wv and bv hold W0's and B's rows at their strides and c
+    // holds m·n elements: the extents the config reads and writes (its
+    // shapes are the caller's, checked against the tensors); cuBLAS runs on
+    // candle's stream.
+    cu(unsafe { blas.gemm(cfg, &wv, bv, c) })
+}
+
 /// The forward (see the module docs).
 pub(crate) fn forward(
     op: &SingLoraOp,
@@ -146,12 +173,7 @@ pub(crate) fn forward(
     a: (&CudaStorage, &Layout),
     w: Option<(&CudaStorage, &Layout)>,
 ) -> Result<(CudaStorage, Shape)> {
-    let checked = check_layouts(
-        &op.geo,
-        (x.1, x.0.dtype()),
-        (a.1, a.0.dtype()),
-        w.map(|(s, l)| (l, s.dtype())),
-    )?;
+    let checked = check_storages(&op.geo, x, a, w)?;
     dispatch!(checked.dtype, forward_t(op, &checked, x, a, w))
 }
 
@@ -189,20 +211,17 @@ where
     let mut s = unsafe { dev.alloc::<f32>(tokens * rank)? };
     let beta = match w {
         Some((ws, wl)) => {
-            let wi = input(ws, wl, false)?;
-            let wv = wi.view::<T>("w0")?;
             // Row-major y (tokens × d_out) is column-major yᵀ = W0 · xᵀ;
             // row-major W0 (ld_w) is column-major W0ᵀ: op T.
-            let cfg = gemm_config::<T>(
-                cublasOperation_t::CUBLAS_OP_T,
+            let op_t = cublasOperation_t::CUBLAS_OP_T;
+            w0_gemm(
+                &dev,
+                op_t,
                 (d_out, tokens, d_in),
-                (wi.ld(), xi.ld(), d_out),
+                (ws, wl),
+                (&xi, &xv),
+                &mut y,
             )?;
-            let blas = dev.cublas_handle();
-            // SAFETY: wv holds (d_out-1)·ld_w + d_in elements, xv
-            // (tokens-1)·ld_x + d_in, y tokens·d_out: the extents the config
-            // reads and writes; cuBLAS runs on candle's stream.
-            cu(unsafe { blas.gemm(cfg, &wv, &xv, &mut y) })?;
             1.0
         }
         None => 0.0,
@@ -242,29 +261,18 @@ fn cuda_of<'a>(name: &'static str, st: &'a candle_core::StorageRef<'a>) -> Resul
 /// The backward (see the module docs).
 pub(crate) fn backward(
     op: &SingLoraOp,
-    x: &Tensor,
-    a: &Tensor,
-    w: Option<&Tensor>,
-    g: &Tensor,
-    need_dx: bool,
-    need_da: bool,
+    args: BackwardArgs,
 ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-    dispatch!(x.dtype(), backward_t(op, x, a, w, g, need_dx, need_da))
+    dispatch!(args.x.dtype(), backward_t(op, args))
 }
 
-fn backward_t<T>(
-    op: &SingLoraOp,
-    x: &Tensor,
-    a: &Tensor,
-    w: Option<&Tensor>,
-    g: &Tensor,
-    need_dx: bool,
-    need_da: bool,
-) -> Result<(Option<Tensor>, Option<Tensor>)>
+fn backward_t<T>(op: &SingLoraOp, args: BackwardArgs) -> Result<(Option<Tensor>, Option<Tensor>)>
 where
     T: singlora::DType + CudaDType,
     CudaBlas: Gemm<T>,
 {
+    let (x, a, w, g) = (args.x, args.a, args.w, args.g);
+    let (need_dx, need_da) = (args.need_dx, args.need_da);
     let Geometry { d_in, d_out, rank } = op.geo;
     let d = op.geo.d();
     let tokens = x.elem_count() / d_in.max(1);
@@ -316,19 +324,10 @@ where
     if let (Some(dx), Some(w)) = (dx.as_mut(), w) {
         let (wst, wl) = w.storage_and_layout();
         let wc = cuda_of("w0", &wst)?;
-        let wi = input(wc, wl, false)?;
-        let wv = wi.view::<T>("w0")?;
         // Row-major dX (tokens × d_in) is column-major dXᵀ = W0ᵀ · Gᵀ, with
         // row-major W0 read as column-major W0ᵀ (op N).
-        let cfg = gemm_config::<T>(
-            cublasOperation_t::CUBLAS_OP_N,
-            (d_in, tokens, d_out),
-            (wi.ld(), gi.ld(), d_in),
-        )?;
-        let blas = dev.cublas_handle();
-        // SAFETY: the extents the config reads (W0, G) and writes (dX) are
-        // held by the views and the buffer; cuBLAS runs on candle's stream.
-        cu(unsafe { blas.gemm(cfg, &wv, &gv, dx) })?;
+        let op_n = cublasOperation_t::CUBLAS_OP_N;
+        w0_gemm(&dev, op_n, (d_in, tokens, d_out), (wc, wl), (&gi, &gv), dx)?;
         dx_beta = 1.0;
     }
 
@@ -498,23 +497,19 @@ impl AdamWBuffers {
     }
 }
 
-/// One fused AdamW step of the parameter in `p` (in place) from the f32
-/// gradient `g`.
+/// One fused AdamW step (`op`'s config, step and gradient scale) of the
+/// parameter in `p` (in place) from the f32 gradient `g`.
 pub(crate) fn adamw(
-    cfg: &singlora::AdamW,
-    step: u64,
-    grad_scale: f32,
+    op: &AdamWOp,
     state: &mut AdamWBuffers,
     p: (&mut CudaStorage, &Layout),
     g: (&CudaStorage, &Layout),
 ) -> Result<()> {
-    dispatch!(p.0.dtype(), adamw_t(cfg, step, grad_scale, state, p, g))
+    dispatch!(p.0.dtype(), adamw_t(op, state, p, g))
 }
 
 fn adamw_t<T>(
-    cfg: &singlora::AdamW,
-    step: u64,
-    grad_scale: f32,
+    op: &AdamWOp,
     state: &mut AdamWBuffers,
     p: (&mut CudaStorage, &Layout),
     g: (&CudaStorage, &Layout),
@@ -539,11 +534,11 @@ where
         .ok_or_else(|| refuse("var", "a layout inside its buffer", format!("{:?}", p.1)))?;
     singlora::adamw(
         &stream,
-        cfg,
-        step,
+        op.cfg,
+        op.step,
         &mut pv,
         &gv,
-        grad_scale,
+        op.grad_scale,
         AdamWState {
             m: &mut state.m,
             v: &mut state.v,

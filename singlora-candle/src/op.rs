@@ -17,7 +17,7 @@ use candle_core::{
     CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor,
 };
 
-use crate::checks::{check_call, check_layouts, check_scale, refuse, Checked, Geometry};
+use crate::checks::{check_call, check_scale, check_storages, refuse, Checked, Geometry};
 
 /// `S = x·A_in` (`tokens × rank`, f32) as the forward left it.
 pub(crate) enum Saved {
@@ -35,6 +35,19 @@ pub(crate) struct SingLoraOp {
     /// recomputing `x·A_in`. Kept with the graph node (a second backward
     /// over the same graph uses it again).
     pub saved: Mutex<Option<(usize, Saved)>>,
+}
+
+/// What a backward works from: the forward's inputs, the output's
+/// gradient, and which of the inputs need theirs.
+#[derive(Clone, Copy)]
+pub(crate) struct BackwardArgs<'t> {
+    pub x: &'t Tensor,
+    pub a: &'t Tensor,
+    /// The frozen weight, if the op has one.
+    pub w: Option<&'t Tensor>,
+    pub g: &'t Tensor,
+    pub need_dx: bool,
+    pub need_da: bool,
 }
 
 impl SingLoraOp {
@@ -57,12 +70,7 @@ impl SingLoraOp {
         a: (&CpuStorage, &Layout),
         w: Option<(&CpuStorage, &Layout)>,
     ) -> Result<(CpuStorage, Shape)> {
-        let checked = check_layouts(
-            &self.geo,
-            (x.1, x.0.dtype()),
-            (a.1, a.0.dtype()),
-            w.map(|(s, l)| (l, s.dtype())),
-        )?;
+        let checked = check_storages(&self.geo, x, a, w)?;
         let Checked {
             dtype,
             tokens,
@@ -116,31 +124,31 @@ impl SingLoraOp {
         w: Option<&Tensor>,
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let need_dx = x.track_op();
-        let need_da = a.track_op();
-        if !need_dx && !need_da {
+        let args = BackwardArgs {
+            x,
+            a,
+            w,
+            g,
+            need_dx: x.track_op(),
+            need_da: a.track_op(),
+        };
+        if !args.need_dx && !args.need_da {
             return Ok((None, None));
         }
         #[cfg(feature = "cuda")]
         if x.device().is_cuda() {
-            return crate::cuda::backward(self, x, a, w, g, need_dx, need_da);
+            return crate::cuda::backward(self, args);
         }
-        self.generic_backward(x, a, w, g, need_dx, need_da)
+        self.generic_backward(args)
     }
 
     /// The backward with candle tensor ops (CPU, and any device without a
     /// fused path), in f32:
     /// `Q = G·A_out`, `dX = s·Q·A_inᵀ [+ G·W0]`,
     /// `dA = s·(Gᵀ·S into rows :d_out + Xᵀ·Q into rows :d_in)`.
-    fn generic_backward(
-        &self,
-        x: &Tensor,
-        a: &Tensor,
-        w: Option<&Tensor>,
-        g: &Tensor,
-        need_dx: bool,
-        need_da: bool,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    fn generic_backward(&self, args: BackwardArgs) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (x, a, w, g) = (args.x, args.a, args.w, args.g);
+        let (need_dx, need_da) = (args.need_dx, args.need_da);
         let Geometry { d_in, d_out, rank } = self.geo;
         let d = self.geo.d();
         let tokens = x.elem_count() / d_in.max(1);

@@ -217,10 +217,10 @@ impl candle_nn::Optimizer for FusedAdamW {
 
 /// One AdamW update of a parameter's storage in place, from its f32
 /// gradient.
-struct AdamWOp<'a> {
-    cfg: &'a AdamW,
-    step: u64,
-    grad_scale: f32,
+pub(crate) struct AdamWOp<'a> {
+    pub(crate) cfg: &'a AdamW,
+    pub(crate) step: u64,
+    pub(crate) grad_scale: f32,
     state: RefCell<&'a mut State>,
 }
 
@@ -296,34 +296,16 @@ impl InplaceOp2 for AdamWOp<'_> {
         let (b1, b2) = self.cfg.bias_corrections(self.step).map_err(wrap)?;
         let bias = (b1 as f32, b2 as f32);
         let (cfg, gs) = (self.cfg, self.grad_scale);
+        // The update of the slice of `p`, through f32 (`to`, `from`).
+        macro_rules! update {
+            ($p:expr, $master:expr, $to:expr, $from:expr) => {
+                adamw_host(cfg, bias, gs, &mut $p[ps..pe], g, m, v, $master, $to, $from)
+            };
+        }
         match p {
-            CpuStorage::F32(p) => {
-                adamw_host(cfg, bias, gs, &mut p[ps..pe], g, m, v, None, |x| x, |x| x)
-            }
-            CpuStorage::F16(p) => adamw_host(
-                cfg,
-                bias,
-                gs,
-                &mut p[ps..pe],
-                g,
-                m,
-                v,
-                master.as_mut(),
-                f16::to_f32,
-                f16::from_f32,
-            ),
-            CpuStorage::BF16(p) => adamw_host(
-                cfg,
-                bias,
-                gs,
-                &mut p[ps..pe],
-                g,
-                m,
-                v,
-                master.as_mut(),
-                bf16::to_f32,
-                bf16::from_f32,
-            ),
+            CpuStorage::F32(p) => update!(p, None, |x| x, |x| x),
+            CpuStorage::F16(p) => update!(p, master.as_mut(), f16::to_f32, f16::from_f32),
+            CpuStorage::BF16(p) => update!(p, master.as_mut(), bf16::to_f32, bf16::from_f32),
             other => {
                 return Err(refuse(
                     "var",
@@ -351,13 +333,6 @@ impl InplaceOp2 for AdamWOp<'_> {
                 "a CUDA device",
             ));
         };
-        crate::cuda::adamw(
-            self.cfg,
-            self.step,
-            self.grad_scale,
-            buffers,
-            (p, pl),
-            (g, gl),
-        )
+        crate::cuda::adamw(self, buffers, (p, pl), (g, gl))
     }
 }

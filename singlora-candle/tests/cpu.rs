@@ -3,77 +3,16 @@
 //! the textbook formula; strided and batched inputs; the layer's ramp and
 //! merge; the optimizer; refusals.
 
+mod common;
+
 use candle_core::{DType, Device, Module, Tensor, Var, D};
 use candle_nn::Optimizer;
-use rand::{rngs::StdRng, Rng, SeedableRng};
+use common::*;
+use rand::{rngs::StdRng, SeedableRng};
 use singlora::{reference, AdamW, Dims};
 use singlora_candle::{
     singlora_adapter, singlora_linear, FusedAdamW, SingLoraConfig, SingLoraLinear,
 };
-
-type R<T = ()> = candle_core::Result<T>;
-
-fn randn(rng: &mut StdRng, n: usize, std: f64) -> Vec<f64> {
-    (0..n)
-        .map(|_| {
-            let (u, v): (f64, f64) = (rng.random_range(1e-12..1.0), rng.random());
-            std * (-2.0 * u.ln()).sqrt() * (2.0 * std::f64::consts::PI * v).cos()
-        })
-        .collect()
-}
-
-fn tensor(v: &[f64], dims: &[usize], dtype: DType) -> R<Tensor> {
-    Tensor::from_vec(v.to_vec(), dims, &Device::Cpu)?.to_dtype(dtype)
-}
-
-fn host(t: &Tensor) -> R<Vec<f64>> {
-    t.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()
-}
-
-/// The values a tensor of `dtype` holds for `v` (rounded), as f64.
-fn rounded(v: &[f64], dtype: DType) -> R<Vec<f64>> {
-    host(&tensor(v, &[v.len()], dtype)?)
-}
-
-fn tol(dtype: DType) -> f64 {
-    match dtype {
-        DType::F32 => 1e-5,
-        DType::F16 => 2e-3,
-        _ => 1e-2,
-    }
-}
-
-#[track_caller]
-fn assert_close(name: &str, got: &[f64], want: &[f64], bar: f64) {
-    assert_eq!(got.len(), want.len(), "{name}: length");
-    let err = reference::relative_l2(got, want);
-    assert!(
-        err <= bar,
-        "{name}: relative L2 error {err:.3e} > {bar:.0e}"
-    );
-}
-
-/// `x · W0ᵀ` in f64 (tokens × d_out).
-fn base(x: &[f64], w: &[f64], tokens: usize, d_in: usize, d_out: usize) -> Vec<f64> {
-    let mut y = vec![0.0; tokens * d_out];
-    for t in 0..tokens {
-        for o in 0..d_out {
-            y[t * d_out + o] = (0..d_in).map(|i| x[t * d_in + i] * w[o * d_in + i]).sum();
-        }
-    }
-    y
-}
-
-/// `G · W0` in f64 (tokens × d_in).
-fn base_grad(g: &[f64], w: &[f64], tokens: usize, d_in: usize, d_out: usize) -> Vec<f64> {
-    let mut dx = vec![0.0; tokens * d_in];
-    for t in 0..tokens {
-        for i in 0..d_in {
-            dx[t * d_in + i] = (0..d_out).map(|o| g[t * d_out + o] * w[o * d_in + i]).sum();
-        }
-    }
-    dx
-}
 
 struct Case {
     lead: Vec<usize>,
@@ -132,7 +71,7 @@ impl Case {
         let dims = self.dims();
         let mut y = base(&x, &w, t, di, dout);
         reference::forward(&dims, &x, &a, self.scale, 1.0, &mut y).unwrap();
-        let mut dx = base_grad(&g, &w, t, di, dout);
+        let mut dx = base_dx(&g, &w, t, di, dout);
         let mut da = vec![0.0; dims.a_len()];
         reference::backward(&dims, &x, &a, &g, self.scale, 1.0, &mut dx, 0.0, &mut da).unwrap();
         Ok((y, dx, da))

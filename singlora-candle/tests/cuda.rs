@@ -7,18 +7,18 @@
 
 #[path = "../examples/finetune/backend.rs"]
 mod backend;
+mod common;
 #[path = "../../examples/finetune/task.rs"]
 mod task;
 
 use candle_core::{DType, Device, Module, Tensor, Var, D};
 use candle_nn::Optimizer;
-use rand::{rngs::StdRng, Rng, SeedableRng};
+use common::*;
+use rand::{rngs::StdRng, SeedableRng};
 use singlora::{reference, AdamW, Dims};
 use singlora_candle::{
     singlora_adapter, singlora_linear, FusedAdamW, SingLoraConfig, SingLoraLinear,
 };
-
-type R<T = ()> = candle_core::Result<T>;
 
 fn gpu() -> Option<Device> {
     let why = match singlora::open_device(0) {
@@ -33,46 +33,6 @@ fn gpu() -> Option<Device> {
     }
     println!("skipped: no CUDA device ({why})");
     None
-}
-
-fn randn(rng: &mut StdRng, n: usize, std: f64) -> Vec<f64> {
-    (0..n)
-        .map(|_| {
-            let (u, v): (f64, f64) = (rng.random_range(1e-12..1.0), rng.random());
-            std * (-2.0 * u.ln()).sqrt() * (2.0 * std::f64::consts::PI * v).cos()
-        })
-        .collect()
-}
-
-fn tensor(v: &[f64], dims: &[usize], dtype: DType, dev: &Device) -> R<Tensor> {
-    Tensor::from_vec(v.to_vec(), dims, &Device::Cpu)?
-        .to_dtype(dtype)?
-        .to_device(dev)
-}
-
-fn host(t: &Tensor) -> R<Vec<f64>> {
-    t.to_device(&Device::Cpu)?
-        .to_dtype(DType::F64)?
-        .flatten_all()?
-        .to_vec1::<f64>()
-}
-
-fn tol(dtype: DType) -> f64 {
-    match dtype {
-        DType::F32 => 1e-5,
-        DType::F16 => 2e-3,
-        _ => 1e-2,
-    }
-}
-
-#[track_caller]
-fn assert_close(name: &str, got: &[f64], want: &[f64], bar: f64) {
-    assert_eq!(got.len(), want.len(), "{name}: length");
-    let err = reference::relative_l2(got, want);
-    assert!(
-        err <= bar,
-        "{name}: relative L2 error {err:.3e} > {bar:.0e}"
-    );
 }
 
 /// `(y, dX, dA)` of `sum(singlora_linear(x, a, w, s) ⊙ g)` on `dev`, with
@@ -91,10 +51,10 @@ fn run(
         s.push(last);
         s
     };
-    let xv = Var::from_tensor(&tensor(x, &shape(d_in), dtype, dev)?)?;
-    let av = Var::from_tensor(&tensor(a, &[d_in.max(d_out), rank], dtype, dev)?)?;
-    let wt = tensor(w, &[d_out, d_in], dtype, dev)?;
-    let gt = tensor(g, &shape(d_out), dtype, dev)?;
+    let xv = Var::from_tensor(&tensor_on(x, &shape(d_in), dtype, dev)?)?;
+    let av = Var::from_tensor(&tensor_on(a, &[d_in.max(d_out), rank], dtype, dev)?)?;
+    let wt = tensor_on(w, &[d_out, d_in], dtype, dev)?;
+    let gt = tensor_on(g, &shape(d_out), dtype, dev)?;
     let y = singlora_linear(&view(xv.as_tensor())?, av.as_tensor(), &wt, scale)?;
     let loss = (y.to_dtype(DType::F32)? * gt.to_dtype(DType::F32)?)?.sum_all()?;
     let grads = loss.backward()?;
@@ -127,7 +87,7 @@ fn forward_and_backward_match_the_f64_reference_and_the_cpu_path() -> R {
             let data = (&x[..], &a[..], &w[..], &g[..]);
             let (y, dx, da) = run(&dev, dtype, args, data, 0.5, |t| Ok(t.clone()))?;
             // The reference on the inputs as the dtype rounds them.
-            let r = |v: &[f64]| host(&tensor(v, &[v.len()], dtype, &Device::Cpu)?);
+            let r = |v: &[f64]| rounded(v, dtype);
             let (xr, ar, wr, gr) = (r(&x)?, r(&a)?, r(&w)?, r(&g)?);
             let dims = Dims::new(tokens, d_in, d_out, rank).unwrap();
             let mut ry = vec![0.0; tokens * d_out];
@@ -191,9 +151,9 @@ fn strided_rows_in_place_and_other_layouts_copied() -> R {
         assert_close(&format!("{name}: dA"), &other.2, &plain.2, 1e-2);
     }
     // The adapter alone (beta = 0) plus candle's own product.
-    let xt = tensor(&x, &[tokens, d_in], DType::F32, &dev)?;
-    let at = tensor(&a, &[d_in, rank], DType::F32, &dev)?;
-    let wt = tensor(&w, &[d_out, d_in], DType::F32, &dev)?;
+    let xt = tensor_on(&x, &[tokens, d_in], DType::F32, &dev)?;
+    let at = tensor_on(&a, &[d_in, rank], DType::F32, &dev)?;
+    let wt = tensor_on(&w, &[d_out, d_in], DType::F32, &dev)?;
     let sum = (xt.matmul(&wt.t()?)? + singlora_adapter(&xt, &at, d_out, 1.0)?)?;
     assert_close(
         "adapter + x·W0ᵀ",
@@ -220,7 +180,7 @@ fn merge_unmerge_and_fused_adamw_match_the_cpu_path() -> R {
         };
         let mut layers = Vec::new();
         for d in [&dev, &Device::Cpu] {
-            let layer = SingLoraLinear::new(tensor(&w, &[d_out, d_in], dtype, d)?, None, cfg)?;
+            let layer = SingLoraLinear::new(tensor_on(&w, &[d_out, d_in], dtype, d)?, None, cfg)?;
             let mut opt = FusedAdamW::new(
                 layer.vars(),
                 AdamW {
@@ -228,7 +188,7 @@ fn merge_unmerge_and_fused_adamw_match_the_cpu_path() -> R {
                     ..AdamW::default()
                 },
             )?;
-            let xt = tensor(&x, &[5, d_in], dtype, d)?;
+            let xt = tensor_on(&x, &[5, d_in], dtype, d)?;
             for _ in 0..5 {
                 let loss = layer
                     .forward(&xt)?

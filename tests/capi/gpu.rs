@@ -87,49 +87,31 @@ fn forward_backward<T: DType>(code: i32) {
     let da_c = poisoned::<f32>(&gpu, dims.a_len());
     let ws_len = backward_workspace_len(&dims, true).unwrap();
     let ws_c = poisoned::<f32>(&gpu, ws_len);
-    let (t, di, dout, rk) = (tokens as i64, d_in as i64, d_out as i64, rank as i64);
     let fwd = Fwd {
-        dtype: code,
-        device: 0,
-        tokens: t,
-        d_in: di,
-        d_out: dout,
-        rank: rk,
-        x: ptr(&gpu, &x),
         ld_x: ld_x as i64,
-        a: ptr(&gpu, &a),
-        y: ptr(&gpu, &y_c),
         ld_y: ld_y as i64,
-        s: ptr(&gpu, &s_c),
-        scale: SCALE,
-        scale_ptr: 0,
-        beta: 1.0,
-        stream: stream(&gpu),
+        ..Fwd::dense(
+            code,
+            &dims,
+            [
+                ptr(&gpu, &x),
+                ptr(&gpu, &a),
+                ptr(&gpu, &y_c),
+                ptr(&gpu, &s_c),
+            ],
+            (SCALE, 1.0),
+            stream(&gpu),
+        )
     };
-    let bwd = Bwd {
-        x: ptr(&gpu, &x),
-        ld_x: ld_x as i64,
-        g: ptr(&gpu, &g),
-        ld_g: ld_y as i64,
-        a: ptr(&gpu, &a),
-        saved_s: ptr(&gpu, &s_c),
-        scale: SCALE,
-        scale_ptr: 0,
-        dx: ptr(&gpu, &dx_c),
-        ld_dx: ld_x as i64,
-        dx_beta: 0.0,
-        da: ptr(&gpu, &da_c),
-        da_beta: 0.0,
-        workspace: ptr(&gpu, &ws_c),
-        workspace_bytes: ws_len as u64 * 4,
-        tokens: t,
-        d_in: di,
-        d_out: dout,
-        rank: rk,
-        dtype: code,
-        device: 0,
-        stream: stream(&gpu),
-    };
+    let bwd = Bwd::after(
+        &fwd,
+        [
+            ptr(&gpu, &g),
+            ptr(&gpu, &dx_c),
+            ptr(&gpu, &da_c),
+            ptr(&gpu, &ws_c),
+        ],
+    );
     // SAFETY: every pointer addresses a live buffer of the size the
     // arguments describe, on device 0's primary context; `stream` is the
     // harness's stream of that context; the buffers outlive the
@@ -223,6 +205,18 @@ fn capi_merge_unmerge_equal_the_rust_api() {
     let st = unsafe { m.launch_with(singlora_unmerge) };
     assert_eq!(st, SINGLORA_OK, "{}", last_error());
     assert!(bits(&gpu, &w_c) == bits(&gpu, &w_r), "unmerge");
+    // The scale from a device float (the by-value one is then unused).
+    let scale_dev = upload::<f32>(&gpu, &[SCALE as f64]);
+    let m_dev = Merge {
+        scale: f32::NAN,
+        scale_ptr: ptr(&gpu, &scale_dev),
+        ..m
+    };
+    merge(&gpu.stream, &dims, &mut w_r, ld_w, &a, SCALE).unwrap();
+    // SAFETY: as above; scale_dev is a live device float of that context.
+    let st = unsafe { m_dev.launch() };
+    assert_eq!(st, SINGLORA_OK, "{}", last_error());
+    assert!(bits(&gpu, &w_c) == bits(&gpu, &w_r), "merge, device scale");
 }
 
 #[test]

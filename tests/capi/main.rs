@@ -21,7 +21,9 @@ mod gpu;
 mod header;
 mod refusals;
 
-use std::ffi::{c_void, CStr};
+pub(crate) use common::capi::{Bwd, Fwd, Launch, Merge};
+
+use std::ffi::CStr;
 
 use singlora::ffi::*;
 use singlora::{backward_workspace_len, DType, Dims};
@@ -94,68 +96,3 @@ pub(crate) fn ws_bytes(
     let dims = Dims::new(tokens, d_in, d_out, rank).unwrap();
     backward_workspace_len(&dims, saved_s).unwrap() as u64 * 4
 }
-
-/// A call of one C ABI function: its arguments, in order, as a struct.
-pub(crate) trait Launch {
-    /// Calls the function with these arguments.
-    ///
-    /// # Safety
-    /// Every pointer addresses a live device buffer of the size the
-    /// arguments describe, on the device's primary context, and `stream` is
-    /// NULL, a special handle or a stream of that context; or the call is
-    /// refused before any device access, or names a device ordinal that does
-    /// not exist.
-    unsafe fn launch(&self) -> i32;
-}
-
-/// The arguments of `f` as a struct `name` (to fill in by struct update from
-/// a valid set), with [`Launch`] calling `f` and `launch_with` any function
-/// of the same signature.
-macro_rules! c_call {
-    ($name:ident = $f:ident($($field:ident: $ty:ty),+ $(,)?)) => {
-        #[derive(Clone, Copy, Debug)]
-        pub(crate) struct $name {
-            $(pub(crate) $field: $ty,)+
-        }
-
-        impl $name {
-            /// Calls `f` with these arguments.
-            ///
-            /// # Safety
-            /// As for [`Launch::launch`].
-            #[allow(dead_code)]
-            pub(crate) unsafe fn launch_with(
-                &self,
-                f: unsafe extern "C" fn($($ty),+) -> i32,
-            ) -> i32 {
-                // SAFETY: the caller's contract.
-                unsafe { f($(self.$field),+) }
-            }
-        }
-
-        impl Launch for $name {
-            unsafe fn launch(&self) -> i32 {
-                // SAFETY: the caller's contract.
-                unsafe { self.launch_with($f) }
-            }
-        }
-    };
-}
-
-c_call!(Fwd = singlora_forward(
-    dtype: i32, device: i32, tokens: i64, d_in: i64, d_out: i64, rank: i64,
-    x: u64, ld_x: i64, a: u64, y: u64, ld_y: i64, s: u64, scale: f32, scale_ptr: u64, beta: f32,
-    stream: *mut c_void,
-));
-
-c_call!(Bwd = singlora_backward(
-    dtype: i32, device: i32, tokens: i64, d_in: i64, d_out: i64, rank: i64,
-    x: u64, ld_x: i64, g: u64, ld_g: i64, a: u64, saved_s: u64, scale: f32, scale_ptr: u64,
-    dx: u64, ld_dx: i64, dx_beta: f32, da: u64, da_beta: f32,
-    workspace: u64, workspace_bytes: u64, stream: *mut c_void,
-));
-
-c_call!(Merge = singlora_merge(
-    dtype: i32, device: i32, d_in: i64, d_out: i64, rank: i64,
-    w: u64, ld_w: i64, a: u64, scale: f32, scale_ptr: u64, stream: *mut c_void,
-));

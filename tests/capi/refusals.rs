@@ -161,32 +161,14 @@ fn forward_refusals_name_the_argument() {
 
 // ------------------------------------------------------------ backward
 
-/// Valid arguments for the backward of [`fwd`]'s sizes and X.
+/// Valid arguments for the backward of [`fwd`]'s sizes and X (its S as
+/// the saved S), A elsewhere, accumulating into dA.
 fn bwd() -> Bwd {
-    let f = fwd();
+    let [g, dx, da, ws] = [0x10_0000, 0x40_0000, 0x50_0000, 0x60_0000].map(|o| P + o);
     Bwd {
-        dtype: f.dtype,
-        device: f.device,
-        tokens: f.tokens,
-        d_in: f.d_in,
-        d_out: f.d_out,
-        rank: f.rank,
-        x: f.x,
-        ld_x: f.ld_x,
-        g: P + 0x10_0000,
-        ld_g: 160,
         a: P + 0x20_0000,
-        saved_s: P + 0x30_0000,
-        scale: 2.0,
-        scale_ptr: 0,
-        dx: P + 0x40_0000,
-        ld_dx: 96,
-        dx_beta: 0.0,
-        da: P + 0x50_0000,
         da_beta: 1.0,
-        workspace: P + 0x60_0000,
-        workspace_bytes: ws_bytes(33, 96, 160, 8, true),
-        stream: std::ptr::null_mut(),
+        ..Bwd::after(&fwd(), [g, dx, da, ws])
     }
 }
 

@@ -31,9 +31,35 @@ macro_rules! each_dtype {
 }
 
 /// One `#[test]` per element type: `f32_name, f16_name, bf16_name => body;`
-/// defines three tests whose body runs with `T` the test's type.
+/// defines three tests whose body runs with `T` the test's type; with a
+/// seed per test, `f32_name = 10, f16_name = 20, bf16_name = 30 => body;`,
+/// the body also has `SEED`, the test's.
 #[allow(unused_macros)]
 macro_rules! typed_tests {
+    ($($f32:ident = $s32:expr, $f16:ident = $s16:expr, $bf16:ident = $sbf16:expr => $body:expr;)+) => {
+        $(
+            #[test]
+            fn $f32() {
+                type T = f32;
+                const SEED: u64 = $s32;
+                $body;
+            }
+
+            #[test]
+            fn $f16() {
+                type T = half::f16;
+                const SEED: u64 = $s16;
+                $body;
+            }
+
+            #[test]
+            fn $bf16() {
+                type T = half::bf16;
+                const SEED: u64 = $sbf16;
+                $body;
+            }
+        )+
+    };
     ($($f32:ident, $f16:ident, $bf16:ident => $body:expr;)+) => {
         $(
             #[test]

@@ -1,24 +1,36 @@
 //! The GPU test harness: a ready device or a one-line skip, random inputs,
 //! NaN poisoning, matrices placed at chosen strides and offsets, and
 //! comparison against the f64 reference: relative L2 and per-element bounds
-//! (bounds.rs); tables of cases run per element type (cases.rs).
+//! (bounds.rs); tables of cases run per element type (cases.rs); one dense
+//! forward + backward and its reference, as a whole (pass.rs); the C ABI's
+//! calls as structs (capi.rs); the frozen layer's products on the host
+//! (frozen.rs).
 #![allow(dead_code)]
 
 pub mod bounds;
+pub mod capi;
 pub mod cases;
+pub mod frozen;
+pub mod pass;
 
 #[allow(unused_imports)]
 pub use bounds::*;
 #[allow(unused_imports)]
 pub use cases::*;
+#[allow(unused_imports)]
+pub use frozen::*;
+#[allow(unused_imports)]
+pub use pass::*;
 
 use std::sync::Arc;
 
-use cudarc::driver::{CudaContext, CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr};
+use cudarc::driver::{
+    CudaContext, CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut,
+};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 use rand_distr::{Distribution, Normal};
-use singlora::{backward_workspace_len, fill_bits, DType, Dims, Error, Kernels};
+use singlora::{backward_workspace_len, fill_bits, forward, DType, Dims, Error, Kernels, Scale};
 
 pub struct Gpu {
     pub ctx: Arc<CudaContext>,
@@ -62,8 +74,13 @@ pub fn quantize<T: DType>(v: &[f64]) -> Vec<f64> {
 }
 
 pub fn upload<T: DType>(gpu: &Gpu, v: &[f64]) -> CudaSlice<T> {
+    upload_on(&gpu.stream, v)
+}
+
+/// [`upload`] on any stream (a test thread's own).
+pub fn upload_on<T: DType>(stream: &Arc<CudaStream>, v: &[f64]) -> CudaSlice<T> {
     let host: Vec<T> = v.iter().map(|&x| T::from_f64(x)).collect();
-    gpu.stream.clone_htod(&host).unwrap()
+    stream.clone_htod(&host).unwrap()
 }
 
 pub fn upload_f32(gpu: &Gpu, v: &[f64]) -> CudaSlice<f32> {
@@ -71,14 +88,24 @@ pub fn upload_f32(gpu: &Gpu, v: &[f64]) -> CudaSlice<f32> {
 }
 
 pub fn download<T: DType>(gpu: &Gpu, d: &CudaSlice<T>) -> Vec<f64> {
-    let host: Vec<T> = gpu.stream.clone_dtoh(d).unwrap();
+    download_on(&gpu.stream, d)
+}
+
+/// [`download`] on any stream.
+pub fn download_on<T: DType>(stream: &Arc<CudaStream>, d: &CudaSlice<T>) -> Vec<f64> {
+    let host: Vec<T> = stream.clone_dtoh(d).unwrap();
     host.into_iter().map(|x| x.to_f64()).collect()
 }
 
 /// A device buffer of `n` NaNs.
 pub fn poisoned<T: DType>(gpu: &Gpu, n: usize) -> CudaSlice<T> {
-    let mut d = gpu.stream.alloc_zeros::<T>(n.max(1)).unwrap();
-    fill_bits(&gpu.stream, &mut d, T::NAN_BITS).unwrap();
+    poisoned_on(&gpu.stream, n)
+}
+
+/// [`poisoned`] on any stream.
+pub fn poisoned_on<T: DType>(stream: &Arc<CudaStream>, n: usize) -> CudaSlice<T> {
+    let mut d = stream.alloc_zeros::<T>(n.max(1)).unwrap();
+    fill_bits(stream, &mut d, T::NAN_BITS).unwrap();
     d
 }
 
@@ -293,6 +320,50 @@ impl<T: DType> Placed<T> {
         }
         all[self.off..after].to_vec()
     }
+
+    /// A strided output's matrix (`rows × ld`, rows of `cols`) without its
+    /// gaps, after [`read`](Self::read)'s check of the guard cells and the
+    /// check that the gaps still hold [`SENTINEL`].
+    pub fn read_strided(
+        &self,
+        gpu: &Gpu,
+        what: &str,
+        (rows, cols, ld): (usize, usize, usize),
+    ) -> Vec<f64> {
+        let all = self.read(gpu, what);
+        assert_gaps_untouched::<T>(what, &all, rows, cols, ld);
+        unstride(&all, rows, cols, ld)
+    }
+}
+
+/// The forward on placed matrices: Y (row stride `ld_y`) ← beta·Y +
+/// scale·X·A[:d_in]·A[:d_out]ᵀ from X (row stride `ld_x`), S into `s` where
+/// given.
+#[allow(clippy::too_many_arguments)]
+pub fn forward_placed<'s, T: DType>(
+    gpu: &Gpu,
+    dims: &Dims,
+    (x, ld_x): (&Placed<T>, usize),
+    a: &Placed<T>,
+    (y, ld_y): (&mut Placed<T>, usize),
+    s: Option<&mut Placed<f32>>,
+    scale: impl Into<Scale<'s>>,
+    beta: f32,
+) {
+    let mut s_view = s.map(|s| s.view_mut());
+    forward(
+        &gpu.stream,
+        dims,
+        &x.view(),
+        ld_x,
+        &a.view(),
+        &mut y.view_mut(),
+        ld_y,
+        s_view.as_mut().map(|v| v as &mut dyn DevicePtrMut<f32>),
+        scale,
+        beta,
+    )
+    .unwrap();
 }
 
 /// What an output with this beta starts as: `base` where it is added onto

@@ -19,15 +19,13 @@ use std::ffi::{c_void, CStr};
 use std::sync::{Arc, Barrier};
 use std::thread;
 
+use crate::common::capi::{Bwd, Fwd, Launch};
 use crate::common::*;
 use cudarc::cublas::{CudaBlas, Gemm};
 use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtr};
 use half::{bf16, f16};
-use singlora::ffi::{singlora_backward, singlora_forward, singlora_last_error, SINGLORA_OK};
-use singlora::{
-    backward, backward_workspace_len, forward, reference, AdamW, DType, Dims, DxOut, Kernels,
-    SingLoraLinear,
-};
+use singlora::ffi::{singlora_last_error, SINGLORA_OK};
+use singlora::{AdamW, DType, Dims, Kernels, SingLoraLinear};
 
 const SCALE: f32 = 0.75;
 
@@ -42,25 +40,13 @@ enum Dt {
 #[derive(Clone, Copy, Debug)]
 struct Job {
     dt: Dt,
-    tokens: usize,
-    d_in: usize,
-    d_out: usize,
-    rank: usize,
-}
-
-impl Job {
-    fn dims(&self) -> Dims {
-        Dims::new(self.tokens, self.d_in, self.d_out, self.rank).unwrap()
-    }
+    sh: Shape,
 }
 
 const fn job(dt: Dt, tokens: usize, d_in: usize, d_out: usize, rank: usize) -> Job {
     Job {
         dt,
-        tokens,
-        d_in,
-        d_out,
-        rank,
+        sh: Shape::new(tokens, d_in, d_out, rank),
     }
 }
 
@@ -92,13 +78,13 @@ fn inputs(job: &Job, seed: u64) -> Inputs {
         Dt::F16 => quantize::<f16>(&v),
         Dt::Bf16 => quantize::<bf16>(&v),
     };
-    let dims = job.dims();
+    let dims = job.sh.dims();
     let mut r = rng(seed);
     Inputs {
-        x: q(randn(&mut r, job.tokens * job.d_in, 1.0)),
+        x: q(randn(&mut r, job.sh.tokens * job.sh.d_in, 1.0)),
         a: q(randn(&mut r, dims.a_len(), 1.0 / (dims.d() as f64).sqrt())),
-        g: q(randn(&mut r, job.tokens * job.d_out, 1.0)),
-        y0: q(randn(&mut r, job.tokens * job.d_out, 0.5)),
+        g: q(randn(&mut r, job.sh.tokens * job.sh.d_out, 1.0)),
+        y0: q(randn(&mut r, job.sh.tokens * job.sh.d_out, 0.5)),
     }
 }
 
@@ -117,52 +103,21 @@ fn bits_of(v: Vec<f64>) -> Vec<u64> {
     v.into_iter().map(f64::to_bits).collect()
 }
 
-fn to_host<T: DType>(stream: &Arc<CudaStream>, d: &CudaSlice<T>) -> Vec<f64> {
-    let host: Vec<T> = stream.clone_dtoh(d).unwrap();
-    host.into_iter().map(|v| v.to_f64()).collect()
+/// The device buffers of one repetition: poisoned, Y starting as Y0.
+fn outs<T: DType>(stream: &Arc<CudaStream>, dims: &Dims, y0: &CudaSlice<T>) -> PassBufs<T> {
+    let mut o = PassBufs::new(stream, dims, f64::NAN, true);
+    stream.memcpy_dtod(y0, &mut o.y).unwrap();
+    o
 }
 
-fn to_device<T: DType>(stream: &Arc<CudaStream>, v: &[f64]) -> CudaSlice<T> {
-    let host: Vec<T> = v.iter().map(|&x| T::from_f64(x)).collect();
-    stream.clone_htod(&host).unwrap()
-}
-
-fn nans<T: DType>(stream: &Arc<CudaStream>, n: usize) -> CudaSlice<T> {
-    let mut d = stream.alloc_zeros::<T>(n.max(1)).unwrap();
-    singlora::fill_bits(stream, &mut d, T::NAN_BITS).unwrap();
-    d
-}
-
-/// The device buffers of one repetition.
-struct Outs<T> {
-    y: CudaSlice<T>,
-    s: CudaSlice<f32>,
-    dx: CudaSlice<T>,
-    da: CudaSlice<f32>,
-    ws: CudaSlice<f32>,
-}
-
-impl<T: DType> Outs<T> {
-    fn new(stream: &Arc<CudaStream>, dims: &Dims, y0: &CudaSlice<T>) -> Self {
-        let mut y = nans::<T>(stream, y0.len());
-        stream.memcpy_dtod(y0, &mut y).unwrap();
-        Self {
-            y,
-            s: nans(stream, dims.s_len()),
-            dx: nans(stream, dims.tokens() * dims.d_in()),
-            da: nans(stream, dims.a_len()),
-            ws: nans(stream, backward_workspace_len(dims, true).unwrap()),
-        }
-    }
-
-    fn bits(&self, stream: &Arc<CudaStream>, dims: &Dims) -> Bits {
-        Bits {
-            y: bits_of(to_host(stream, &self.y)),
-            s: bits_of(to_host(stream, &self.s)),
-            dx: bits_of(to_host(stream, &self.dx)),
-            da: bits_of(to_host(stream, &self.da)),
-            q: bits_of(to_host(stream, &self.ws)[..dims.s_len()].to_vec()),
-        }
+fn bits(stream: &Arc<CudaStream>, dims: &Dims, o: &PassBufs<impl DType>) -> Bits {
+    let p = o.read(stream, dims);
+    Bits {
+        y: bits_of(p.y),
+        s: bits_of(p.s),
+        dx: bits_of(p.dx),
+        da: bits_of(p.da),
+        q: bits_of(p.q),
     }
 }
 
@@ -170,49 +125,16 @@ impl<T: DType> Outs<T> {
 /// all enqueued before anything is read back; the outputs of every
 /// repetition.
 fn run_rust<T: DType>(stream: &Arc<CudaStream>, job: &Job, inp: &Inputs, reps: usize) -> Vec<Bits> {
-    let dims = job.dims();
-    let (d_in, d_out) = (job.d_in, job.d_out);
-    let x = to_device::<T>(stream, &inp.x);
-    let a = to_device::<T>(stream, &inp.a);
-    let g = to_device::<T>(stream, &inp.g);
-    let y0 = to_device::<T>(stream, &inp.y0);
-    let mut outs: Vec<Outs<T>> = (0..reps).map(|_| Outs::new(stream, &dims, &y0)).collect();
+    let dims = job.sh.dims();
+    let x = upload_on::<T>(stream, &inp.x);
+    let a = upload_on::<T>(stream, &inp.a);
+    let g = upload_on::<T>(stream, &inp.g);
+    let y0 = upload_on::<T>(stream, &inp.y0);
+    let mut outs: Vec<PassBufs<T>> = (0..reps).map(|_| outs(stream, &dims, &y0)).collect();
     for o in &mut outs {
-        forward(
-            stream,
-            &dims,
-            &x,
-            d_in,
-            &a,
-            &mut o.y,
-            d_out,
-            Some(&mut o.s),
-            SCALE,
-            1.0,
-        )
-        .unwrap();
-        backward(
-            stream,
-            &dims,
-            &x,
-            d_in,
-            &g,
-            d_out,
-            &a,
-            Some(&o.s),
-            SCALE,
-            Some(DxOut {
-                dx: &mut o.dx,
-                ld_dx: d_in,
-                beta: 0.0,
-            }),
-            &mut o.da,
-            0.0,
-            &mut o.ws,
-        )
-        .unwrap();
+        o.run(stream, &dims, [&x, &g, &a], SCALE, 1.0, true);
     }
-    outs.iter().map(|o| o.bits(stream, &dims)).collect()
+    outs.iter().map(|o| bits(stream, &dims, o)).collect()
 }
 
 fn ptr<T>(stream: &Arc<CudaStream>, s: &CudaSlice<T>) -> u64 {
@@ -230,72 +152,29 @@ fn last_error() -> String {
 /// The same as [`run_rust`] through the C ABI (raw pointers, the stream as
 /// a `CUstream`), on a stream of the primary context.
 fn run_capi<T: DType>(stream: &Arc<CudaStream>, job: &Job, inp: &Inputs, reps: usize) -> Vec<Bits> {
-    let dims = job.dims();
-    let (t, di, dout, rk) = (
-        job.tokens as i64,
-        job.d_in as i64,
-        job.d_out as i64,
-        job.rank as i64,
-    );
+    let dims = job.sh.dims();
     let code = T::CODE as i32;
-    let x = to_device::<T>(stream, &inp.x);
-    let a = to_device::<T>(stream, &inp.a);
-    let g = to_device::<T>(stream, &inp.g);
-    let y0 = to_device::<T>(stream, &inp.y0);
-    let outs: Vec<Outs<T>> = (0..reps).map(|_| Outs::new(stream, &dims, &y0)).collect();
+    let x = upload_on::<T>(stream, &inp.x);
+    let a = upload_on::<T>(stream, &inp.a);
+    let g = upload_on::<T>(stream, &inp.g);
+    let y0 = upload_on::<T>(stream, &inp.y0);
+    let outs: Vec<PassBufs<T>> = (0..reps).map(|_| outs(stream, &dims, &y0)).collect();
     let cu = stream.cu_stream() as *mut c_void;
     for o in &outs {
+        let (x, a, g) = (ptr(stream, &x), ptr(stream, &a), ptr(stream, &g));
+        let (y, s) = (ptr(stream, &o.y), ptr(stream, &o.s));
+        let (dx, da, ws) = (ptr(stream, &o.dx), ptr(stream, &o.da), ptr(stream, &o.ws));
+        let fwd = Fwd::dense(code, &dims, [x, a, y, s], (SCALE, 1.0), cu);
+        let bwd = Bwd::after(&fwd, [g, dx, da, ws]);
         // SAFETY: every pointer addresses a live buffer of the described
         // shape on device 0's primary context, `cu` is a stream of that
         // context; the buffers outlive the reads below, which synchronise.
         unsafe {
-            let st = singlora_forward(
-                code,
-                0,
-                t,
-                di,
-                dout,
-                rk,
-                ptr(stream, &x),
-                di,
-                ptr(stream, &a),
-                ptr(stream, &o.y),
-                dout,
-                ptr(stream, &o.s),
-                SCALE,
-                0, // scale_ptr: the scale by value
-                1.0,
-                cu,
-            );
-            assert_eq!(st, SINGLORA_OK, "{}", last_error());
-            let st = singlora_backward(
-                code,
-                0,
-                t,
-                di,
-                dout,
-                rk,
-                ptr(stream, &x),
-                di,
-                ptr(stream, &g),
-                dout,
-                ptr(stream, &a),
-                ptr(stream, &o.s),
-                SCALE,
-                0, // scale_ptr: the scale by value
-                ptr(stream, &o.dx),
-                di,
-                0.0,
-                ptr(stream, &o.da),
-                0.0,
-                ptr(stream, &o.ws),
-                o.ws.len() as u64 * 4,
-                cu,
-            );
-            assert_eq!(st, SINGLORA_OK, "{}", last_error());
+            assert_eq!(fwd.launch(), SINGLORA_OK, "{}", last_error());
+            assert_eq!(bwd.launch(), SINGLORA_OK, "{}", last_error());
         }
     }
-    outs.iter().map(|o| o.bits(stream, &dims)).collect()
+    outs.iter().map(|o| bits(stream, &dims, o)).collect()
 }
 
 fn run(job: &Job, stream: &Arc<CudaStream>, inp: &Inputs, reps: usize, capi: bool) -> Vec<Bits> {
@@ -312,23 +191,8 @@ fn run(job: &Job, stream: &Arc<CudaStream>, inp: &Inputs, reps: usize, capi: boo
 /// Checks a single-threaded result against the f64 reference at the job's
 /// element type's bar.
 fn check_reference(job: &Job, inp: &Inputs, b: &Bits) {
-    let dims = job.dims();
-    let mut y = inp.y0.clone();
-    let s = reference::forward(&dims, &inp.x, &inp.a, SCALE as f64, 1.0, &mut y).unwrap();
-    let mut dx = vec![0.0; job.tokens * job.d_in];
-    let mut da = vec![0.0; dims.a_len()];
-    reference::backward(
-        &dims,
-        &inp.x,
-        &inp.a,
-        &inp.g,
-        SCALE as f64,
-        0.0,
-        &mut dx,
-        0.0,
-        &mut da,
-    )
-    .unwrap();
+    let dims = job.sh.dims();
+    let want = reference_pass(&dims, [&inp.x, &inp.g, &inp.a], SCALE as f64, &inp.y0, 1.0);
     let f = |v: &[u64]| v.iter().map(|&b| f64::from_bits(b)).collect::<Vec<_>>();
     let name = format!("{job:?}");
     let close = |what: &str, got: &[u64], want: &[f64]| match job.dt {
@@ -336,10 +200,10 @@ fn check_reference(job: &Job, inp: &Inputs, b: &Bits) {
         Dt::F16 => assert_close::<f16>(what, &name, &f(got), want),
         Dt::Bf16 => assert_close::<bf16>(what, &name, &f(got), want),
     };
-    close("Y", &b.y, &y);
-    close("S", &b.s, &s);
-    close("dX", &b.dx, &dx);
-    close("dA", &b.da, &da);
+    close("Y", &b.y, &want.y);
+    close("S", &b.s, &want.s);
+    close("dX", &b.dx, &want.dx);
+    close("dA", &b.da, &want.da);
 }
 
 fn assert_same(what: &str, job: &Job, got: &[Bits], want: &Bits) {
@@ -383,6 +247,33 @@ fn all_inputs() -> Vec<Inputs> {
         .collect()
 }
 
+/// `reps` runs of each picked job (indices into [`JOBS`]), in a thread of
+/// its own on a new stream of the harness's context, the threads started
+/// together; the outputs per picked job.
+fn in_threads(
+    gpu: &Gpu,
+    picked: &[usize],
+    inps: &[Inputs],
+    reps: usize,
+    capi: bool,
+) -> Vec<Vec<Bits>> {
+    let start = Barrier::new(picked.len());
+    thread::scope(|sc| {
+        let handles: Vec<_> = picked
+            .iter()
+            .map(|&i| {
+                let (ctx, start, job, inp) = (&gpu.ctx, &start, &JOBS[i], &inps[i]);
+                sc.spawn(move || {
+                    let stream = ctx.new_stream().unwrap();
+                    start.wait();
+                    run(job, &stream, inp, reps, capi)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
 /// Eight threads, each with its own stream, run their job (a different
 /// shape each) four times, starting together; every repetition equals the
 /// single-threaded run bit for bit.
@@ -391,22 +282,8 @@ fn eight_threads_on_their_own_streams_equal_a_single_threaded_run() {
     let Some(gpu) = gpu() else { return };
     let inps = all_inputs();
     let want = baseline(&gpu, &inps);
-    let start = Barrier::new(JOBS.len());
-    let got: Vec<Vec<Bits>> = thread::scope(|sc| {
-        let handles: Vec<_> = JOBS
-            .iter()
-            .zip(&inps)
-            .map(|(job, inp)| {
-                let (ctx, start) = (&gpu.ctx, &start);
-                sc.spawn(move || {
-                    let stream = ctx.new_stream().unwrap();
-                    start.wait();
-                    run(job, &stream, inp, 4, false)
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
-    });
+    let all: Vec<usize> = (0..JOBS.len()).collect();
+    let got = in_threads(&gpu, &all, &inps, 4, false);
     for ((job, g), w) in JOBS.iter().zip(&got).zip(&want) {
         assert_same("8 threads", job, g, w);
     }
@@ -428,21 +305,7 @@ fn capi_from_four_threads_on_their_own_streams_equals_the_rust_api() {
     let want = baseline(&gpu, &inps);
     // Four jobs: every element type, decode and regular sizes.
     let picked = [0usize, 1, 2, 6];
-    let start = Barrier::new(picked.len());
-    let got: Vec<Vec<Bits>> = thread::scope(|sc| {
-        let handles: Vec<_> = picked
-            .iter()
-            .map(|&i| {
-                let (ctx, start, job, inp) = (&gpu.ctx, &start, &JOBS[i], &inps[i]);
-                sc.spawn(move || {
-                    let stream = ctx.new_stream().unwrap();
-                    start.wait();
-                    run(job, &stream, inp, 3, true)
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
-    });
+    let got = in_threads(&gpu, &picked, &inps, 3, true);
     for (&i, g) in picked.iter().zip(&got) {
         assert_same("C ABI, 4 threads", &JOBS[i], g, &want[i]);
     }
@@ -472,25 +335,25 @@ where
 {
     let mut r = rng(seed);
     let q = |v: Vec<f64>| quantize::<T>(&v);
-    let w0 = to_device::<T>(stream, &q(randn(&mut r, d_out * d_in, 0.05)));
-    let x = to_device::<T>(stream, &q(randn(&mut r, tokens * d_in, 1.0)));
-    let g = to_device::<T>(stream, &q(randn(&mut r, tokens * d_out, 1.0)));
+    let w0 = upload_on::<T>(stream, &q(randn(&mut r, d_out * d_in, 0.05)));
+    let x = upload_on::<T>(stream, &q(randn(&mut r, tokens * d_in, 1.0)));
+    let g = upload_on::<T>(stream, &q(randn(&mut r, tokens * d_out, 1.0)));
     let mut layer = SingLoraLinear::<T>::new(stream, d_in, d_out, rank, 16.0, 4, seed)
         .unwrap()
         .with_frozen(w0)
         .unwrap();
-    let mut y = nans::<T>(stream, tokens * d_out);
-    let mut dx = nans::<T>(stream, tokens * d_in);
+    let mut y = poisoned_on::<T>(stream, tokens * d_out);
+    let mut dx = poisoned_on::<T>(stream, tokens * d_in);
     for _ in 0..steps {
         let ctx = layer.forward(tokens, &x, &mut y).unwrap();
         layer.backward(&ctx, &x, &g, Some(&mut dx), false).unwrap();
         layer.adamw_step(&AdamW::default(), 1.0).unwrap();
     }
     LayerBits {
-        y: bits_of(to_host(stream, &y)),
-        dx: bits_of(to_host(stream, &dx)),
-        grad: bits_of(to_host(stream, layer.grad())),
-        a: bits_of(to_host(stream, layer.a())),
+        y: bits_of(download_on(stream, &y)),
+        dx: bits_of(download_on(stream, &dx)),
+        grad: bits_of(download_on(stream, layer.grad())),
+        a: bits_of(download_on(stream, layer.a())),
     }
 }
 

@@ -30,10 +30,9 @@
 //! is caught either way; the workspace starts as NaN.
 
 use crate::common::*;
-use cudarc::driver::CudaSlice;
-use half::{bf16, f16};
+use half::f16;
 use rand::rngs::StdRng;
-use singlora::{backward, backward_workspace_len, forward, reference, DType, Dims, DxOut};
+use singlora::{DType, Dims};
 
 const SCALE: f32 = 0.5;
 /// What every output holds before a launch: finite, exact in every type.
@@ -201,10 +200,6 @@ fn rows_where(v: &[f64], cols: usize, keep: impl Fn(usize) -> bool) -> Vec<f64> 
         .collect()
 }
 
-fn filled<T: DType>(gpu: &Gpu, n: usize) -> CudaSlice<T> {
-    upload::<T>(gpu, &vec![START; n.max(1)])
-}
-
 fn run_case<T: DType>(gpu: &Gpu, c: Case, seed: u64, saved_s: bool) {
     let name = format!("{} {c:?} saved_s={saved_s}", T::NAME);
     let dims = c.dims();
@@ -218,99 +213,27 @@ fn run_case<T: DType>(gpu: &Gpu, c: Case, seed: u64, saved_s: bool) {
         Where::X => x_ref[c.t0 * d_in + c.col] = 0.0,
         Where::G => g_ref[c.t0 * d_out + c.col] = 0.0,
     }
-    let mut y_ref = vec![0.0; tokens * d_out];
-    let s_ref = reference::forward(&dims, &x_ref, &a, SCALE as f64, 0.0, &mut y_ref).unwrap();
-    let mut dx_ref = vec![0.0; tokens * d_in];
-    let mut da_ref = vec![0.0; dims.a_len()];
-    reference::backward(
+    let want = reference_pass(
         &dims,
-        &x_ref,
-        &a,
-        &g_ref,
+        [&x_ref, &g_ref, &a],
         SCALE as f64,
+        &vec![0.0; tokens * d_out],
         0.0,
-        &mut dx_ref,
-        0.0,
-        &mut da_ref,
-    )
-    .unwrap();
-    let swapped = Dims::new(tokens, d_out, d_in, rank).unwrap();
-    let q_ref = reference::forward(
-        &swapped,
-        &g_ref,
-        &a,
-        0.0,
-        0.0,
-        &mut vec![0.0; tokens * d_in],
-    )
-    .unwrap();
+    );
 
-    let xd = upload::<T>(gpu, &x_bad);
-    let gd = upload::<T>(gpu, &g_bad);
-    let ad = upload::<T>(gpu, &a);
+    // Every output starts finite (beta = 0 never reads Y); the backward
+    // from the forward's S, or recomputing it.
+    let (xd, gd, ad) = (
+        upload::<T>(gpu, &x_bad),
+        upload::<T>(gpu, &g_bad),
+        upload::<T>(gpu, &a),
+    );
+    let mut out = PassBufs::<T>::new(&gpu.stream, &dims, START, saved_s);
+    out.run(&gpu.stream, &dims, [&xd, &gd, &ad], SCALE, 0.0, saved_s);
+    let got = out.read(&gpu.stream, &dims);
+    assert_patterns(&name, &c, got.all());
 
-    // Forward: Y and S start finite (beta = 0 never reads Y).
-    let mut yd = filled::<T>(gpu, tokens * d_out);
-    let mut sd = filled::<f32>(gpu, dims.s_len());
-    forward(
-        &gpu.stream,
-        &dims,
-        &xd,
-        d_in,
-        &ad,
-        &mut yd,
-        d_out,
-        Some(&mut sd),
-        SCALE,
-        0.0,
-    )
-    .unwrap();
-    let y = download(gpu, &yd);
-    let s = download(gpu, &sd);
     let x_row_bad = |t: usize| c.x_row_bad(t);
-    assert_pattern("Y", &name, &y, d_out, |t, _| x_row_bad(t));
-    assert_pattern("S", &name, &s, rank, |t, _| x_row_bad(t));
-    assert_close::<T>(
-        "Y, clean rows",
-        &name,
-        &rows_where(&y, d_out, |t| !x_row_bad(t)),
-        &rows_where(&y_ref, d_out, |t| !x_row_bad(t)),
-    );
-    assert_close::<T>(
-        "S, clean rows",
-        &name,
-        &rows_where(&s, rank, |t| !x_row_bad(t)),
-        &rows_where(&s_ref, rank, |t| !x_row_bad(t)),
-    );
-
-    // Backward from the forward's S (or recomputing it).
-    let mut dxd = filled::<T>(gpu, tokens * d_in);
-    let mut dad = filled::<f32>(gpu, dims.a_len());
-    let mut ws = poisoned::<f32>(gpu, backward_workspace_len(&dims, saved_s).unwrap());
-    backward(
-        &gpu.stream,
-        &dims,
-        &xd,
-        d_in,
-        &gd,
-        d_out,
-        &ad,
-        if saved_s { Some(&sd) } else { None },
-        SCALE,
-        Some(DxOut {
-            dx: &mut dxd,
-            ld_dx: d_in,
-            beta: 0.0,
-        }),
-        &mut dad,
-        0.0,
-        &mut ws,
-    )
-    .unwrap();
-    let dx = download(gpu, &dxd);
-    let da = download(gpu, &dad);
-    let q = download(gpu, &ws)[..dims.s_len()].to_vec();
-    assert_patterns(&name, &c, [&y, &s, &q, &dx, &da]);
     let g_row_bad = |t: usize| c.g_row_bad(t);
     let da_row_bad = |row: usize| c.da_row_bad(row);
     let clean_da_rows = (0..d).filter(|&row| !da_row_bad(row)).count();
@@ -318,23 +241,28 @@ fn run_case<T: DType>(gpu: &Gpu, c: Case, seed: u64, saved_s: bool) {
         clean_da_rows >= 8,
         "{name}: the case must leave clean dA rows to check"
     );
+    let n = &name;
+    assert_clean_rows::<T>("Y, clean rows", n, (&got.y, &want.y), d_out, x_row_bad);
+    assert_clean_rows::<T>("S, clean rows", n, (&got.s, &want.s), rank, x_row_bad);
+    assert_clean_rows::<T>("Q, clean rows", n, (&got.q, &want.q), rank, g_row_bad);
+    assert_clean_rows::<T>("dX, clean rows", n, (&got.dx, &want.dx), d_in, g_row_bad);
+    assert_clean_rows::<T>("dA, clean rows", n, (&got.da, &want.da), rank, da_row_bad);
+}
+
+/// Asserts T's bar for the rows (of `cols`) of an output that `bad` does not
+/// mark, against the same rows of the reference.
+fn assert_clean_rows<T: DType>(
+    what: &str,
+    name: &str,
+    (got, want): (&[f64], &[f64]),
+    cols: usize,
+    bad: impl Fn(usize) -> bool,
+) {
     assert_close::<T>(
-        "Q, clean rows",
-        &name,
-        &rows_where(&q, rank, |t| !g_row_bad(t)),
-        &rows_where(&q_ref, rank, |t| !g_row_bad(t)),
-    );
-    assert_close::<T>(
-        "dX, clean rows",
-        &name,
-        &rows_where(&dx, d_in, |t| !g_row_bad(t)),
-        &rows_where(&dx_ref, d_in, |t| !g_row_bad(t)),
-    );
-    assert_close::<T>(
-        "dA, clean rows",
-        &name,
-        &rows_where(&da, rank, |row| !da_row_bad(row)),
-        &rows_where(&da_ref, rank, |row| !da_row_bad(row)),
+        what,
+        name,
+        &rows_where(got, cols, |r| !bad(r)),
+        &rows_where(want, cols, |r| !bad(r)),
     );
 }
 
@@ -349,19 +277,10 @@ fn all_cases<T: DType>(seed: u64) {
     }
 }
 
-#[test]
-fn nonfinite_reaches_only_what_the_math_says_f32() {
-    all_cases::<f32>(10);
-}
-
-#[test]
-fn nonfinite_reaches_only_what_the_math_says_f16() {
-    all_cases::<f16>(20);
-}
-
-#[test]
-fn nonfinite_reaches_only_what_the_math_says_bf16() {
-    all_cases::<bf16>(30);
+typed_tests! {
+    nonfinite_reaches_only_what_the_math_says_f32 = 10,
+    nonfinite_reaches_only_what_the_math_says_f16 = 20,
+    nonfinite_reaches_only_what_the_math_says_bf16 = 30 => all_cases::<T>(SEED);
 }
 
 /// The cases put the bad column where the dA pattern is visible: X's in
@@ -407,15 +326,9 @@ fn nonfinite_patterns_are_the_references() {
         let name = format!("reference {c:?}");
         let dims = c.dims();
         let (x, g, a) = c.inputs::<f32>(700 + i as u64);
-        let mut y = vec![0.0; c.tokens * c.d_out];
-        let s = reference::forward(&dims, &x, &a, SCALE as f64, 0.0, &mut y).unwrap();
-        let swapped = Dims::new(c.tokens, c.d_out, c.d_in, c.rank).unwrap();
-        let mut scratch = vec![0.0; c.tokens * c.d_in];
-        let q = reference::forward(&swapped, &g, &a, 0.0, 0.0, &mut scratch).unwrap();
-        let mut dx = vec![0.0; c.tokens * c.d_in];
-        let mut da = vec![0.0; dims.a_len()];
-        reference::backward(&dims, &x, &a, &g, SCALE as f64, 0.0, &mut dx, 0.0, &mut da).unwrap();
-        assert_patterns(&name, c, [&y, &s, &q, &dx, &da]);
+        let y0 = vec![0.0; c.tokens * c.d_out];
+        let want = reference_pass(&dims, [&x, &g, &a], SCALE as f64, &y0, 0.0);
+        assert_patterns(&name, c, want.all());
     }
 }
 
@@ -457,84 +370,33 @@ fn f16_inputs_near_65504_do_not_overflow_s_or_q() {
             .chain(&g)
             .all(|v| v.abs() >= 59999.0 && v.abs() <= 65504.0));
         let a = quantize::<f16>(&randn(&mut r, dims.a_len(), 1.0 / (dims.d() as f64).sqrt()));
-        let mut y_ref = vec![0.0; tokens * d_out];
-        let s_ref = reference::forward(&dims, &x, &a, scale as f64, 0.0, &mut y_ref).unwrap();
-        let mut dx_ref = vec![0.0; tokens * d_in];
-        let mut da_ref = vec![0.0; dims.a_len()];
-        reference::backward(
-            &dims,
-            &x,
-            &a,
-            &g,
-            scale as f64,
-            0.0,
-            &mut dx_ref,
-            0.0,
-            &mut da_ref,
-        )
-        .unwrap();
-        let swapped = Dims::new(tokens, d_out, d_in, rank).unwrap();
-        let q_ref =
-            reference::forward(&swapped, &g, &a, 0.0, 0.0, &mut vec![0.0; tokens * d_in]).unwrap();
+        let y0 = vec![0.0; tokens * d_out];
+        let want = reference_pass(&dims, [&x, &g, &a], scale as f64, &y0, 0.0);
+        let (s_ref, q_ref) = (&want.s, &want.q);
         let over = |v: &[f64]| v.iter().filter(|s| s.abs() > 65504.0).count();
         assert!(
-            over(&s_ref) > 0 && over(&q_ref) > 0,
+            over(s_ref) > 0 && over(q_ref) > 0,
             "{name}: S and Q must leave f16's range ({} and {} elements do)",
-            over(&s_ref),
-            over(&q_ref)
+            over(s_ref),
+            over(q_ref)
         );
         assert!(
-            y_ref.iter().chain(&dx_ref).all(|v| v.abs() < 30000.0),
+            want.y.iter().chain(&want.dx).all(|v| v.abs() < 30000.0),
             "{name}: Y and dX must fit f16"
         );
 
-        let xd = upload::<f16>(&gpu, &x);
-        let gd = upload::<f16>(&gpu, &g);
-        let ad = upload::<f16>(&gpu, &a);
-        let mut yd = poisoned::<f16>(&gpu, tokens * d_out);
-        let mut sd = poisoned::<f32>(&gpu, dims.s_len());
-        forward(
-            &gpu.stream,
-            &dims,
-            &xd,
-            d_in,
-            &ad,
-            &mut yd,
-            d_out,
-            Some(&mut sd),
-            scale,
-            0.0,
-        )
-        .unwrap();
-        let mut dxd = poisoned::<f16>(&gpu, tokens * d_in);
-        let mut dad = poisoned::<f32>(&gpu, dims.a_len());
-        let mut ws = poisoned::<f32>(&gpu, backward_workspace_len(&dims, true).unwrap());
-        backward(
-            &gpu.stream,
-            &dims,
-            &xd,
-            d_in,
-            &gd,
-            d_out,
-            &ad,
-            Some(&sd),
-            scale,
-            Some(DxOut {
-                dx: &mut dxd,
-                ld_dx: d_in,
-                beta: 0.0,
-            }),
-            &mut dad,
-            0.0,
-            &mut ws,
-        )
-        .unwrap();
-        let q = download(&gpu, &ws)[..dims.s_len()].to_vec();
+        let (xd, gd, ad) = (
+            upload::<f16>(&gpu, &x),
+            upload::<f16>(&gpu, &g),
+            upload::<f16>(&gpu, &a),
+        );
+        let mut out = PassBufs::<f16>::new(&gpu.stream, &dims, f64::NAN, true);
+        out.run(&gpu.stream, &dims, [&xd, &gd, &ad], scale, 0.0, true);
+        let got = out.read(&gpu.stream, &dims);
         // relative_l2 is infinite when any element is non-finite.
-        assert_close::<f16>("Y", &name, &download(&gpu, &yd), &y_ref);
-        assert_close::<f16>("S", &name, &download(&gpu, &sd), &s_ref);
-        assert_close::<f16>("Q", &name, &q, &q_ref);
-        assert_close::<f16>("dX", &name, &download(&gpu, &dxd), &dx_ref);
-        assert_close::<f16>("dA", &name, &download(&gpu, &dad), &da_ref);
+        let names = ["Y", "S", "Q", "dX", "dA"];
+        for ((what, got), want) in names.into_iter().zip(got.all()).zip(want.all()) {
+            assert_close::<f16>(what, &name, got, want);
+        }
     }
 }

@@ -37,9 +37,9 @@
 use crate::common::*;
 use half::{bf16, f16};
 use singlora::{
-    adamw, adamw_device_step, advance_step, backward, backward_workspace_len, forward,
-    kernel_names, merge, merge_with, mse, mse_loss, reference, unmerge, AdamW, AdamWState, DType,
-    Dims, DxOut, Kernels, MergeKernel, Scale, MSE_PARTIALS, RANK_BUCKETS,
+    adamw, adamw_device_step, advance_step, backward, backward_workspace_len, kernel_names, merge,
+    merge_with, mse, mse_loss, reference, unmerge, AdamW, AdamWState, DType, Dims, DxOut, Kernels,
+    MergeKernel, Scale, MSE_PARTIALS, RANK_BUCKETS,
 };
 
 /// One rank per bucket (32, 64, 128, 256).
@@ -213,60 +213,20 @@ fn run_case<T: DType>(gpu: &Gpu, c: Case, rank: usize, seed: u64) {
 
     // Inputs with NaN gaps and guards; outputs with sentinel gaps and
     // guards; outputs that beta 0 never reads start NaN.
-    let xd = Placed::<T>::input(
-        gpu,
-        &restride(&x, c.tokens, c.d_in, ld_x, f64::NAN),
-        c.off.x,
-    );
-    let gd = Placed::<T>::input(
-        gpu,
-        &restride(&g, c.tokens, c.d_out, ld_y, f64::NAN),
-        c.off.g,
-    );
+    let xd = Placed::<T>::strided(gpu, &x, (c.tokens, c.d_in, ld_x), c.off.x, f64::NAN);
+    let gd = Placed::<T>::strided(gpu, &g, (c.tokens, c.d_out, ld_y), c.off.g, f64::NAN);
     let ad = Placed::<T>::input(gpu, &a, c.off.a);
-    let start = |v: &[f64]| -> Vec<f64> {
-        if c.beta == 0.0 {
-            vec![f64::NAN; v.len()]
-        } else {
-            v.to_vec()
-        }
-    };
-    let mut yd = Placed::<T>::output(
-        gpu,
-        &restride(&start(&y0), c.tokens, c.d_out, ld_y, SENTINEL),
-        c.off.y,
-    );
+    let start = |v: &[f64]| initial(v, c.beta);
+    let (y_at, dx_at) = ((c.tokens, c.d_out, ld_y), (c.tokens, c.d_in, ld_x));
+    let mut yd = Placed::<T>::strided(gpu, &start(&y0), y_at, c.off.y, SENTINEL);
     let mut sd = Placed::<f32>::new(gpu, &vec![f64::NAN; dims.s_len()], c.off.s, f64::NAN);
-    {
-        let mut s_view = sd.view_mut();
-        forward(
-            &gpu.stream,
-            &dims,
-            &xd.view(),
-            ld_x,
-            &ad.view(),
-            &mut yd.view_mut(),
-            ld_y,
-            if c.saved_s { Some(&mut s_view) } else { None },
-            scale(c.scale),
-            c.beta,
-        )
-        .unwrap();
-    }
-    let y_all = yd.read(gpu, &format!("Y ({name})"));
-    assert_gaps_untouched::<T>(&format!("Y ({name})"), &y_all, c.tokens, c.d_out, ld_y);
-    assert_close::<T>(
-        "Y",
-        &name,
-        &unstride(&y_all, c.tokens, c.d_out, ld_y),
-        &y_ref,
-    );
+    let s_out = c.saved_s.then_some(&mut sd);
+    let (x_in, y_out) = ((&xd, ld_x), (&mut yd, ld_y));
+    forward_placed(gpu, &dims, x_in, &ad, y_out, s_out, scale(c.scale), c.beta);
+    let y = yd.read_strided(gpu, &format!("Y ({name})"), y_at);
+    assert_close::<T>("Y", &name, &y, &y_ref);
 
-    let mut dxd = Placed::<T>::output(
-        gpu,
-        &restride(&start(&dx0), c.tokens, c.d_in, ld_x, SENTINEL),
-        c.off.dx,
-    );
+    let mut dxd = Placed::<T>::strided(gpu, &start(&dx0), dx_at, c.off.dx, SENTINEL);
     let mut dad = Placed::<f32>::output(gpu, &start(&da0), c.off.da);
     let mut ws = poisoned::<f32>(gpu, backward_workspace_len(&dims, c.saved_s).unwrap());
     {
@@ -296,14 +256,8 @@ fn run_case<T: DType>(gpu: &Gpu, c: Case, rank: usize, seed: u64) {
     if c.saved_s {
         assert_close::<T>("S", &name, &sd.read(gpu, &format!("S ({name})")), &s_ref);
     }
-    let dx_all = dxd.read(gpu, &format!("dX ({name})"));
-    assert_gaps_untouched::<T>(&format!("dX ({name})"), &dx_all, c.tokens, c.d_in, ld_x);
-    assert_close::<T>(
-        "dX",
-        &name,
-        &unstride(&dx_all, c.tokens, c.d_in, ld_x),
-        &dx_ref,
-    );
+    let dx = dxd.read_strided(gpu, &format!("dX ({name})"), dx_at);
+    assert_close::<T>("dX", &name, &dx, &dx_ref);
     assert_close::<T>(
         "dA",
         &name,
@@ -321,19 +275,10 @@ fn forward_backward_grid<T: DType>(seed: u64) {
     }
 }
 
-#[test]
-fn sanitizer_grid_forward_backward_f32() {
-    forward_backward_grid::<f32>(100);
-}
-
-#[test]
-fn sanitizer_grid_forward_backward_f16() {
-    forward_backward_grid::<f16>(200);
-}
-
-#[test]
-fn sanitizer_grid_forward_backward_bf16() {
-    forward_backward_grid::<bf16>(300);
+typed_tests! {
+    sanitizer_grid_forward_backward_f32 = 100,
+    sanitizer_grid_forward_backward_f16 = 200,
+    sanitizer_grid_forward_backward_bf16 = 300 => forward_backward_grid::<T>(SEED);
 }
 
 /// Merge then unmerge: (d_in, d_out, rank, ld_w, offset of W): 16-byte
@@ -388,14 +333,8 @@ fn merge_grid<T: DType>(gpu: &Gpu, seed: u64) {
                 .unwrap()
             };
             fold(&mut wd, false);
-            let got = wd.read(gpu, &name);
-            assert_gaps_untouched::<T>(&name, &got, d_out, d_in, ld_w);
-            assert_close::<T>(
-                "merged W",
-                &name,
-                &unstride(&got, d_out, d_in, ld_w),
-                &unstride(&want, d_out, d_in, ld_w),
-            );
+            let got = wd.read_strided(gpu, &name, (d_out, d_in, ld_w));
+            assert_close::<T>("merged W", &name, &got, &unstride(&want, d_out, d_in, ld_w));
             fold(&mut wd, true);
             let back = wd.read(gpu, &name);
             assert_close::<T>(
@@ -491,14 +430,8 @@ fn mse_grid<T: DType>(gpu: &Gpu, seed: u64) {
             "{name}: loss {loss}, expected {loss_ref}"
         );
     }
-    let g_all = gd.read(gpu, &name);
-    assert_gaps_untouched::<T>(&name, &g_all, rows, cols, ld_g);
-    assert_close::<T>(
-        "grad",
-        &name,
-        &unstride(&g_all, rows, cols, ld_g),
-        &grad_ref,
-    );
+    let grad = gd.read_strided(gpu, &name, (rows, cols, ld_g));
+    assert_close::<T>("grad", &name, &grad, &grad_ref);
 }
 
 #[test]
