@@ -23,6 +23,7 @@ use candle_core::{CudaDevice, CudaStorage, DType, Layout, Result, Shape, Storage
 use cudarc::cublas::{sys::cublasOperation_t, CudaBlas, Gemm, GemmConfig};
 use cudarc::driver::{CudaSlice, CudaView, DevicePtrMut, DeviceRepr};
 use half::{bf16, f16};
+use singlora::runtime::blas::gemm_config;
 use singlora::{backward_workspace_len, AdamWState, DxOut};
 
 use crate::checks::{check_storages, refuse, wrap, Checked, Geometry};
@@ -116,30 +117,6 @@ fn alloc_like(dtype: DType, n: usize, dev: &CudaDevice) -> Result<CudaStorage> {
     }
 }
 
-/// A cuBLAS config for column-major `C (m × n, ldc) = op(A) · B` with
-/// alpha = 1, beta = 0 (C is never read).
-fn gemm_config<T: singlora::DType>(
-    transa: cublasOperation_t,
-    (m, n, k): (usize, usize, usize),
-    (lda, ldb, ldc): (usize, usize, usize),
-) -> Result<GemmConfig<T>> {
-    let int = |v: usize, what: &'static str| -> Result<i32> {
-        i32::try_from(v).map_err(|_| refuse(what, "a size that fits cuBLAS's int", v))
-    };
-    Ok(GemmConfig {
-        transa,
-        transb: cublasOperation_t::CUBLAS_OP_N,
-        m: int(m, "cuBLAS m")?,
-        n: int(n, "cuBLAS n")?,
-        k: int(k, "cuBLAS k")?,
-        alpha: T::from_f64(1.0),
-        lda: int(lda, "cuBLAS lda")?,
-        ldb: int(ldb, "cuBLAS ldb")?,
-        beta: T::from_f64(0.0),
-        ldc: int(ldc, "cuBLAS ldc")?,
-    })
-}
-
 /// `C (m × n, ldc = m) = op(W0) · B` in column-major terms (see
 /// [`gemm_config`]) with cuBLAS on candle's stream and handle: `w` the
 /// frozen weight, `b` the rows of `B` and their view.
@@ -157,7 +134,7 @@ where
 {
     let wi = input(w.0, w.1, false)?;
     let wv = wi.view::<T>("w0")?;
-    let cfg = gemm_config::<T>(transa, (m, n, k), (wi.ld(), b.ld(), m))?;
+    let cfg = gemm_config::<T>(transa, (m, n, k), (wi.ld(), b.ld(), m)).map_err(wrap)?;
     let blas = dev.cublas_handle();
     // SAFETY: wv and bv hold W0's and B's rows at their strides and c
     // holds m·n elements: the extents the config reads and writes (its
@@ -539,14 +516,7 @@ where
         &mut pv,
         &gv,
         op.grad_scale,
-        AdamWState {
-            m: &mut state.m,
-            v: &mut state.v,
-            master: state
-                .master
-                .as_mut()
-                .map(|m| m as &mut dyn DevicePtrMut<f32>),
-        },
+        AdamWState::from_slices(&mut state.m, &mut state.v, state.master.as_mut()),
     )
     .map_err(wrap)
 }

@@ -2,12 +2,13 @@
 //! products that apply it (`x·W0ᵀ` forward, `g·W0` for dX), on the layer's
 //! stream.
 
-use cudarc::cublas::{sys::cublasOperation_t, CudaBlas, Gemm, GemmConfig};
+use cudarc::cublas::{sys::cublasOperation_t, CudaBlas, Gemm};
 use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut};
 
 use crate::dims::Dims;
 use crate::dtype::DType;
-use crate::error::{Error, Result};
+use crate::error::Result;
+use crate::runtime::blas::gemm_config;
 
 /// The frozen base weight (`d_out × d_in`, row-major) and the cuBLAS handle
 /// that applies it.
@@ -64,28 +65,4 @@ pub(crate) enum Product {
     Forward,
     /// `dx = g·W0` (`tokens × d_out` in, `tokens × d_in` out).
     BackwardDx,
-}
-
-/// A cuBLAS config for column-major `C (m × n) = op(A) · B` with `alpha = 1`,
-/// `beta = 0`; `B` is never transposed. `mnk` and `lds` = (lda, ldb, ldc).
-fn gemm_config<T: DType>(
-    transa: cublasOperation_t,
-    (m, n, k): (usize, usize, usize),
-    (lda, ldb, ldc): (usize, usize, usize),
-) -> Result<GemmConfig<T>> {
-    let int = |v: usize, what: &'static str| -> Result<i32> {
-        i32::try_from(v).map_err(|_| Error::Overflow { what })
-    };
-    Ok(GemmConfig {
-        transa,
-        transb: cublasOperation_t::CUBLAS_OP_N,
-        m: int(m, "cuBLAS m")?,
-        n: int(n, "cuBLAS n")?,
-        k: int(k, "cuBLAS k")?,
-        alpha: T::from_f64(1.0),
-        lda: int(lda, "cuBLAS lda")?,
-        ldb: int(ldb, "cuBLAS ldb")?,
-        beta: T::from_f64(0.0),
-        ldc: int(ldc, "cuBLAS ldc")?,
-    })
 }

@@ -413,14 +413,7 @@ where
             &mut self.a,
             &self.grad,
             grad_scale,
-            AdamWState {
-                m: &mut self.m,
-                v: &mut self.v,
-                master: self
-                    .master
-                    .as_mut()
-                    .map(|m| m as &mut dyn DevicePtrMut<f32>),
-            },
+            AdamWState::from_slices(&mut self.m, &mut self.v, self.master.as_mut()),
         )
     }
 

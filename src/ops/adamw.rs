@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut};
+use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
 
 use crate::dims::check_len;
 use crate::dtype::DType;
@@ -97,6 +97,22 @@ pub struct AdamWState<'a> {
     /// f32 master weights (A receives them rounded); `None`: A is updated
     /// in its own type (exact for f32).
     pub master: Option<&'a mut dyn DevicePtrMut<f32>>,
+}
+
+impl<'a> AdamWState<'a> {
+    /// The state kept in f32 device slices (the layer's layout, and the
+    /// bindings').
+    pub fn from_slices(
+        m: &'a mut CudaSlice<f32>,
+        v: &'a mut CudaSlice<f32>,
+        master: Option<&'a mut CudaSlice<f32>>,
+    ) -> Self {
+        Self {
+            m,
+            v,
+            master: master.map(|m| m as &mut dyn DevicePtrMut<f32>),
+        }
+    }
 }
 
 /// One AdamW step (`step` is 1-based) over the `a.len()` elements of `a`,

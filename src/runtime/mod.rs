@@ -1,6 +1,7 @@
 //! The runtime: opening devices, the typed kernel registry (modules loaded
 //! once per context), and the launch helpers every op shares.
 
+pub mod blas;
 pub mod device;
 pub(crate) mod launch;
 pub mod registry;
