@@ -137,6 +137,36 @@ typedef struct singlora_scale {
     float sign;
 } singlora_scale;
 
+/* Adapter dropout (PEFT's lora_dropout): the adapter sees
+ * drop(X) = M ⊙ X / (1 − p), M ~ Bernoulli(1 − p) per element; the frozen
+ * path sees X. M is never stored: every kernel that needs it regenerates it
+ * from Philox4x32-10 (kernels/common/philox.cuh; the host's twin is
+ * src/dropout.rs), keyed by (seed, offset) and the element's (token, column):
+ *
+ *   key     = (seed lo32, seed hi32)
+ *   counter = (column / 4, token lo32, offset lo32, offset hi32)
+ *   word    = output word (column % 4) of Philox4x32-10(counter, key)
+ *   keep    = word >= threshold
+ *
+ * token is the row of X (0-based in the call; tokens <= 2^32 when p > 0,
+ * which the host checks), column the column of X (of d_in). One Philox call
+ * serves four consecutive columns of a row. threshold is the u32 nearest
+ * p·2^32 (saturated at 2^32 − 1), computed once on the host, so the keep
+ * probability is 1 − threshold/2^32 = 1 − p to within 2^-33; threshold 0
+ * means dropout is off (p = 0, or p < 2^-33), and the kernels then do no
+ * mask work at all (bitwise the undropped path). scale = 1/(1 − p),
+ * computed on the host in f64 and rounded once to f32; the kernels apply it
+ * to f32 results (S, dA's Xᵀ·Q partials, dX's adapter term), never to the
+ * element-typed inputs, so masking itself is exact.
+ * The same (seed, offset) must be passed to the forward and its backward;
+ * a training loop advances offset once per forward (SingLoraLinear does). */
+typedef struct singlora_dropout {
+    uint64_t seed;
+    uint64_t offset;
+    uint32_t threshold;      /* keep iff word >= threshold; 0: off */
+    float scale;             /* 1 / (1 − p), f32 */
+} singlora_dropout;
+
 /* Fused shrink-expand over token rows:
  *   s_out = in · A[:k_dim]                (tokens × rank, f32)
  *   out   = beta·out + scale · s_out · A[:n_dim]ᵀ
