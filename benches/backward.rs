@@ -48,6 +48,7 @@ fn main() {
                     &mut da,
                     0.0,
                     &mut ws,
+                    singlora::Dropout::NONE,
                 )
                 .unwrap()
             }

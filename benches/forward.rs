@@ -38,6 +38,7 @@ fn main() {
                 Some(&mut s),
                 SCALE,
                 1.0,
+                singlora::Dropout::NONE,
             )
             .unwrap(),
             Side::Peer => unsafe {

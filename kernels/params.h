@@ -172,7 +172,13 @@ typedef struct singlora_dropout {
  *   out   = beta·out + scale · s_out · A[:n_dim]ᵀ
  * Forward: in = X, k_dim = d_in, n_dim = d_out, out = Y, s_out = S.
  * Backward dX: in = G, k_dim = d_out, n_dim = d_in, out = dX, s_out = Q.
- * out == 0 runs the shrink alone (S or Q without an expand). */
+ * out == 0 runs the shrink alone (S or Q without an expand).
+ * Dropout (threshold != 0), by dropout_out:
+ *   0: in is dropped: s_out = drop(in) · A[:k_dim] (forward S; the backward's
+ *      recomputed S), mask by (token, column of k_dim);
+ *   1: out's adapter term is masked: out = beta·out + M ⊙ (scale · s_out ·
+ *      A[:n_dim]ᵀ) / (1 − p) (backward dX, k_dim = d_out), mask by (token,
+ *      column of n_dim = d_in); s_out (Q) is not dropped. */
 typedef struct singlora_forward_params {
     uint64_t in;             /* T, tokens × k_dim, row stride ld_in */
     uint64_t a;              /* T, D × rank, contiguous */
@@ -190,13 +196,17 @@ typedef struct singlora_forward_params {
     int32_t in_vec;          /* 1: in and ld_in allow 16-byte loads */
     int32_t out_vec;         /* 1: out and ld_out allow 16-byte accesses */
     int32_t a_vec;           /* 1: A rows allow 16-byte loads */
-    int32_t pad_;
+    int32_t dropout_out;     /* 0: dropout on in; 1: on out's adapter term */
+    singlora_dropout dropout;
 } singlora_forward_params;
 
 /* dA partials: part 0 is Gᵀ·S into rows [0, d_out), part 1 is Xᵀ·Q into rows
  * [0, d_in). Block (band, split, part) writes its f32 partial for rows
  * band·BD.. and tokens split·tokens_per_split.. into
- * partial[((part·splits + split)·D + row)·rank_pad + col]. */
+ * partial[((part·splits + split)·D + row)·rank_pad + col].
+ * Dropout (threshold != 0): part 1 uses drop(X) (X's tiles are masked by
+ * (token, column of d_in) once in shared memory, and the partial is scaled
+ * by 1/(1 − p) in f32); s must then be the dropped forward's S. */
 typedef struct singlora_da_params {
     uint64_t x;              /* T, tokens × d_in, row stride ld_x */
     uint64_t g;              /* T, tokens × d_out, row stride ld_g */
@@ -219,6 +229,7 @@ typedef struct singlora_da_params {
     int32_t x_vec;
     int32_t g_vec;
     int32_t pad_;
+    singlora_dropout dropout;
 } singlora_da_params;
 
 /* The smoke kernel: every element of out (n elements of elem_bytes = 2 or 4)

@@ -91,6 +91,7 @@ fn device_ramp_scale_equals_the_host_scale_bitwise() {
             None,
             ramp.on_device(&step),
             1.0,
+            singlora::Dropout::NONE,
         )
         .unwrap();
         forward(
@@ -104,6 +105,7 @@ fn device_ramp_scale_equals_the_host_scale_bitwise() {
             None,
             ramp.scale(t),
             1.0,
+            singlora::Dropout::NONE,
         )
         .unwrap();
         let (d, h) = (download(&gpu, &y_dev), download(&gpu, &y_host));
@@ -125,6 +127,7 @@ fn device_ramp_scale_equals_the_host_scale_bitwise() {
             None,
             Scale::Device(&s),
             1.0,
+            singlora::Dropout::NONE,
         )
         .unwrap();
         assert_eq!(download(&gpu, &y_ptr), h, "step {t}: device f32 scale");

@@ -58,10 +58,20 @@ fn case<T: DType>(gpu: &Gpu, rank: usize, seed: u64) -> bool {
         Some(&mut s),
         scale,
         0.0,
+        singlora::Dropout::NONE,
     )
     .unwrap();
     let mut y_ref = vec![0.0; tokens * d_out];
-    let s_ref = reference::forward(&dims, &x, &a, scale as f64, 0.0, &mut y_ref).unwrap();
+    let s_ref = reference::forward(
+        &dims,
+        &x,
+        &a,
+        scale as f64,
+        0.0,
+        &mut y_ref,
+        singlora::Dropout::NONE,
+    )
+    .unwrap();
     assert_close::<T>("y", &name, &download(gpu, &y), &y_ref);
     assert_close::<T>("S", &name, &download(gpu, &s), &s_ref);
 
@@ -91,6 +101,7 @@ fn case<T: DType>(gpu: &Gpu, rank: usize, seed: u64) -> bool {
         &mut da,
         0.0,
         &mut ws,
+        singlora::Dropout::NONE,
     )
     .unwrap();
     let (mut dx_ref, mut da_ref) = (vec![0.0; tokens * d_in], vec![0.0; dims.a_len()]);
@@ -104,6 +115,7 @@ fn case<T: DType>(gpu: &Gpu, rank: usize, seed: u64) -> bool {
         &mut dx_ref,
         0.0,
         &mut da_ref,
+        singlora::Dropout::NONE,
     )
     .unwrap();
     assert_close::<T>("dX", &name, &download(gpu, &dx), &dx_ref);

@@ -218,6 +218,7 @@ where
         Some(&mut s as &mut dyn DevicePtrMut<f32>),
         op.scale,
         beta,
+        singlora::Dropout::NONE,
     )
     .map_err(wrap)?;
     op.save(tokens, Saved::Cuda(s));
@@ -361,6 +362,7 @@ where
             &mut da,
             0.0,
             &mut ws,
+            singlora::Dropout::NONE,
         )
         .map_err(wrap)?;
         Some(da)
@@ -380,6 +382,7 @@ where
             None,
             op.scale,
             dx_beta,
+            singlora::Dropout::NONE,
         )
         .map_err(wrap)?;
         None

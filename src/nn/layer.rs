@@ -315,6 +315,7 @@ where
             Some(s),
             self.device_scale(),
             1.0,
+            crate::Dropout::NONE,
         )?;
         ctx.ran = true;
         Ok(())
@@ -394,6 +395,7 @@ where
             &mut self.grad,
             if accumulate { 1.0 } else { 0.0 },
             workspace,
+            crate::Dropout::NONE,
         )
     }
 

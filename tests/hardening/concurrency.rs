@@ -189,6 +189,7 @@ fn run_rust<T: DType>(stream: &Arc<CudaStream>, job: &Job, inp: &Inputs, reps: u
             Some(&mut o.s),
             SCALE,
             1.0,
+            singlora::Dropout::NONE,
         )
         .unwrap();
         backward(
@@ -209,6 +210,7 @@ fn run_rust<T: DType>(stream: &Arc<CudaStream>, job: &Job, inp: &Inputs, reps: u
             &mut o.da,
             0.0,
             &mut o.ws,
+            singlora::Dropout::NONE,
         )
         .unwrap();
     }
@@ -312,7 +314,16 @@ fn run(job: &Job, stream: &Arc<CudaStream>, inp: &Inputs, reps: usize, capi: boo
 fn check_reference(job: &Job, inp: &Inputs, b: &Bits) {
     let dims = job.dims();
     let mut y = inp.y0.clone();
-    let s = reference::forward(&dims, &inp.x, &inp.a, SCALE as f64, 1.0, &mut y).unwrap();
+    let s = reference::forward(
+        &dims,
+        &inp.x,
+        &inp.a,
+        SCALE as f64,
+        1.0,
+        &mut y,
+        singlora::Dropout::NONE,
+    )
+    .unwrap();
     let mut dx = vec![0.0; job.tokens * job.d_in];
     let mut da = vec![0.0; dims.a_len()];
     reference::backward(
@@ -325,6 +336,7 @@ fn check_reference(job: &Job, inp: &Inputs, b: &Bits) {
         &mut dx,
         0.0,
         &mut da,
+        singlora::Dropout::NONE,
     )
     .unwrap();
     let f = |v: &[u64]| v.iter().map(|&b| f64::from_bits(b)).collect::<Vec<_>>();

@@ -219,7 +219,16 @@ fn run_case<T: DType>(gpu: &Gpu, c: Case, seed: u64, saved_s: bool) {
         Where::G => g_ref[c.t0 * d_out + c.col] = 0.0,
     }
     let mut y_ref = vec![0.0; tokens * d_out];
-    let s_ref = reference::forward(&dims, &x_ref, &a, SCALE as f64, 0.0, &mut y_ref).unwrap();
+    let s_ref = reference::forward(
+        &dims,
+        &x_ref,
+        &a,
+        SCALE as f64,
+        0.0,
+        &mut y_ref,
+        singlora::Dropout::NONE,
+    )
+    .unwrap();
     let mut dx_ref = vec![0.0; tokens * d_in];
     let mut da_ref = vec![0.0; dims.a_len()];
     reference::backward(
@@ -232,6 +241,7 @@ fn run_case<T: DType>(gpu: &Gpu, c: Case, seed: u64, saved_s: bool) {
         &mut dx_ref,
         0.0,
         &mut da_ref,
+        singlora::Dropout::NONE,
     )
     .unwrap();
     let swapped = Dims::new(tokens, d_out, d_in, rank).unwrap();
@@ -242,6 +252,7 @@ fn run_case<T: DType>(gpu: &Gpu, c: Case, seed: u64, saved_s: bool) {
         0.0,
         0.0,
         &mut vec![0.0; tokens * d_in],
+        singlora::Dropout::NONE,
     )
     .unwrap();
 
@@ -263,6 +274,7 @@ fn run_case<T: DType>(gpu: &Gpu, c: Case, seed: u64, saved_s: bool) {
         Some(&mut sd),
         SCALE,
         0.0,
+        singlora::Dropout::NONE,
     )
     .unwrap();
     let y = download(gpu, &yd);
@@ -305,6 +317,7 @@ fn run_case<T: DType>(gpu: &Gpu, c: Case, seed: u64, saved_s: bool) {
         &mut dad,
         0.0,
         &mut ws,
+        singlora::Dropout::NONE,
     )
     .unwrap();
     let dx = download(gpu, &dxd);
@@ -408,13 +421,43 @@ fn nonfinite_patterns_are_the_references() {
         let dims = c.dims();
         let (x, g, a) = c.inputs::<f32>(700 + i as u64);
         let mut y = vec![0.0; c.tokens * c.d_out];
-        let s = reference::forward(&dims, &x, &a, SCALE as f64, 0.0, &mut y).unwrap();
+        let s = reference::forward(
+            &dims,
+            &x,
+            &a,
+            SCALE as f64,
+            0.0,
+            &mut y,
+            singlora::Dropout::NONE,
+        )
+        .unwrap();
         let swapped = Dims::new(c.tokens, c.d_out, c.d_in, c.rank).unwrap();
         let mut scratch = vec![0.0; c.tokens * c.d_in];
-        let q = reference::forward(&swapped, &g, &a, 0.0, 0.0, &mut scratch).unwrap();
+        let q = reference::forward(
+            &swapped,
+            &g,
+            &a,
+            0.0,
+            0.0,
+            &mut scratch,
+            singlora::Dropout::NONE,
+        )
+        .unwrap();
         let mut dx = vec![0.0; c.tokens * c.d_in];
         let mut da = vec![0.0; dims.a_len()];
-        reference::backward(&dims, &x, &a, &g, SCALE as f64, 0.0, &mut dx, 0.0, &mut da).unwrap();
+        reference::backward(
+            &dims,
+            &x,
+            &a,
+            &g,
+            SCALE as f64,
+            0.0,
+            &mut dx,
+            0.0,
+            &mut da,
+            singlora::Dropout::NONE,
+        )
+        .unwrap();
         assert_patterns(&name, c, [&y, &s, &q, &dx, &da]);
     }
 }
@@ -458,7 +501,16 @@ fn f16_inputs_near_65504_do_not_overflow_s_or_q() {
             .all(|v| v.abs() >= 59999.0 && v.abs() <= 65504.0));
         let a = quantize::<f16>(&randn(&mut r, dims.a_len(), 1.0 / (dims.d() as f64).sqrt()));
         let mut y_ref = vec![0.0; tokens * d_out];
-        let s_ref = reference::forward(&dims, &x, &a, scale as f64, 0.0, &mut y_ref).unwrap();
+        let s_ref = reference::forward(
+            &dims,
+            &x,
+            &a,
+            scale as f64,
+            0.0,
+            &mut y_ref,
+            singlora::Dropout::NONE,
+        )
+        .unwrap();
         let mut dx_ref = vec![0.0; tokens * d_in];
         let mut da_ref = vec![0.0; dims.a_len()];
         reference::backward(
@@ -471,11 +523,20 @@ fn f16_inputs_near_65504_do_not_overflow_s_or_q() {
             &mut dx_ref,
             0.0,
             &mut da_ref,
+            singlora::Dropout::NONE,
         )
         .unwrap();
         let swapped = Dims::new(tokens, d_out, d_in, rank).unwrap();
-        let q_ref =
-            reference::forward(&swapped, &g, &a, 0.0, 0.0, &mut vec![0.0; tokens * d_in]).unwrap();
+        let q_ref = reference::forward(
+            &swapped,
+            &g,
+            &a,
+            0.0,
+            0.0,
+            &mut vec![0.0; tokens * d_in],
+            singlora::Dropout::NONE,
+        )
+        .unwrap();
         let over = |v: &[f64]| v.iter().filter(|s| s.abs() > 65504.0).count();
         assert!(
             over(&s_ref) > 0 && over(&q_ref) > 0,
@@ -504,6 +565,7 @@ fn f16_inputs_near_65504_do_not_overflow_s_or_q() {
             Some(&mut sd),
             scale,
             0.0,
+            singlora::Dropout::NONE,
         )
         .unwrap();
         let mut dxd = poisoned::<f16>(&gpu, tokens * d_in);
@@ -527,6 +589,7 @@ fn f16_inputs_near_65504_do_not_overflow_s_or_q() {
             &mut dad,
             0.0,
             &mut ws,
+            singlora::Dropout::NONE,
         )
         .unwrap();
         let q = download(&gpu, &ws)[..dims.s_len()].to_vec();
