@@ -580,3 +580,49 @@ fn refused_gpu_calls_write_nothing() {
     .unwrap();
     assert!(download(&gpu, &y).iter().all(|v| v.is_finite()));
 }
+
+// ---------------------------------------------------------------- compute-sanitizer
+
+/// Small dropout calls for scripts/gpu/run.sh's compute-sanitizer pass
+/// (memcheck, racecheck, initcheck, synccheck run every `sanitizer_*`
+/// test): forward, and backward with a saved and a recomputed S, per
+/// element type, at a regular and a decode size, strided X and odd d.
+#[test]
+fn sanitizer_dropout_forward_backward() {
+    let Some(gpu) = gpu() else { return };
+    fn run<T: DType>(gpu: &Gpu) {
+        for (k, &(tokens, d_in, d_out, rank)) in
+            [(70, 131, 72, 24), (5, 96, 200, 8)].iter().enumerate()
+        {
+            let dims = Dims::new(tokens, d_in, d_out, rank).unwrap();
+            let mut r = rng(300 + k as u64);
+            let x = nonzero::<T>(&mut r, tokens * d_in, 1.0);
+            let a = nonzero::<T>(&mut r, dims.a_len(), 0.1);
+            let g = nonzero::<T>(&mut r, tokens * d_out, 1.0);
+            let dropout = Dropout::new(0.3, 5, k as u64).unwrap();
+            let name = format!("{} sanitizer case {k}", T::NAME);
+            let (y_ref, s_ref, gr) = ref_all(&dims, &x, &a, &g, None, None, dropout);
+            let (y, s) = gpu_forward::<T>(gpu, &dims, &x, d_in + 3, &a, None, dropout);
+            assert_close::<T>("Y", &name, &y, &y_ref);
+            assert_close::<f32>("S", &name, &s, &s_ref);
+            for saved in [true, false] {
+                let grads = gpu_backward::<T>(
+                    gpu,
+                    &dims,
+                    &x,
+                    d_in + 3,
+                    &a,
+                    &g,
+                    saved.then_some(&s[..]),
+                    None,
+                    dropout,
+                );
+                assert_close::<T>("dX", &name, &grads.dx, &gr.dx);
+                assert_close::<f32>("dA", &name, &grads.da, &gr.da);
+            }
+        }
+    }
+    run::<f32>(&gpu);
+    run::<half::f16>(&gpu);
+    run::<half::bf16>(&gpu);
+}

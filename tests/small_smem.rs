@@ -29,10 +29,10 @@ fn bucket(rank: usize) -> usize {
         .unwrap()
 }
 
-fn case<T: DType>(gpu: &Gpu, rank: usize, seed: u64) -> bool {
+fn case<T: DType>(gpu: &Gpu, rank: usize, seed: u64, dropout: singlora::Dropout) -> bool {
     let (tokens, d_in, d_out) = (150, 200, 136);
     let dims = Dims::new(tokens, d_in, d_out, rank).unwrap();
-    let name = format!("{} rank {rank}", T::NAME);
+    let name = format!("{} rank {rank} dropout {}", T::NAME, dropout.p());
     let mut r = rng(seed);
     let x = quantize::<T>(&randn(&mut r, tokens * d_in, 1.0));
     let a = quantize::<T>(&randn(&mut r, dims.a_len(), 1.0 / (rank as f64).sqrt()));
@@ -58,20 +58,11 @@ fn case<T: DType>(gpu: &Gpu, rank: usize, seed: u64) -> bool {
         Some(&mut s),
         scale,
         0.0,
-        singlora::Dropout::NONE,
+        dropout,
     )
     .unwrap();
     let mut y_ref = vec![0.0; tokens * d_out];
-    let s_ref = reference::forward(
-        &dims,
-        &x,
-        &a,
-        scale as f64,
-        0.0,
-        &mut y_ref,
-        singlora::Dropout::NONE,
-    )
-    .unwrap();
+    let s_ref = reference::forward(&dims, &x, &a, scale as f64, 0.0, &mut y_ref, dropout).unwrap();
     assert_close::<T>("y", &name, &download(gpu, &y), &y_ref);
     assert_close::<T>("S", &name, &download(gpu, &s), &s_ref);
 
@@ -101,7 +92,7 @@ fn case<T: DType>(gpu: &Gpu, rank: usize, seed: u64) -> bool {
         &mut da,
         0.0,
         &mut ws,
-        singlora::Dropout::NONE,
+        dropout,
     )
     .unwrap();
     let (mut dx_ref, mut da_ref) = (vec![0.0; tokens * d_in], vec![0.0; dims.a_len()]);
@@ -115,7 +106,7 @@ fn case<T: DType>(gpu: &Gpu, rank: usize, seed: u64) -> bool {
         &mut dx_ref,
         0.0,
         &mut da_ref,
-        singlora::Dropout::NONE,
+        dropout,
     )
     .unwrap();
     assert_close::<T>("dX", &name, &download(gpu, &dx), &dx_ref);
@@ -135,9 +126,9 @@ fn every_rank_runs_within_99_kib_and_matches_the_reference() {
     let Some(gpu) = gpu_with_limit() else { return };
     let mut small = 0;
     for (i, rank) in [16, 48, 100, 200].into_iter().enumerate() {
-        small += case::<f32>(&gpu, rank, 10 + i as u64) as usize;
-        small += case::<f16>(&gpu, rank, 20 + i as u64) as usize;
-        small += case::<bf16>(&gpu, rank, 30 + i as u64) as usize;
+        small += case::<f32>(&gpu, rank, 10 + i as u64, singlora::Dropout::NONE) as usize;
+        small += case::<f16>(&gpu, rank, 20 + i as u64, singlora::Dropout::NONE) as usize;
+        small += case::<bf16>(&gpu, rank, 30 + i as u64, singlora::Dropout::NONE) as usize;
     }
     // Ranks 100 and 200 (buckets 128 and 256) need the small dA kernel in
     // every element type: the small configurations really ran.
@@ -145,4 +136,17 @@ fn every_rank_runs_within_99_kib_and_matches_the_reference() {
         small >= 6,
         "only {small} cases needed a small configuration"
     );
+}
+
+/// The small configurations honour adapter dropout (the buckets that need
+/// them: ranks 100 and 200).
+#[test]
+fn small_configurations_honour_dropout() {
+    let Some(gpu) = gpu_with_limit() else { return };
+    for (i, rank) in [100, 200].into_iter().enumerate() {
+        let d = singlora::Dropout::new(0.2, 17, i as u64).unwrap();
+        assert!(case::<f32>(&gpu, rank, 40 + i as u64, d));
+        assert!(case::<f16>(&gpu, rank, 50 + i as u64, d));
+        assert!(case::<bf16>(&gpu, rank, 60 + i as u64, d));
+    }
 }
