@@ -41,9 +41,11 @@ template <typename T, int RP, bool SMALL = false> struct DaConfig {
     static constexpr int WTM = BD / WARPS_M, WTN = RPB / WARPS_N;
     static constexpr int MT = WTM / 16, NT = WTN / 8;
     static constexpr int STAGES = SMALL ? 2 : 3;
-    // Blocks per SM the registers must allow (see shrink_expand.cuh): two up to
-    // rank 64; the 128-column tiles need more than 128 registers.
-    static constexpr int MIN_BLOCKS = RPB >= 128 ? 1 : 2;
+    // Blocks per SM the registers must allow (see shrink_expand.cuh): three
+    // up to rank 32 (their shared memory allows three; without the bound the
+    // dropout branch's registers would cut them to two, dropout off or on),
+    // two up to rank 64; the 128-column tiles need more than 128 registers.
+    static constexpr int MIN_BLOCKS = RPB >= 128 ? 1 : RPB <= 32 ? 3 : 2;
     static constexpr int SRC_LD = BD + PAD;
     static constexpr int SS_LD = RPB + PAD;
     static constexpr int NG = kThreads / RPB;  // column-max row groups

@@ -74,9 +74,12 @@ template <typename T, int ROWS, int COLS> struct TileCopy {
     // global memory (a chunk that straddles the last column has zeros past
     // it). After cp_async_wait, a thread's own chunks have landed for it,
     // so it may rewrite them in place (dropout) before the block's barrier.
+    // Not unrolled: f (dropout's Philox calls) is long, and unrolled passes
+    // would interleave and hold more registers than the kernels around
+    // them (costing occupancy even when the branch that calls it is off).
     template <typename F>
     __device__ __forceinline__ void for_each_chunk(T* s, int sld, int rows, int cols, F&& f) const {
-#pragma unroll
+#pragma unroll 1
         for (int p = 0; p < PASSES; ++p) {
             const int r = r0 + p * RSTEP;
             if (PARTIAL && r >= ROWS) continue;

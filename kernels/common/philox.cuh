@@ -70,8 +70,15 @@ SINGLORA_HD Philox4 philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_
 // Element (token, col) keeps iff word col % 4 of (token, col / 4) is
 // >= the threshold. token < 2^32 (the host refuses more tokens).
 SINGLORA_HD Philox4 dropout_words(uint64_t seed, uint64_t offset, uint32_t token, uint32_t col4) {
-    return philox4x32_10(col4, token, (uint32_t)offset, (uint32_t)(offset >> 32), (uint32_t)seed,
-                         (uint32_t)(seed >> 32));
+    uint32_t k0 = (uint32_t)seed, k1 = (uint32_t)(seed >> 32);
+#if defined(__CUDA_ARCH__)
+    // Opaque to the optimiser, so the key schedule stays at the call (ten
+    // adds) instead of being hoisted out of the caller's loops, where its
+    // twenty words would hold registers for the whole kernel (and cost
+    // occupancy even when dropout is off).
+    asm volatile("" : "+r"(k0), "+r"(k1));
+#endif
+    return philox4x32_10(col4, token, (uint32_t)offset, (uint32_t)(offset >> 32), k0, k1);
 }
 
 }  // namespace singlora
