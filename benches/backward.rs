@@ -8,7 +8,7 @@ mod common;
 use common::*;
 use cudarc::cublas::{CudaBlas, Gemm};
 use half::bf16;
-use singlora::{backward, backward_workspace_len, Dims, DxOut};
+use singlora::{backward, backward_workspace_len, Dims, Dropout, DxOut};
 
 fn main() {
     let Some(gpu) = gpu() else { return };
@@ -48,6 +48,7 @@ fn main() {
                     &mut da,
                     0.0,
                     &mut ws,
+                    singlora::Dropout::NONE,
                 )
                 .unwrap()
             }
@@ -68,4 +69,47 @@ fn main() {
         });
     }
     bench.finish("backward (bf16, dX and dA)");
+
+    // Adapter dropout: p = 0.1 against p = 0 (issue 16: within 5 %).
+    let mut bench = Bench::new(&gpu, "backward-dropout", "p = 0");
+    for rank in [8, 64] {
+        let dims = Dims::new(tokens, D, D, rank).unwrap();
+        let x = random_bf16(&gpu, tokens * D, 1);
+        let g = random_bf16(&gpu, tokens * D, 2);
+        let a = random_bf16(&gpu, dims.a_len(), 3);
+        let s = random_f32(&gpu, dims.s_len(), 4);
+        let mut dx = zeros::<bf16>(&gpu, tokens * D);
+        let mut da = zeros::<f32>(&gpu, dims.a_len());
+        let mut ws = zeros::<f32>(&gpu, backward_workspace_len(&dims, true).unwrap());
+        let p = Dropout::new(0.1, 42, 0).unwrap();
+        bench.compare(token_shape(tokens, rank), |side| {
+            let d = match side {
+                Side::Ours => p,
+                Side::Peer => Dropout::NONE,
+            };
+            let dxo = DxOut {
+                dx: &mut dx,
+                ld_dx: D,
+                beta: 0.0,
+            };
+            backward(
+                &gpu.stream,
+                &dims,
+                &x,
+                D,
+                &g,
+                D,
+                &a,
+                Some(&s),
+                SCALE,
+                Some(dxo),
+                &mut da,
+                0.0,
+                &mut ws,
+                d,
+            )
+            .unwrap()
+        });
+    }
+    bench.finish("backward with dropout p = 0.1 (bf16, dX and dA) against p = 0");
 }

@@ -8,7 +8,7 @@ mod common;
 use common::*;
 use cudarc::cublas::{CudaBlas, Gemm};
 use half::bf16;
-use singlora::{forward, Dims};
+use singlora::{forward, Dims, Dropout};
 
 fn main() {
     let Some(gpu) = gpu() else { return };
@@ -38,6 +38,7 @@ fn main() {
                 Some(&mut s),
                 SCALE,
                 1.0,
+                singlora::Dropout::NONE,
             )
             .unwrap(),
             Side::Peer => unsafe {
@@ -51,4 +52,37 @@ fn main() {
         });
     }
     bench.finish("forward (bf16, beta = 1)");
+
+    // Adapter dropout: p = 0.1 against p = 0 (issue 16: within 5 %).
+    let mut bench = Bench::new(&gpu, "forward-dropout", "p = 0");
+    for rank in [8, 64] {
+        let tokens = 16384;
+        let dims = Dims::new(tokens, D, D, rank).unwrap();
+        let x = random_bf16(&gpu, tokens * D, 1);
+        let a = random_bf16(&gpu, dims.a_len(), 2);
+        let mut y = random_bf16(&gpu, tokens * D, 3);
+        let mut s = zeros::<f32>(&gpu, dims.s_len());
+        let p = Dropout::new(0.1, 42, 0).unwrap();
+        bench.compare(token_shape(tokens, rank), |side| {
+            let d = match side {
+                Side::Ours => p,
+                Side::Peer => Dropout::NONE,
+            };
+            forward(
+                &gpu.stream,
+                &dims,
+                &x,
+                D,
+                &a,
+                &mut y,
+                D,
+                Some(&mut s),
+                SCALE,
+                1.0,
+                d,
+            )
+            .unwrap()
+        });
+    }
+    bench.finish("forward with dropout p = 0.1 (bf16, beta = 1) against p = 0");
 }

@@ -57,6 +57,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         Some(&mut sd),
         scale,
         1.0,
+        singlora::Dropout::NONE,
     )?;
 
     let mut dxd = stream.alloc_zeros::<bf16>(tokens * d_in)?;
@@ -81,11 +82,20 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         &mut dad,
         0.0,
         &mut ws,
+        singlora::Dropout::NONE,
     )?;
 
     // The same math in f64.
     let mut y_ref = vec![0.0; tokens * d_out];
-    reference::forward(&dims, &x, &a, scale as f64, 1.0, &mut y_ref)?;
+    reference::forward(
+        &dims,
+        &x,
+        &a,
+        scale as f64,
+        1.0,
+        &mut y_ref,
+        singlora::Dropout::NONE,
+    )?;
     let (mut dx_ref, mut da_ref) = (vec![0.0; tokens * d_in], vec![0.0; dims.a_len()]);
     reference::backward(
         &dims,
@@ -97,6 +107,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         &mut dx_ref,
         0.0,
         &mut da_ref,
+        singlora::Dropout::NONE,
     )?;
 
     let down = |v: Vec<bf16>| -> Vec<f64> { v.into_iter().map(|x| x.to_f64()).collect() };

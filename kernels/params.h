@@ -137,12 +137,48 @@ typedef struct singlora_scale {
     float sign;
 } singlora_scale;
 
+/* Adapter dropout (PEFT's lora_dropout): the adapter sees
+ * drop(X) = M ⊙ X / (1 − p), M ~ Bernoulli(1 − p) per element; the frozen
+ * path sees X. M is never stored: every kernel that needs it regenerates it
+ * from Philox4x32-10 (kernels/common/philox.cuh; the host's twin is
+ * src/dropout.rs), keyed by (seed, offset) and the element's (token, column):
+ *
+ *   key     = (seed lo32, seed hi32)
+ *   counter = (column / 4, token lo32, offset lo32, offset hi32)
+ *   word    = output word (column % 4) of Philox4x32-10(counter, key)
+ *   keep    = word >= threshold
+ *
+ * token is the row of X (0-based in the call; tokens <= 2^32 when p > 0,
+ * which the host checks), column the column of X (of d_in). One Philox call
+ * serves four consecutive columns of a row. threshold is the u32 nearest
+ * p·2^32 (saturated at 2^32 − 1), computed once on the host, so the keep
+ * probability is 1 − threshold/2^32 = 1 − p to within 2^-33; threshold 0
+ * means dropout is off (p = 0, or p < 2^-33), and the kernels then do no
+ * mask work at all (bitwise the undropped path). scale = 1/(1 − p),
+ * computed on the host in f64 and rounded once to f32; the kernels apply it
+ * to f32 results (S, dA's Xᵀ·Q partials, dX's adapter term), never to the
+ * element-typed inputs, so masking itself is exact.
+ * The same (seed, offset) must be passed to the forward and its backward;
+ * a training loop advances offset once per forward (SingLoraLinear does). */
+typedef struct singlora_dropout {
+    uint64_t seed;
+    uint64_t offset;
+    uint32_t threshold;      /* keep iff word >= threshold; 0: off */
+    float scale;             /* 1 / (1 − p), f32 */
+} singlora_dropout;
+
 /* Fused shrink-expand over token rows:
  *   s_out = in · A[:k_dim]                (tokens × rank, f32)
  *   out   = beta·out + scale · s_out · A[:n_dim]ᵀ
  * Forward: in = X, k_dim = d_in, n_dim = d_out, out = Y, s_out = S.
  * Backward dX: in = G, k_dim = d_out, n_dim = d_in, out = dX, s_out = Q.
- * out == 0 runs the shrink alone (S or Q without an expand). */
+ * out == 0 runs the shrink alone (S or Q without an expand).
+ * Dropout (threshold != 0), by dropout_out:
+ *   0: in is dropped: s_out = drop(in) · A[:k_dim] (forward S; the backward's
+ *      recomputed S), mask by (token, column of k_dim);
+ *   1: out's adapter term is masked: out = beta·out + M ⊙ (scale · s_out ·
+ *      A[:n_dim]ᵀ) / (1 − p) (backward dX, k_dim = d_out), mask by (token,
+ *      column of n_dim = d_in); s_out (Q) is not dropped. */
 typedef struct singlora_forward_params {
     uint64_t in;             /* T, tokens × k_dim, row stride ld_in */
     uint64_t a;              /* T, D × rank, contiguous */
@@ -160,13 +196,17 @@ typedef struct singlora_forward_params {
     int32_t in_vec;          /* 1: in and ld_in allow 16-byte loads */
     int32_t out_vec;         /* 1: out and ld_out allow 16-byte accesses */
     int32_t a_vec;           /* 1: A rows allow 16-byte loads */
-    int32_t pad_;
+    int32_t dropout_out;     /* 0: dropout on in; 1: on out's adapter term */
+    singlora_dropout dropout;
 } singlora_forward_params;
 
 /* dA partials: part 0 is Gᵀ·S into rows [0, d_out), part 1 is Xᵀ·Q into rows
  * [0, d_in). Block (band, split, part) writes its f32 partial for rows
  * band·BD.. and tokens split·tokens_per_split.. into
- * partial[((part·splits + split)·D + row)·rank_pad + col]. */
+ * partial[((part·splits + split)·D + row)·rank_pad + col].
+ * Dropout (threshold != 0): part 1 uses drop(X) (X's tiles are masked by
+ * (token, column of d_in) once in shared memory, and the partial is scaled
+ * by 1/(1 − p) in f32); s must then be the dropped forward's S. */
 typedef struct singlora_da_params {
     uint64_t x;              /* T, tokens × d_in, row stride ld_x */
     uint64_t g;              /* T, tokens × d_out, row stride ld_g */
@@ -189,6 +229,7 @@ typedef struct singlora_da_params {
     int32_t x_vec;
     int32_t g_vec;
     int32_t pad_;
+    singlora_dropout dropout;
 } singlora_da_params;
 
 /* The smoke kernel: every element of out (n elements of elem_bytes = 2 or 4)

@@ -11,7 +11,7 @@
 # the PyTorch binding python/ (its check.py and bench.py run there against
 # that library). MANIFEST.txt records the commit, date and binaries. bin/ is
 # shipped packed as bin.tar.xz (run.sh unpacks it).
-# Left out: tests/kernel_quality.rs (see HOST_ONLY_TESTS below).
+# Left out: tests/kernel_quality.rs and tests/philox.rs (see HOST_ONLY_TESTS below).
 # Fails if the bundle is over 60 MiB. target/ is git-ignored.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,8 +25,9 @@ LIMIT_MIB=60
 # Test targets that only make sense on the build machine: kernel_quality reads
 # the fatbin and ptxas report from target/release/build/ (env! paths) and runs
 # the local cuobjdump; none of that exists on the GPU host, and the test needs
-# no GPU (scripts/test.sh and CI run it).
-HOST_ONLY_TESTS="kernel_quality"
+# no GPU (scripts/test.sh and CI run it). philox compiles
+# kernels/common/philox.cuh with the host C++ compiler (no GPU either).
+HOST_ONLY_TESTS="kernel_quality philox"
 tmp="$(mktemp -d)"
 trap 'rm -rf "$tmp"' EXIT
 

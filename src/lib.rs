@@ -11,6 +11,8 @@
 //! * [`merge()`] / [`unmerge()`]: fold the adapter into `W0` in place (and back).
 //! * [`adamw()`]: one fused AdamW step over A; [`mse()`]: an MSE loss and its
 //!   gradient on the device.
+//! * [`Dropout`]: adapter dropout (PEFT's `lora_dropout`), fused into the
+//!   forward and backward kernels; the mask is regenerated, never stored.
 //! * [`SingLoraLinear`]: the layer, built on the launchers.
 //! * [`mod@reference`]: the f64 CPU reference every kernel is checked against.
 //!
@@ -22,6 +24,7 @@
 //! initialisation), [`ffi`] (the C ABI of include/singlora.h).
 
 pub mod dims;
+pub mod dropout;
 pub mod dtype;
 pub mod error;
 pub mod ffi;
@@ -32,6 +35,7 @@ pub mod reference;
 pub mod runtime;
 
 pub use dims::{Dims, Matrix, MAX_RANK};
+pub use dropout::Dropout;
 pub use dtype::DType;
 pub use error::{Error, Result};
 pub use nn::{kaiming_uniform, ForwardCtx, Ramp, SingLoraLinear, SplitMix64};

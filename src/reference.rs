@@ -19,6 +19,7 @@
 //! poisoned with NaN is overwritten cleanly.
 
 use crate::dims::{check_len, Dims};
+use crate::dropout::Dropout;
 use crate::error::Result;
 
 /// `beta · old + new`, without reading `old` when `beta` is 0.
@@ -72,16 +73,33 @@ fn expand(
     }
 }
 
-/// Forward: `Y = beta · Y + scale · (X · A_in) · A_outᵀ`.
+/// `drop(X) = M ⊙ X / (1 − p)` for a row-major `rows × cols` `X`, with the
+/// kernels' mask (see [`Dropout`]); `X` itself (copied) when inactive.
+pub fn dropped(dropout: &Dropout, x: &[f64], rows: usize, cols: usize) -> Vec<f64> {
+    let x = &x[..rows * cols];
+    if !dropout.is_active() {
+        return x.to_vec();
+    }
+    let ks = dropout.keep_scale();
+    x.iter()
+        .zip(dropout.mask(rows, cols))
+        .map(|(&v, keep)| if keep { v * ks } else { 0.0 })
+        .collect()
+}
+
+/// Forward: `Y = beta · Y + scale · (drop(X) · A_in) · A_outᵀ`
+/// (`drop(X) = X` for [`Dropout::NONE`]).
 ///
-/// Returns `S = X · A_in` (`tokens × rank`, row-major), the intermediate the
-/// kernels save for backward. `x` needs `tokens·d_in` elements, `a` needs
+/// Returns `S = drop(X) · A_in` (`tokens × rank`, row-major), the
+/// intermediate the kernels save for backward. `x` needs `tokens·d_in` elements, `a` needs
 /// `D·rank`, `y` needs `tokens·d_out`; longer slices are accepted and only
 /// their prefix is used. With `beta == 0` the old `y` is never read.
 ///
 /// # Errors
 /// [`Error::BufferTooSmall`](crate::Error::BufferTooSmall) naming `"x"`,
-/// `"a"` or `"y"`. Nothing is written on error.
+/// `"a"` or `"y"`; [`Error::InvalidDim`](crate::Error::InvalidDim) naming
+/// `"tokens"` when an active dropout cannot address them. Nothing is
+/// written on error.
 pub fn forward(
     dims: &Dims,
     x: &[f64],
@@ -89,24 +107,31 @@ pub fn forward(
     scale: f64,
     beta: f64,
     y: &mut [f64],
+    dropout: Dropout,
 ) -> Result<Vec<f64>> {
     let (tokens, d_in, d_out, rank) = (dims.tokens(), dims.d_in(), dims.d_out(), dims.rank());
     check_len("x", x.len(), tokens * d_in)?;
     check_len("a", a.len(), dims.a_len())?;
     check_len("y", y.len(), tokens * d_out)?;
+    dropout.check_tokens(tokens)?;
 
-    let s = shrink(x, tokens, d_in, a, rank);
+    let s = if dropout.is_active() {
+        shrink(&dropped(&dropout, x, tokens, d_in), tokens, d_in, a, rank)
+    } else {
+        shrink(x, tokens, d_in, a, rank)
+    };
     expand(&s, tokens, d_out, a, rank, scale, beta, y);
     Ok(s)
 }
 
-/// Backward of [`forward`] for the upstream gradient `G = ∂L/∂Y`.
+/// Backward of [`forward`] (with the same `dropout`) for the upstream
+/// gradient `G = ∂L/∂Y`.
 ///
-/// With `Q = G · A_out` and `S = X · A_in`:
+/// With `Q = G · A_out`, `S = drop(X) · A_in` and the mask `M`:
 ///
-/// * `dX = dx_beta · dX + scale · Q · A_inᵀ`
-/// * `dA = da_beta · dA + scale · (Gᵀ S placed in rows :d_out + Xᵀ Q placed
-///   in rows :d_in)`; rows covered by both ranges get both terms.
+/// * `dX = dx_beta · dX + M ⊙ (scale · Q · A_inᵀ) / (1 − p)`
+/// * `dA = da_beta · dA + scale · (Gᵀ S placed in rows :d_out + drop(X)ᵀ Q
+///   placed in rows :d_in)`; rows covered by both ranges get both terms.
 ///
 /// `x` and `dx` need `tokens·d_in` elements, `g` needs `tokens·d_out`, `a`
 /// and `da` need `D·rank`; longer slices are accepted and only their prefix
@@ -114,7 +139,9 @@ pub fn forward(
 ///
 /// # Errors
 /// [`Error::BufferTooSmall`](crate::Error::BufferTooSmall) naming `"x"`,
-/// `"a"`, `"g"`, `"dx"` or `"da"`. Nothing is written on error.
+/// `"a"`, `"g"`, `"dx"` or `"da"`; [`Error::InvalidDim`](crate::Error::InvalidDim)
+/// naming `"tokens"` when an active dropout cannot address them. Nothing is
+/// written on error.
 #[allow(clippy::too_many_arguments)]
 pub fn backward(
     dims: &Dims,
@@ -126,6 +153,7 @@ pub fn backward(
     dx: &mut [f64],
     da_beta: f64,
     da: &mut [f64],
+    dropout: Dropout,
 ) -> Result<()> {
     let (tokens, d_in, d_out, rank) = (dims.tokens(), dims.d_in(), dims.d_out(), dims.rank());
     check_len("x", x.len(), tokens * d_in)?;
@@ -133,13 +161,35 @@ pub fn backward(
     check_len("g", g.len(), tokens * d_out)?;
     check_len("dx", dx.len(), tokens * d_in)?;
     check_len("da", da.len(), dims.a_len())?;
+    dropout.check_tokens(tokens)?;
 
+    // The adapter's input: drop(X) (X itself without dropout).
+    let xd;
+    let x = if dropout.is_active() {
+        xd = dropped(&dropout, x, tokens, d_in);
+        &xd[..]
+    } else {
+        x
+    };
     let s = shrink(x, tokens, d_in, a, rank);
     let q = shrink(g, tokens, d_out, a, rank);
 
     // dX: the forward's shrink-expand with G in X's place and the roles of
-    // A_in and A_out swapped.
-    expand(&q, tokens, d_in, a, rank, scale, dx_beta, dx);
+    // A_in and A_out swapped; with dropout, ∂drop(X)/∂X = M / (1 − p).
+    if dropout.is_active() {
+        let mut term = vec![0.0; tokens * d_in];
+        expand(&q, tokens, d_in, a, rank, scale, 0.0, &mut term);
+        let ks = dropout.keep_scale();
+        for ((o, t), keep) in dx[..tokens * d_in]
+            .iter_mut()
+            .zip(term)
+            .zip(dropout.mask(tokens, d_in))
+        {
+            *o = combine(dx_beta, *o, if keep { t * ks } else { 0.0 });
+        }
+    } else {
+        expand(&q, tokens, d_in, a, rank, scale, dx_beta, dx);
+    }
 
     // dA = Gᵀ S (rows :d_out) + Xᵀ Q (rows :d_in), a sum of rank-1 updates,
     // one per token, so every inner loop walks contiguous rows.

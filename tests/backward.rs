@@ -146,7 +146,19 @@ fn data<T: DType>(sh: Shape, dx_beta: f32, da_beta: f32, seed: u64) -> Data {
     let s = SCALE as f64;
     let mut dx_term = vec![0.0; sh.tokens * sh.d_in];
     let mut da_term = vec![0.0; dims.a_len()];
-    reference::backward(dims, &x, &a, &g, s, 0.0, &mut dx_term, 0.0, &mut da_term).unwrap();
+    reference::backward(
+        dims,
+        &x,
+        &a,
+        &g,
+        s,
+        0.0,
+        &mut dx_term,
+        0.0,
+        &mut da_term,
+        singlora::Dropout::NONE,
+    )
+    .unwrap();
     let dx0 = quantize::<T>(&randn(&mut r, sh.tokens * sh.d_in, rms(&dx_term)));
     let da0 = quantize::<f32>(&randn(&mut r, dims.a_len(), rms(&da_term)));
     let mut dx = dx0.clone();
@@ -161,14 +173,33 @@ fn data<T: DType>(sh: Shape, dx_beta: f32, da_beta: f32, seed: u64) -> Data {
         &mut dx,
         da_beta as f64,
         &mut da,
+        singlora::Dropout::NONE,
     )
     .unwrap();
     let mut scratch = vec![0.0; sh.tokens * sh.d_out];
-    let s_ref = reference::forward(dims, &x, &a, 0.0, 0.0, &mut scratch).unwrap();
+    let s_ref = reference::forward(
+        dims,
+        &x,
+        &a,
+        0.0,
+        0.0,
+        &mut scratch,
+        singlora::Dropout::NONE,
+    )
+    .unwrap();
     // Q = G·A[:d_out], from the reference's shrink (a forward with X := G).
     let swapped = Dims::new(sh.tokens, sh.d_out, sh.d_in, sh.rank).unwrap();
     let mut scratch = vec![0.0; sh.tokens * sh.d_in];
-    let q = reference::forward(&swapped, &g, &a, 0.0, 0.0, &mut scratch).unwrap();
+    let q = reference::forward(
+        &swapped,
+        &g,
+        &a,
+        0.0,
+        0.0,
+        &mut scratch,
+        singlora::Dropout::NONE,
+    )
+    .unwrap();
     Data {
         x,
         a,
@@ -261,6 +292,7 @@ fn run_gpu<T: DType>(gpu: &Gpu, c: &Case, dims: &Dims, d: &Data) -> Outputs {
             Some(&mut s.view_mut()),
             SCALE,
             0.0,
+            singlora::Dropout::NONE,
         )
         .unwrap();
         s
@@ -292,6 +324,7 @@ fn run_gpu<T: DType>(gpu: &Gpu, c: &Case, dims: &Dims, d: &Data) -> Outputs {
             &mut dad.view_mut(),
             c.da_beta,
             &mut ws,
+            singlora::Dropout::NONE,
         )
         .unwrap();
     }
@@ -496,6 +529,7 @@ fn backward_round_trip_finite_differences_f32() {
             Some(&mut sd),
             scale,
             0.0,
+            singlora::Dropout::NONE,
         )
         .unwrap();
         let y = download(&gpu, &yd);
@@ -520,6 +554,7 @@ fn backward_round_trip_finite_differences_f32() {
         &mut dad,
         0.0,
         &mut ws,
+        singlora::Dropout::NONE,
     )
     .unwrap();
     let da = download(&gpu, &dad);
@@ -739,6 +774,7 @@ fn profile_backward_bf16() {
             &mut dad,
             0.0,
             &mut ws,
+            singlora::Dropout::NONE,
         )
         .unwrap();
     }

@@ -43,7 +43,16 @@ fn first_calls_race_for_the_primary_contexts_module() {
     let x = quantize::<bf16>(&randn(&mut r, tokens * d_in, 1.0));
     let a = quantize::<bf16>(&randn(&mut r, dims.a_len(), 1.0 / (d_in as f64).sqrt()));
     let mut y_ref = vec![0.0; tokens * d_out];
-    reference::forward(&dims, &x, &a, SCALE as f64, 0.0, &mut y_ref).unwrap();
+    reference::forward(
+        &dims,
+        &x,
+        &a,
+        SCALE as f64,
+        0.0,
+        &mut y_ref,
+        singlora::Dropout::NONE,
+    )
+    .unwrap();
     let host = |v: &[f64]| -> Vec<bf16> { v.iter().map(|&e| bf16::from_f64(e)).collect() };
     let (x_host, a_host) = (host(&x), host(&a));
 
@@ -67,7 +76,17 @@ fn first_calls_race_for_the_primary_contexts_module() {
                         let own = open_device(0).unwrap();
                         let k = Kernels::get(&own).unwrap();
                         forward(
-                            &stream, &dims, &xd, d_in, &ad, &mut yd, d_out, None, SCALE, 0.0,
+                            &stream,
+                            &dims,
+                            &xd,
+                            d_in,
+                            &ad,
+                            &mut yd,
+                            d_out,
+                            None,
+                            SCALE,
+                            0.0,
+                            singlora::Dropout::NONE,
                         )
                         .unwrap();
                         Some(k)

@@ -142,13 +142,31 @@ fn data<T: DType>(sh: Shape, beta: f32, seed: u64, positive: bool) -> Data {
         1.0 / (dims.d() as f64).sqrt(),
     )));
     let mut term = vec![0.0; sh.tokens * sh.d_out];
-    let s = reference::forward(&dims, &x, &a, SCALE as f64, 0.0, &mut term).unwrap();
+    let s = reference::forward(
+        &dims,
+        &x,
+        &a,
+        SCALE as f64,
+        0.0,
+        &mut term,
+        singlora::Dropout::NONE,
+    )
+    .unwrap();
     // Y0 on the term's scale: a much larger Y0 would hide the term in Y's
     // relative error, and the rounding of Y0 + term to T would swamp the
     // term's own.
     let y0 = quantize::<T>(&randn(&mut r, sh.tokens * sh.d_out, rms(&term)));
     let mut y = y0.clone();
-    reference::forward(&dims, &x, &a, SCALE as f64, beta as f64, &mut y).unwrap();
+    reference::forward(
+        &dims,
+        &x,
+        &a,
+        SCALE as f64,
+        beta as f64,
+        &mut y,
+        singlora::Dropout::NONE,
+    )
+    .unwrap();
     Data {
         x,
         a,
@@ -338,7 +356,16 @@ fn forward_f16_large_s() {
     let x = quantize::<f16>(&randn(&mut r, 64 * 512, 300.0));
     let a = quantize::<f16>(&randn(&mut r, dims.a_len(), 30.0));
     let mut y_ref = vec![0.0; 64 * 256];
-    let s_ref = reference::forward(&dims, &x, &a, 1e-4, 0.0, &mut y_ref).unwrap();
+    let s_ref = reference::forward(
+        &dims,
+        &x,
+        &a,
+        1e-4,
+        0.0,
+        &mut y_ref,
+        singlora::Dropout::NONE,
+    )
+    .unwrap();
     assert!(
         s_ref.iter().any(|v| v.abs() > 65504.0),
         "the case must overflow f16 in S"
@@ -357,6 +384,7 @@ fn forward_f16_large_s() {
         None,
         1e-4,
         0.0,
+        singlora::Dropout::NONE,
     )
     .unwrap();
     assert_close::<f16>("Y", "large S", &download(&gpu, &yd), &y_ref);
@@ -370,7 +398,20 @@ fn forward_zero_tokens_is_noop() {
     let x = upload::<bf16>(&gpu, &[1.0]);
     let a = upload::<bf16>(&gpu, &vec![1.0; dims.a_len()]);
     let mut y = upload::<bf16>(&gpu, &[3.0]);
-    forward(&gpu.stream, &dims, &x, 64, &a, &mut y, 64, None, 1.0, 0.0).unwrap();
+    forward(
+        &gpu.stream,
+        &dims,
+        &x,
+        64,
+        &a,
+        &mut y,
+        64,
+        None,
+        1.0,
+        0.0,
+        singlora::Dropout::NONE,
+    )
+    .unwrap();
     assert_eq!(download(&gpu, &y), vec![3.0]);
 }
 
@@ -394,6 +435,7 @@ fn forward_refused_on_gpu_touches_nothing() {
         Some(&mut sd),
         1.0,
         0.0,
+        singlora::Dropout::NONE,
     )
     .unwrap_err();
     assert!(
@@ -540,6 +582,7 @@ fn profile_forward_bf16() {
                 None,
                 0.5,
                 1.0,
+                singlora::Dropout::NONE,
             )
             .unwrap();
         }

@@ -79,7 +79,20 @@ fn device_ramp_scale_equals_the_host_scale_bitwise() {
     // Y ← Y0 + the adapter's term at `scale`, read back.
     let forward_at = |scale: Scale<'_>| {
         let mut y = upload::<bf16>(&gpu, &y0);
-        forward(&gpu.stream, &dims, &x, 96, &a, &mut y, 80, None, scale, 1.0).unwrap();
+        forward(
+            &gpu.stream,
+            &dims,
+            &x,
+            96,
+            &a,
+            &mut y,
+            80,
+            None,
+            scale,
+            1.0,
+            singlora::Dropout::NONE,
+        )
+        .unwrap();
         download(&gpu, &y)
     };
     for t in [0u64, 1, 3, 6, 7, 12] {

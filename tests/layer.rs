@@ -67,7 +67,16 @@ fn run_case<T: DType>(
     } else {
         y0.clone()
     };
-    let s_ref = reference::forward(&dims, &x, &a, scale, 1.0, &mut y_ref).unwrap();
+    let s_ref = reference::forward(
+        &dims,
+        &x,
+        &a,
+        scale,
+        1.0,
+        &mut y_ref,
+        singlora::Dropout::NONE,
+    )
+    .unwrap();
     assert_close::<T>("y", &name, &download(gpu, &y_dev), &y_ref);
     assert_close::<f32>("saved S", &name, &download(gpu, ctx.s().unwrap()), &s_ref);
 
@@ -85,7 +94,19 @@ fn run_case<T: DType>(
         dx0.clone()
     };
     let mut da_ref = vec![0.0; dims.a_len()];
-    reference::backward(&dims, &x, &a, &g, scale, 1.0, &mut dx_ref, 0.0, &mut da_ref).unwrap();
+    reference::backward(
+        &dims,
+        &x,
+        &a,
+        &g,
+        scale,
+        1.0,
+        &mut dx_ref,
+        0.0,
+        &mut da_ref,
+        singlora::Dropout::NONE,
+    )
+    .unwrap();
     assert_close::<T>("dx", &name, &download(gpu, &dx_dev), &dx_ref);
     assert_close::<T>("dA", &name, &download(gpu, layer.grad()), &da_ref);
 

@@ -115,7 +115,16 @@ fn run_case_with<T: DType>(
     };
     let mut unmerged = matmul(&w0);
     let fdims = Dims::new(tokens, d_in, d_out, rank).unwrap();
-    reference::forward(&fdims, &x, &a, SCALE as f64, 1.0, &mut unmerged).unwrap();
+    reference::forward(
+        &fdims,
+        &x,
+        &a,
+        SCALE as f64,
+        1.0,
+        &mut unmerged,
+        singlora::Dropout::NONE,
+    )
+    .unwrap();
     assert_close::<T>(
         "x·W_mergedᵀ vs unmerged forward",
         &name,

@@ -8,7 +8,7 @@ use rand::rngs::StdRng;
 use rand::seq::index::sample;
 use rand::{Rng, SeedableRng};
 use rand_distr::{Normal, StandardNormal};
-use singlora::{reference, Dims, Error, Ramp};
+use singlora::{reference, Dims, Dropout, Error, Ramp};
 
 mod common;
 
@@ -92,7 +92,8 @@ fn forward_matches_dense_delta_w() {
 
         // beta = 0 overwrites a NaN-poisoned output.
         let mut y = vec![f64::NAN; t * d_out];
-        let s = reference::forward(&dm, &x, &a, scale, 0.0, &mut y).unwrap();
+        let s =
+            reference::forward(&dm, &x, &a, scale, 0.0, &mut y, singlora::Dropout::NONE).unwrap();
         let err = reference::relative_l2(&y, &want);
         assert!(err <= 1e-12, "{dm:?} beta=0: rel err {err}");
 
@@ -105,7 +106,7 @@ fn forward_matches_dense_delta_w() {
         // beta = 1 adds onto the frozen layer's output.
         let y_old = randn(&mut rng, t * d_out);
         let mut y = y_old.clone();
-        reference::forward(&dm, &x, &a, scale, 1.0, &mut y).unwrap();
+        reference::forward(&dm, &x, &a, scale, 1.0, &mut y, singlora::Dropout::NONE).unwrap();
         let want1: Vec<f64> = want.iter().zip(&y_old).map(|(w, o)| w + o).collect();
         let err = reference::relative_l2(&y, &want1);
         assert!(err <= 1e-12, "{dm:?} beta=1: rel err {err}");
@@ -118,7 +119,7 @@ fn forward_zero_tokens_is_a_no_op() {
     let mut rng = StdRng::seed_from_u64(2);
     let a = rand_a(&mut rng, &dm);
     let mut y: Vec<f64> = vec![];
-    let s = reference::forward(&dm, &[], &a, 1.0, 1.0, &mut y).unwrap();
+    let s = reference::forward(&dm, &[], &a, 1.0, 1.0, &mut y, singlora::Dropout::NONE).unwrap();
     assert!(s.is_empty());
 }
 
@@ -126,7 +127,7 @@ fn forward_zero_tokens_is_a_no_op() {
 fn longer_slices_use_only_their_prefix() {
     let (_, dm, x, a) = seeded(3, dims(3, 5, 8, 2));
     let mut y = vec![0.0; 3 * 8];
-    reference::forward(&dm, &x, &a, 1.5, 0.0, &mut y).unwrap();
+    reference::forward(&dm, &x, &a, 1.5, 0.0, &mut y, singlora::Dropout::NONE).unwrap();
 
     let mut x_long = x.clone();
     x_long.extend_from_slice(&[7.0; 4]);
@@ -134,7 +135,16 @@ fn longer_slices_use_only_their_prefix() {
     a_long.extend_from_slice(&[9.0; 3]);
     let mut y_long = vec![0.0; 3 * 8 + 5];
     y_long[3 * 8..].fill(-1.0);
-    reference::forward(&dm, &x_long, &a_long, 1.5, 0.0, &mut y_long).unwrap();
+    reference::forward(
+        &dm,
+        &x_long,
+        &a_long,
+        1.5,
+        0.0,
+        &mut y_long,
+        singlora::Dropout::NONE,
+    )
+    .unwrap();
     assert_eq!(&y_long[..3 * 8], &y[..]);
     assert!(
         y_long[3 * 8..].iter().all(|&v| v == -1.0),
@@ -144,13 +154,15 @@ fn longer_slices_use_only_their_prefix() {
 
 // ---------------------------------------------------------------- backward
 
-/// L = Σ Y ⊙ R with Y = forward(X, A) (beta = 0), so ∂L/∂Y = R.
-fn loss(dm: &Dims, x: &[f64], a: &[f64], r: &[f64], scale: f64) -> f64 {
+/// L = Σ Y ⊙ R with Y = forward(X, A) (beta = 0), so ∂L/∂Y = R. With
+/// dropout the mask is fixed by (seed, offset): it does not depend on X.
+fn loss(dm: &Dims, x: &[f64], a: &[f64], r: &[f64], scale: f64, dropout: Dropout) -> f64 {
     let mut y = vec![0.0; dm.tokens() * dm.d_out()];
-    reference::forward(dm, x, a, scale, 0.0, &mut y).unwrap();
+    reference::forward(dm, x, a, scale, 0.0, &mut y, dropout).unwrap();
     y.iter().zip(r).map(|(p, q)| p * q).sum()
 }
 
+#[allow(clippy::too_many_arguments)]
 /// Central difference of `loss` w.r.t. element `i` of `x` (`wrt_a = false`)
 /// or of `a` (`wrt_a = true`).
 fn central_diff(
@@ -161,16 +173,17 @@ fn central_diff(
     scale: f64,
     wrt_a: bool,
     i: usize,
+    dropout: Dropout,
 ) -> f64 {
     const H: f64 = 1e-5;
     let (mut x, mut a) = (x.to_vec(), a.to_vec());
     let v = if wrt_a { &mut a } else { &mut x };
     let orig = v[i];
     v[i] = orig + H;
-    let plus = loss(dm, &x, &a, r, scale);
+    let plus = loss(dm, &x, &a, r, scale, dropout);
     let v = if wrt_a { &mut a } else { &mut x };
     v[i] = orig - H;
-    let minus = loss(dm, &x, &a, r, scale);
+    let minus = loss(dm, &x, &a, r, scale, dropout);
     (plus - minus) / (2.0 * H)
 }
 
@@ -184,6 +197,12 @@ fn central_diff(
 /// h²/6·f''' is zero and only ~eps·|L|/h ≈ 1e-11·|L| of cancellation
 /// remains, far below the 1e-6 relative tolerance.
 fn check_backward_fd(dm: &Dims, n_check: usize, seed: u64) {
+    check_backward_fd_dropout(dm, n_check, seed, Dropout::NONE);
+}
+
+/// [`check_backward_fd`] for a forward and backward with `dropout` (the
+/// mask fixed by its seed and offset).
+fn check_backward_fd_dropout(dm: &Dims, n_check: usize, seed: u64, dropout: Dropout) {
     let mut rng = StdRng::seed_from_u64(seed);
     let (t, d_in, d_out) = (dm.tokens(), dm.d_in(), dm.d_out());
     let (x, a) = x_and_a(&mut rng, dm);
@@ -192,7 +211,7 @@ fn check_backward_fd(dm: &Dims, n_check: usize, seed: u64) {
 
     let mut dx = vec![f64::NAN; t * d_in];
     let mut da = vec![f64::NAN; dm.a_len()];
-    reference::backward(dm, &x, &a, &r, scale, 0.0, &mut dx, 0.0, &mut da).unwrap();
+    reference::backward(dm, &x, &a, &r, scale, 0.0, &mut dx, 0.0, &mut da, dropout).unwrap();
 
     for (wrt_a, grad) in [(false, &dx), (true, &da)] {
         let n = grad.len();
@@ -203,7 +222,7 @@ fn check_backward_fd(dm: &Dims, n_check: usize, seed: u64) {
         };
         let fd: Vec<f64> = idx
             .iter()
-            .map(|&i| central_diff(dm, &x, &a, &r, scale, wrt_a, i))
+            .map(|&i| central_diff(dm, &x, &a, &r, scale, wrt_a, i, dropout))
             .collect();
         let an: Vec<f64> = idx.iter().map(|&i| grad[i]).collect();
         let name = if wrt_a { "dA" } else { "dX" };
@@ -231,6 +250,79 @@ fn backward_matches_finite_differences_large_odd() {
     check_backward_fd(&dims(2, 3424, 5, 2), 50, 21);
 }
 
+// ---------------------------------------------------------------- dropout
+
+/// The backward with dropout is the gradient of the forward with the same
+/// dropout (the mask fixed by seed and offset), for every small shape and
+/// several probabilities, and on odd sizes.
+#[test]
+fn backward_with_dropout_matches_finite_differences() {
+    for (k, &(t, d_in, d_out, r)) in SMALL_SHAPES.iter().enumerate() {
+        for (j, p) in [0.1, 0.5, 0.9].into_iter().enumerate() {
+            let dropout = Dropout::new(p, 1000 + k as u64, 7 * j as u64).unwrap();
+            check_backward_fd_dropout(&dims(t, d_in, d_out, r), usize::MAX, 40 + k as u64, dropout);
+        }
+    }
+    let dropout = Dropout::new(0.25, u64::MAX, u64::MAX).unwrap();
+    check_backward_fd_dropout(&dims(2, 5, 3424, 2), 50, 60, dropout);
+    check_backward_fd_dropout(&dims(2, 3424, 5, 2), 50, 61, dropout);
+}
+
+/// The forward with dropout is the undropped forward of drop(X), whose
+/// elements are exactly 0 or X/(1 − p) as the mask says; the backward's dX
+/// is exactly zero where the mask drops (beta 0); inactive dropout (p = 0,
+/// any seed) is bitwise the undropped path.
+#[test]
+fn dropout_forward_is_the_forward_of_dropped_x() {
+    let dm = dims(5, 37, 11, 5);
+    let (mut rng, dm, x, a) = seeded(70, dm);
+    let d = Dropout::new(0.4, 12345, 678).unwrap();
+    let xd = reference::dropped(&d, &x, dm.tokens(), dm.d_in());
+    let mask = d.mask(dm.tokens(), dm.d_in());
+    let mut dropped = 0;
+    for (i, (&v, &keep)) in x.iter().zip(&mask).enumerate() {
+        let (t, c) = (i / dm.d_in(), i % dm.d_in());
+        assert_eq!(keep, d.keeps(t as u64, c));
+        if keep {
+            assert_eq!(xd[i], v * (1.0 / 0.6));
+        } else {
+            assert_eq!(xd[i], 0.0);
+            dropped += 1;
+        }
+    }
+    assert!(
+        dropped > 0 && dropped < x.len(),
+        "{dropped} of {} dropped",
+        x.len()
+    );
+
+    let mut y = vec![f64::NAN; dm.tokens() * dm.d_out()];
+    let s = reference::forward(&dm, &x, &a, 0.75, 0.0, &mut y, d).unwrap();
+    let mut y2 = vec![f64::NAN; y.len()];
+    let s2 = reference::forward(&dm, &xd, &a, 0.75, 0.0, &mut y2, Dropout::NONE).unwrap();
+    assert_eq!(s, s2);
+    assert_eq!(y, y2);
+
+    let g = randn(&mut rng, dm.tokens() * dm.d_out());
+    let mut dx = vec![f64::NAN; x.len()];
+    let mut da = vec![f64::NAN; dm.a_len()];
+    reference::backward(&dm, &x, &a, &g, 0.75, 0.0, &mut dx, 0.0, &mut da, d).unwrap();
+    for (i, &keep) in mask.iter().enumerate() {
+        assert!(dx[i].is_finite());
+        if !keep {
+            assert_eq!(dx[i], 0.0, "dX[{i}] of a dropped element");
+        }
+    }
+
+    let off = Dropout::new(0.0, 99, 98).unwrap();
+    assert!(!off.is_active());
+    let mut y3 = vec![f64::NAN; y.len()];
+    let mut y4 = vec![f64::NAN; y.len()];
+    reference::forward(&dm, &x, &a, 0.75, 0.0, &mut y3, off).unwrap();
+    reference::forward(&dm, &x, &a, 0.75, 0.0, &mut y4, Dropout::NONE).unwrap();
+    assert_eq!(y3, y4);
+}
+
 #[test]
 fn backward_accumulates_and_overwrites_poison() {
     let mut rng = StdRng::seed_from_u64(30);
@@ -243,12 +335,36 @@ fn backward_accumulates_and_overwrites_poison() {
         // beta = 0 on clean (zero) outputs ...
         let mut dx0 = vec![0.0; t * d_in];
         let mut da0 = vec![0.0; dm.a_len()];
-        reference::backward(&dm, &x, &a, &g, scale, 0.0, &mut dx0, 0.0, &mut da0).unwrap();
+        reference::backward(
+            &dm,
+            &x,
+            &a,
+            &g,
+            scale,
+            0.0,
+            &mut dx0,
+            0.0,
+            &mut da0,
+            singlora::Dropout::NONE,
+        )
+        .unwrap();
 
         // ... equals beta = 0 on NaN-poisoned outputs, bit for bit.
         let mut dx = vec![f64::NAN; t * d_in];
         let mut da = vec![f64::NAN; dm.a_len()];
-        reference::backward(&dm, &x, &a, &g, scale, 0.0, &mut dx, 0.0, &mut da).unwrap();
+        reference::backward(
+            &dm,
+            &x,
+            &a,
+            &g,
+            scale,
+            0.0,
+            &mut dx,
+            0.0,
+            &mut da,
+            singlora::Dropout::NONE,
+        )
+        .unwrap();
         assert!(dx.iter().chain(&da).all(|v| v.is_finite()));
         assert_eq!(dx, dx0);
         assert_eq!(da, da0);
@@ -257,7 +373,19 @@ fn backward_accumulates_and_overwrites_poison() {
         let dx_old = randn(&mut rng, t * d_in);
         let da_old = randn(&mut rng, dm.a_len());
         let (mut dx, mut da) = (dx_old.clone(), da_old.clone());
-        reference::backward(&dm, &x, &a, &g, scale, 1.0, &mut dx, 1.0, &mut da).unwrap();
+        reference::backward(
+            &dm,
+            &x,
+            &a,
+            &g,
+            scale,
+            1.0,
+            &mut dx,
+            1.0,
+            &mut da,
+            singlora::Dropout::NONE,
+        )
+        .unwrap();
         let dx_want: Vec<f64> = dx0.iter().zip(&dx_old).map(|(n, o)| o + n).collect();
         let da_want: Vec<f64> = da0.iter().zip(&da_old).map(|(n, o)| o + n).collect();
         assert_eq!(dx, dx_want);
@@ -265,7 +393,19 @@ fn backward_accumulates_and_overwrites_poison() {
 
         // The two betas are independent.
         let (mut dx, mut da) = (dx_old.clone(), vec![f64::NAN; dm.a_len()]);
-        reference::backward(&dm, &x, &a, &g, scale, 1.0, &mut dx, 0.0, &mut da).unwrap();
+        reference::backward(
+            &dm,
+            &x,
+            &a,
+            &g,
+            scale,
+            1.0,
+            &mut dx,
+            0.0,
+            &mut da,
+            singlora::Dropout::NONE,
+        )
+        .unwrap();
         assert_eq!(dx, dx_want);
         assert_eq!(da, da0);
     }
@@ -275,13 +415,13 @@ fn backward_accumulates_and_overwrites_poison() {
 fn forward_beta_zero_overwrites_poison_exactly() {
     let (mut rng, dm, x, a) = seeded(31, dims(3, 7, 12, 3));
     let mut y0 = vec![0.0; 3 * 12];
-    reference::forward(&dm, &x, &a, 2.0, 0.0, &mut y0).unwrap();
+    reference::forward(&dm, &x, &a, 2.0, 0.0, &mut y0, singlora::Dropout::NONE).unwrap();
     let mut y = vec![f64::NAN; 3 * 12];
-    reference::forward(&dm, &x, &a, 2.0, 0.0, &mut y).unwrap();
+    reference::forward(&dm, &x, &a, 2.0, 0.0, &mut y, singlora::Dropout::NONE).unwrap();
     assert_eq!(y, y0);
     let y_old = randn(&mut rng, 3 * 12);
     let mut y = y_old.clone();
-    reference::forward(&dm, &x, &a, 2.0, 1.0, &mut y).unwrap();
+    reference::forward(&dm, &x, &a, 2.0, 1.0, &mut y, singlora::Dropout::NONE).unwrap();
     let want: Vec<f64> = y0.iter().zip(&y_old).map(|(n, o)| o + n).collect();
     assert_eq!(y, want);
 }
@@ -303,7 +443,19 @@ fn backward_square_identity() {
 
         let mut dx = vec![0.0; t * d];
         let mut da = vec![0.0; dm.a_len()];
-        reference::backward(&dm, &x, &a, &g, scale, 0.0, &mut dx, 0.0, &mut da).unwrap();
+        reference::backward(
+            &dm,
+            &x,
+            &a,
+            &g,
+            scale,
+            0.0,
+            &mut dx,
+            0.0,
+            &mut da,
+            singlora::Dropout::NONE,
+        )
+        .unwrap();
         let err = reference::relative_l2(&da, &want);
         assert!(err <= 1e-12, "{dm:?}: rel err {err}");
     }
@@ -398,13 +550,37 @@ fn forward_rejects_short_slices_without_writing() {
     let y0 = randn(&mut rng, 3 * 9);
 
     let mut y = y0.clone();
-    let r = reference::forward(&dm, &x[..x.len() - 1], &a, 1.0, 0.0, &mut y);
+    let r = reference::forward(
+        &dm,
+        &x[..x.len() - 1],
+        &a,
+        1.0,
+        0.0,
+        &mut y,
+        singlora::Dropout::NONE,
+    );
     assert_too_small(r, "x", x.len());
     assert_eq!(y, y0);
-    let r = reference::forward(&dm, &x, &a[..a.len() - 1], 1.0, 0.0, &mut y);
+    let r = reference::forward(
+        &dm,
+        &x,
+        &a[..a.len() - 1],
+        1.0,
+        0.0,
+        &mut y,
+        singlora::Dropout::NONE,
+    );
     assert_too_small(r, "a", a.len());
     assert_eq!(y, y0);
-    let r = reference::forward(&dm, &x, &a, 1.0, 0.0, &mut y[..3 * 9 - 1]);
+    let r = reference::forward(
+        &dm,
+        &x,
+        &a,
+        1.0,
+        0.0,
+        &mut y[..3 * 9 - 1],
+        singlora::Dropout::NONE,
+    );
     assert_too_small(r, "y", 3 * 9);
     assert_eq!(y, y0);
 
@@ -426,16 +602,71 @@ fn backward_rejects_short_slices_without_writing() {
     let (nx, na, ng) = (x.len(), a.len(), g.len());
     let (ndx, nda) = (dx.len(), da.len());
 
-    let r = reference::backward(&dm, &x[..nx - 1], &a, &g, 1.0, 0.0, &mut dx, 0.0, &mut da);
+    let r = reference::backward(
+        &dm,
+        &x[..nx - 1],
+        &a,
+        &g,
+        1.0,
+        0.0,
+        &mut dx,
+        0.0,
+        &mut da,
+        singlora::Dropout::NONE,
+    );
     assert_too_small(r, "x", nx);
-    let r = reference::backward(&dm, &x, &a[..na - 1], &g, 1.0, 0.0, &mut dx, 0.0, &mut da);
+    let r = reference::backward(
+        &dm,
+        &x,
+        &a[..na - 1],
+        &g,
+        1.0,
+        0.0,
+        &mut dx,
+        0.0,
+        &mut da,
+        singlora::Dropout::NONE,
+    );
     assert_too_small(r, "a", na);
-    let r = reference::backward(&dm, &x, &a, &g[..ng - 1], 1.0, 0.0, &mut dx, 0.0, &mut da);
+    let r = reference::backward(
+        &dm,
+        &x,
+        &a,
+        &g[..ng - 1],
+        1.0,
+        0.0,
+        &mut dx,
+        0.0,
+        &mut da,
+        singlora::Dropout::NONE,
+    );
     assert_too_small(r, "g", ng);
-    let r = reference::backward(&dm, &x, &a, &g, 1.0, 0.0, &mut dx[..ndx - 1], 0.0, &mut da);
+    let r = reference::backward(
+        &dm,
+        &x,
+        &a,
+        &g,
+        1.0,
+        0.0,
+        &mut dx[..ndx - 1],
+        0.0,
+        &mut da,
+        singlora::Dropout::NONE,
+    );
     assert_too_small(r, "dx", ndx);
     assert_eq!(da, da0, "da written although dx was refused");
-    let r = reference::backward(&dm, &x, &a, &g, 1.0, 0.0, &mut dx, 0.0, &mut da[..nda - 1]);
+    let r = reference::backward(
+        &dm,
+        &x,
+        &a,
+        &g,
+        1.0,
+        0.0,
+        &mut dx,
+        0.0,
+        &mut da[..nda - 1],
+        singlora::Dropout::NONE,
+    );
     assert_too_small(r, "da", nda);
     assert_eq!(dx, dx0, "dx written although da was refused");
     assert_eq!(da, da0);

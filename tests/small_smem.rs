@@ -29,10 +29,10 @@ fn bucket(rank: usize) -> usize {
         .unwrap()
 }
 
-fn case<T: DType>(gpu: &Gpu, rank: usize, seed: u64) -> bool {
+fn case<T: DType>(gpu: &Gpu, rank: usize, seed: u64, dropout: singlora::Dropout) -> bool {
     let (tokens, d_in, d_out) = (150, 200, 136);
     let dims = Dims::new(tokens, d_in, d_out, rank).unwrap();
-    let name = format!("{} rank {rank}", T::NAME);
+    let name = format!("{} rank {rank} dropout {}", T::NAME, dropout.p());
     let mut r = rng(seed);
     let x = quantize::<T>(&randn(&mut r, tokens * d_in, 1.0));
     let a = quantize::<T>(&randn(&mut r, dims.a_len(), 1.0 / (rank as f64).sqrt()));
@@ -48,10 +48,18 @@ fn case<T: DType>(gpu: &Gpu, rank: usize, seed: u64) -> bool {
     // dx_beta = da_beta = 0 (dX and dA are the gradient terms), outputs
     // poisoned first.
     let mut out = PassBufs::<T>::new(&gpu.stream, &dims, f64::NAN, true);
-    out.run(&gpu.stream, &dims, [&x_d, &g_d, &a_d], scale, 0.0, true);
+    out.run(
+        &gpu.stream,
+        &dims,
+        [&x_d, &g_d, &a_d],
+        scale,
+        0.0,
+        true,
+        dropout,
+    );
     let got = out.read(&gpu.stream, &dims);
     let y0 = vec![0.0; tokens * d_out];
-    let want = reference_pass(&dims, [&x, &g, &a], scale as f64, &y0, 0.0);
+    let want = reference_pass(&dims, [&x, &g, &a], scale as f64, (&y0, 0.0), dropout);
     assert_close::<T>("y", &name, &got.y, &want.y);
     assert_close::<T>("S", &name, &got.s, &want.s);
     assert_close::<T>("dX", &name, &got.dx, &want.dx);
@@ -71,9 +79,9 @@ fn every_rank_runs_within_99_kib_and_matches_the_reference() {
     let Some(gpu) = gpu_with_limit() else { return };
     let mut small = 0;
     for (i, rank) in [16, 48, 100, 200].into_iter().enumerate() {
-        small += case::<f32>(&gpu, rank, 10 + i as u64) as usize;
-        small += case::<f16>(&gpu, rank, 20 + i as u64) as usize;
-        small += case::<bf16>(&gpu, rank, 30 + i as u64) as usize;
+        small += case::<f32>(&gpu, rank, 10 + i as u64, singlora::Dropout::NONE) as usize;
+        small += case::<f16>(&gpu, rank, 20 + i as u64, singlora::Dropout::NONE) as usize;
+        small += case::<bf16>(&gpu, rank, 30 + i as u64, singlora::Dropout::NONE) as usize;
     }
     // Ranks 100 and 200 (buckets 128 and 256) need the small dA kernel in
     // every element type: the small configurations really ran.
@@ -81,4 +89,17 @@ fn every_rank_runs_within_99_kib_and_matches_the_reference() {
         small >= 6,
         "only {small} cases needed a small configuration"
     );
+}
+
+/// The small configurations honour adapter dropout (the buckets that need
+/// them: ranks 100 and 200).
+#[test]
+fn small_configurations_honour_dropout() {
+    let Some(gpu) = gpu_with_limit() else { return };
+    for (i, rank) in [100, 200].into_iter().enumerate() {
+        let d = singlora::Dropout::new(0.2, 17, i as u64).unwrap();
+        assert!(case::<f32>(&gpu, rank, 40 + i as u64, d));
+        assert!(case::<f16>(&gpu, rank, 50 + i as u64, d));
+        assert!(case::<bf16>(&gpu, rank, 60 + i as u64, d));
+    }
 }

@@ -250,7 +250,16 @@ impl Cpu {
             .iter()
             .map(|x| {
                 let mut y = base_product(x, &data.w0, cfg.tokens, cfg.d);
-                reference::forward(&dims, x, &data.a_teacher, s_t, 1.0, &mut y).map(|_| y)
+                reference::forward(
+                    &dims,
+                    x,
+                    &data.a_teacher,
+                    s_t,
+                    1.0,
+                    &mut y,
+                    singlora::Dropout::NONE,
+                )
+                .map(|_| y)
             })
             .collect::<Result<_, _>>()
             .map_err(|e| e.to_string())?;
@@ -276,8 +285,16 @@ impl Cpu {
         let x = &self.data.x[batch];
         let scale = self.ramp.scale_f64(self.step);
         let mut y = base_product(x, &self.data.w0, self.cfg.tokens, self.cfg.d);
-        reference::forward(&self.dims, x, &self.a, scale, 1.0, &mut y)
-            .map_err(|e| e.to_string())?;
+        reference::forward(
+            &self.dims,
+            x,
+            &self.a,
+            scale,
+            1.0,
+            &mut y,
+            singlora::Dropout::NONE,
+        )
+        .map_err(|e| e.to_string())?;
         Ok((y, scale))
     }
 }
@@ -294,7 +311,16 @@ impl Backend for Cpu {
         let mut da = vec![0.0; self.dims.a_len()];
         let x = &self.data.x[batch];
         reference::backward(
-            &self.dims, x, &self.a, &g, scale, 0.0, &mut dx, 0.0, &mut da,
+            &self.dims,
+            x,
+            &self.a,
+            &g,
+            scale,
+            0.0,
+            &mut dx,
+            0.0,
+            &mut da,
+            singlora::Dropout::NONE,
         )
         .map_err(|e| e.to_string())?;
         self.step += 1;

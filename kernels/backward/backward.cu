@@ -11,7 +11,15 @@
 //
 // backward_da_reduce: sums the partials of every split and both parts in a
 // fixed order, so dA's bits do not depend on scheduling.
+//
+// Dropout (p.dropout.threshold != 0, part 1 only; a block-uniform branch, so
+// p = 0 runs exactly the undropped instructions): each thread zeroes the
+// dropped elements of its own chunks of every X tile once they have landed
+// (before the barrier that publishes the tile), by (token, column of d_in),
+// so the tile is M ⊙ X; the 1/(1 − p) is folded into the partial's column
+// scale, in f32. Part 0 (Gᵀ·S) takes the dropped S as it is given.
 #include "common/copies.cuh"
+#include "common/dropout.cuh"
 #include "common/mma.cuh"
 #include "common/scale.cuh"
 
@@ -33,9 +41,11 @@ template <typename T, int RP, bool SMALL = false> struct DaConfig {
     static constexpr int WTM = BD / WARPS_M, WTN = RPB / WARPS_N;
     static constexpr int MT = WTM / 16, NT = WTN / 8;
     static constexpr int STAGES = SMALL ? 2 : 3;
-    // Blocks per SM the registers must allow (see shrink_expand.cuh): two up to
-    // rank 64; the 128-column tiles need more than 128 registers.
-    static constexpr int MIN_BLOCKS = RPB >= 128 ? 1 : 2;
+    // Blocks per SM the registers must allow (see shrink_expand.cuh): three
+    // up to rank 32 (their shared memory allows three; without the bound the
+    // dropout branch's registers would cut them to two, dropout off or on),
+    // two up to rank 64; the 128-column tiles need more than 128 registers.
+    static constexpr int MIN_BLOCKS = RPB >= 128 ? 1 : RPB <= 32 ? 3 : 2;
     static constexpr int SRC_LD = BD + PAD;
     static constexpr int SS_LD = RPB + PAD;
     static constexpr int NG = kThreads / RPB;  // column-max row groups
@@ -71,6 +81,7 @@ __device__ __forceinline__ void da_partial_kernel(const singlora_da_params& p) {
     const int rpad_local = min(RPB, p.rank_pad - rcol0);
     const int64_t t_begin = (int64_t)split * p.tokens_per_split;
     const int64_t t_end = min(p.tokens, t_begin + p.tokens_per_split);
+    const bool drop_x = part == 1 && p.dropout.threshold != 0;
 
     // Per-column power-of-two scale of S or Q over this token range (f16
     // only): brings the f32 values into f16 range; undone on write-out.
@@ -86,7 +97,8 @@ __device__ __forceinline__ void da_partial_kernel(const singlora_da_params& p) {
             for (int gi = 1; gi < C::NG; ++gi) mx = fmaxf(mx, red[gi * RPB + c]);
             const float sc = Elem<T>::kNeedsScaling ? pow2_scale_for(mx) : 1.0f;
             col_scale[c] = sc;
-            col_inv[c] = 1.0f / sc;
+            // 1/sc is a power of two: the product with 1/(1 − p) is exact.
+            col_inv[c] = drop_x ? 1.0f / sc * p.dropout.scale : 1.0f / sc;
         }
         __syncthreads();
     }
@@ -132,6 +144,14 @@ __device__ __forceinline__ void da_partial_kernel(const singlora_da_params& p) {
         src_copy.copy(srcs + stage * BT * C::SRC_LD, C::SRC_LD, src_tile + (int64_t)kt * BT * ld, rows_valid,
                       cols_valid, vec);
     };
+    auto drop_src = [&](int stage, int kt) {
+        const int rows_valid = (int)min((int64_t)BT, t_end - t_begin - (int64_t)kt * BT);
+        const int64_t t0 = t_begin + (int64_t)kt * BT;
+        src_copy.for_each_chunk(srcs + stage * BT * C::SRC_LD, C::SRC_LD, rows_valid, cols_valid,
+                                [&](T* chunk, int r, int c) {
+                                    drop_chunk(chunk, p.dropout, (uint32_t)(t0 + r), (uint32_t)(band0 + c));
+                                });
+    };
 #pragma unroll
     for (int s = 0; s < STAGES - 1; ++s) {
         if (s < k_tiles) {
@@ -144,6 +164,7 @@ __device__ __forceinline__ void da_partial_kernel(const singlora_da_params& p) {
     fetch_ss(STAGES - 1);
     for (int kt = 0; kt < k_tiles; ++kt) {
         cp_async_wait<STAGES - 2>();
+        if (drop_x) drop_src(kt % STAGES, kt);  // this thread's chunks of stage kt landed
         __syncthreads();  // stage kt landed everywhere; stage kt-1 is free
         const int next = kt + STAGES - 1;
         if (next < k_tiles) {

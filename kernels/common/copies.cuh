@@ -69,6 +69,25 @@ template <typename T, int ROWS, int COLS> struct TileCopy {
         }
     }
 
+    // f(chunk, r, c) for each of this thread's chunks inside the valid
+    // extent (rows x cols, tile-relative): the ones copy() filled from
+    // global memory (a chunk that straddles the last column has zeros past
+    // it). After cp_async_wait, a thread's own chunks have landed for it,
+    // so it may rewrite them in place (dropout) before the block's barrier.
+    // Not unrolled: f (dropout's Philox calls) is long, and unrolled passes
+    // would interleave and hold more registers than the kernels around
+    // them (costing occupancy even when the branch that calls it is off).
+    template <typename F>
+    __device__ __forceinline__ void for_each_chunk(T* s, int sld, int rows, int cols, F&& f) const {
+#pragma unroll 1
+        for (int p = 0; p < PASSES; ++p) {
+            const int r = r0 + p * RSTEP;
+            if (PARTIAL && r >= ROWS) continue;
+            if (r >= rows || c >= cols) continue;
+            f(s + r * sld + c, r, c);
+        }
+    }
+
     // The reverse: shared tile -> global, rows x cols valid (others skipped).
     __device__ __forceinline__ void store(T* __restrict__ g, const T* __restrict__ s, int sld, int rows, int cols,
                                           bool vec) const {

@@ -142,12 +142,12 @@ template <int MT, int NT> __device__ __forceinline__ void zero_acc(float (&acc)[
 }
 
 // Visits a warp's MT × NT accumulator tile (rows from m0, columns from n0)
-// in mma.sync's layout: f(mt, h, row, col, v0, v1) for the element pair
-// (row, col), (row, col + 1) of each 16 × 8 tile, h selecting the upper
-// (g) or lower (g + 8) row of the thread's pair. One home for the layout
-// every epilogue walks.
+// in mma.sync's layout: f(mt, nt, h, row, col, v0, v1) for the element pair
+// (row, col), (row, col + 1) of each 16 × 8 tile (mt, nt), h selecting the
+// upper (g) or lower (g + 8) row of the thread's pair. One home for the
+// layout every epilogue walks.
 template <int MT, int NT, typename F>
-__device__ __forceinline__ void for_each_pair(const float (&acc)[MT][NT][4], int m0, int n0, F&& f) {
+__device__ __forceinline__ void for_each_pair_nt(const float (&acc)[MT][NT][4], int m0, int n0, F&& f) {
     const int lane = threadIdx.x & 31;
     const int g = lane >> 2, t = lane & 3;
 #pragma unroll
@@ -156,7 +156,14 @@ __device__ __forceinline__ void for_each_pair(const float (&acc)[MT][NT][4], int
         for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
             for (int h = 0; h < 2; ++h)
-                f(mt, h, m0 + mt * 16 + g + 8 * h, n0 + nt * 8 + 2 * t, acc[mt][nt][2 * h], acc[mt][nt][2 * h + 1]);
+                f(mt, nt, h, m0 + mt * 16 + g + 8 * h, n0 + nt * 8 + 2 * t, acc[mt][nt][2 * h], acc[mt][nt][2 * h + 1]);
+}
+
+// The same without the n-tile index: f(mt, h, row, col, v0, v1).
+template <int MT, int NT, typename F>
+__device__ __forceinline__ void for_each_pair(const float (&acc)[MT][NT][4], int m0, int n0, F&& f) {
+    for_each_pair_nt(acc, m0, n0,
+                     [&](int mt, int, int h, int r, int c, float v0, float v1) { f(mt, h, r, c, v0, v1); });
 }
 
 }  // namespace singlora

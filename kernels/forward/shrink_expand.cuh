@@ -25,11 +25,22 @@
 // blocks of a cluster each reduce 1/CL of d_in, then add the CL partial S
 // tiles read from each other's shared memory (in rank order, so every block
 // gets the same bits) before expanding their own columns.
+//
+// Dropout (p.dropout.threshold != 0; a block-uniform branch, so p = 0 runs
+// exactly the undropped instructions): with dropout_out == 0 each thread
+// zeroes the dropped elements of its own chunks of every `in` tile once they
+// have landed (before the barrier that publishes the tile), and S is scaled
+// by 1/(1 − p) in f32; with dropout_out == 1 (dX) the expand's epilogue
+// masks the adapter term by (token, output column) and folds 1/(1 − p) into
+// the row scale. In the epilogue the two lanes that own the same four
+// columns of a row split the Philox calls (one row each) and swap the other
+// lane's keep bits with one shuffle.
 #pragma once
 
 #include <cooperative_groups.h>
 
 #include "common/copies.cuh"
+#include "common/dropout.cuh"
 #include "common/mma.cuh"
 #include "common/scale.cuh"
 
@@ -138,6 +149,16 @@ __device__ __forceinline__ void forward_kernel(const singlora_forward_params& p)
     };
     // Warps whose rows are all padding (few tokens) skip the tensor-core work.
     const bool shrink_rows = wm * C::WTM < rows;
+    // Dropout on `in` (forward S, recomputed S): mask this thread's chunks
+    // of a landed stage in place.
+    const bool drop_in = p.dropout.threshold != 0 && p.dropout_out == 0;
+    auto drop_stage = [&](int stage, int kt) {
+        const int64_t k0 = (int64_t)(kt_begin + kt) * BK;
+        const int k_valid = (int)min((int64_t)BK, p.k_dim - k0);
+        x_copy.for_each_chunk(xs + stage * BM * C::X_LD, C::X_LD, rows, k_valid, [&](T* chunk, int r, int c) {
+            drop_chunk(chunk, p.dropout, (uint32_t)(row0 + r), (uint32_t)(k0 + c));
+        });
+    };
 #pragma unroll
     for (int s = 0; s < STAGES - 1; ++s) {
         if (s < k_tiles) load_stage(s, s);
@@ -145,6 +166,8 @@ __device__ __forceinline__ void forward_kernel(const singlora_forward_params& p)
     }
     for (int kt = 0; kt < k_tiles; ++kt) {
         cp_async_wait<STAGES - 2>();
+        // This thread's chunks of stage kt have landed (for it).
+        if (drop_in) drop_stage(kt % STAGES, kt);
         // Also frees the stage refilled below: every warp finished reading it
         // in the previous iteration.
         __syncthreads();
@@ -163,6 +186,17 @@ __device__ __forceinline__ void forward_kernel(const singlora_forward_params& p)
     }
     cp_async_wait<0>();
     __syncthreads();  // the pipeline buffers become the f32 staging of S
+
+    if (drop_in) {
+        // S = drop(in)·A = (M ⊙ in)·A / (1 − p), scaled once in f32.
+        const float ks = p.dropout.scale;
+#pragma unroll
+        for (int mt = 0; mt < C::MT; ++mt)
+#pragma unroll
+            for (int nt = 0; nt < C::NT; ++nt)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) acc[mt][nt][e] *= ks;
+    }
 
     for_each_pair(acc, wm * C::WTM, wn * C::WTN, [&](int, int, int r, int c, float v0, float v1) {
         *reinterpret_cast<float2*>(&sf[r * C::SF_LD + c]) = make_float2(v0, v1);
@@ -267,6 +301,16 @@ __device__ __forceinline__ void forward_kernel(const singlora_forward_params& p)
     for (int mt = 0; mt < C::EMT; ++mt)
 #pragma unroll
         for (int h = 0; h < 2; ++h) rs[mt][h] = expand_rows ? scale * row_inv[em0 + mt * 16 + g + 8 * h] : 0.0f;
+    // Dropout on out's adapter term (dX): mask by (token, output column),
+    // 1/(1 − p) folded into the row scale.
+    const bool drop_out = p.dropout.threshold != 0 && p.dropout_out != 0;
+    if (drop_out) {
+#pragma unroll
+        for (int mt = 0; mt < C::EMT; ++mt)
+#pragma unroll
+            for (int h = 0; h < 2; ++h) rs[mt][h] *= p.dropout.scale;
+    }
+    static_assert(C::EMT * C::ENT * 4 <= 32, "keep bits of a thread's expand tile fit a word");
 
     for (int j = 0; j < chunks; ++j) {
         const int buf = j % STAGES;
@@ -285,10 +329,46 @@ __device__ __forceinline__ void forward_kernel(const singlora_forward_params& p)
             for (int k0 = 0; k0 < rpad; k0 += 16) {
                 tile_mma_k16<T, C::EMT, C::ENT, true, true>(eacc, st, C::ST_LD, at, C::A_LD, em0, en0, k0, BN);
             }
+            // Keep bits of this thread's element pairs: bit 4·(mt·ENT + nt) +
+            // 2·h + e for row em0 + mt·16 + g + 8h, column en0 + nt·8 +
+            // 2·(lane % 4) + e. Lanes 2i and 2i+1 own the two halves of the
+            // same four columns: lane parity b draws rows h = b and hands the
+            // partner its half through one shuffle.
+            uint32_t keep = 0;
+            if (drop_out) {
+                const int b = lane & 1;
+                const uint32_t col4 =
+                    (uint32_t)((col_begin + (int64_t)j * BN + en0 + 2 * (lane & 3)) >> 2);
+                uint32_t give = 0;
+#pragma unroll
+                for (int mt = 0; mt < C::EMT; ++mt)
+#pragma unroll
+                    for (int nt = 0; nt < C::ENT; ++nt) {
+                        const uint32_t token = (uint32_t)(row0 + em0 + mt * 16 + g + 8 * b);
+                        const Philox4 w = dropout_words(p.dropout.seed, p.dropout.offset, token, col4 + 2 * nt);
+                        const uint32_t th = p.dropout.threshold;
+                        const int bit = 4 * (mt * C::ENT + nt) + 2 * b;
+                        // Selects, not w.v[2·b]: a runtime index would put w on the stack.
+                        const uint32_t k01 = (uint32_t)(w.v[0] >= th) | (uint32_t)(w.v[1] >= th) << 1;
+                        const uint32_t k23 = (uint32_t)(w.v[2] >= th) | (uint32_t)(w.v[3] >= th) << 1;
+                        const uint32_t mine = b ? k23 : k01;
+                        const uint32_t theirs = b ? k01 : k23;
+                        keep |= mine << bit;
+                        give |= theirs << bit;
+                    }
+                // The partner drew the rows h = 1 − b and put this lane's
+                // columns at exactly the bits of this lane's h = 1 − b slots.
+                keep |= __shfl_xor_sync(0xffffffffu, give, 1);
+            }
             // Epilogue in place in the Y tile: each element pair has one owner.
-            for_each_pair(eacc, em0, en0, [&](int mt, int h, int r, int c, float v0, float v1) {
+            for_each_pair_nt(eacc, em0, en0, [&](int mt, int nt, int h, int r, int c, float v0, float v1) {
                 T* y = yt + r * C::Y_LD + c;
                 float2 v = make_float2(v0 * rs[mt][h], v1 * rs[mt][h]);
+                if (drop_out) {
+                    const int bit = 4 * (mt * C::ENT + nt) + 2 * h;
+                    if (!(keep >> bit & 1u)) v.x = 0.0f;
+                    if (!(keep >> (bit + 1) & 1u)) v.y = 0.0f;
+                }
                 if (accumulate) {
                     const float2 old = load2(y);
                     v.x += old.x;

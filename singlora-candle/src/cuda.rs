@@ -20,7 +20,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::CudaDType;
 use candle_core::op::BackpropOp;
 use candle_core::{CudaDevice, CudaStorage, DType, Layout, Result, Shape, Storage, Tensor};
-use cudarc::cublas::{sys::cublasOperation_t, CudaBlas, Gemm, GemmConfig};
+use cudarc::cublas::{sys::cublasOperation_t, CudaBlas, Gemm};
 use cudarc::driver::{CudaSlice, CudaView, DevicePtrMut, DeviceRepr};
 use half::{bf16, f16};
 use singlora::runtime::blas::gemm_config;
@@ -214,6 +214,7 @@ where
         Some(&mut s as &mut dyn DevicePtrMut<f32>),
         op.scale,
         beta,
+        singlora::Dropout::NONE,
     )
     .map_err(wrap)?;
     op.save(tokens, Saved::Cuda(s));
@@ -337,6 +338,7 @@ where
             &mut da,
             0.0,
             &mut ws,
+            singlora::Dropout::NONE,
         )
         .map_err(wrap)?;
         Some(da)
@@ -356,6 +358,7 @@ where
             None,
             op.scale,
             dx_beta,
+            singlora::Dropout::NONE,
         )
         .map_err(wrap)?;
         None

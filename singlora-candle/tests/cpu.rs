@@ -70,10 +70,31 @@ impl Case {
         let (t, di, dout) = (self.tokens(), self.d_in, self.d_out);
         let dims = self.dims();
         let mut y = base(&x, &w, t, di, dout);
-        reference::forward(&dims, &x, &a, self.scale, 1.0, &mut y).unwrap();
+        reference::forward(
+            &dims,
+            &x,
+            &a,
+            self.scale,
+            1.0,
+            &mut y,
+            singlora::Dropout::NONE,
+        )
+        .unwrap();
         let mut dx = base_dx(&g, &w, t, di, dout);
         let mut da = vec![0.0; dims.a_len()];
-        reference::backward(&dims, &x, &a, &g, self.scale, 1.0, &mut dx, 0.0, &mut da).unwrap();
+        reference::backward(
+            &dims,
+            &x,
+            &a,
+            &g,
+            self.scale,
+            1.0,
+            &mut dx,
+            0.0,
+            &mut da,
+            singlora::Dropout::NONE,
+        )
+        .unwrap();
         Ok((y, dx, da))
     }
 

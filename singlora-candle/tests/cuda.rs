@@ -103,9 +103,22 @@ fn forward_and_backward_match_the_f64_reference_and_the_cpu_path() -> R {
                         .sum();
                 }
             }
-            reference::forward(&dims, &xr, &ar, 0.5, 1.0, &mut ry).unwrap();
+            reference::forward(&dims, &xr, &ar, 0.5, 1.0, &mut ry, singlora::Dropout::NONE)
+                .unwrap();
             let mut rda = vec![0.0; dims.a_len()];
-            reference::backward(&dims, &xr, &ar, &gr, 0.5, 1.0, &mut rdx, 0.0, &mut rda).unwrap();
+            reference::backward(
+                &dims,
+                &xr,
+                &ar,
+                &gr,
+                0.5,
+                1.0,
+                &mut rdx,
+                0.0,
+                &mut rda,
+                singlora::Dropout::NONE,
+            )
+            .unwrap();
             assert_close(&format!("y {what}"), &y, &ry, tol(dtype));
             assert_close(&format!("dX {what}"), &dx, &rdx, tol(dtype));
             assert_close(&format!("dA {what}"), &da, &rda, tol(dtype));

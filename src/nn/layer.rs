@@ -6,12 +6,14 @@
 //! Every buffer is a `CudaSlice` freed with the layer. All work is enqueued
 //! on the layer's stream; several layers may share one stream.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use cudarc::cublas::{CudaBlas, Gemm};
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
 
 use crate::dims::{check_len, Dims};
+use crate::dropout::{check_p, Dropout};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::nn::frozen::{Frozen, Product};
@@ -37,6 +39,9 @@ pub struct ForwardCtx {
     s: Option<CudaSlice<f32>>,
     /// The forward ran the adapter (S holds this forward's rows).
     ran: bool,
+    /// The adapter dropout the forward ran with (its seed and offset), which
+    /// the matching backward regenerates the mask from.
+    dropout: Dropout,
 }
 
 impl ForwardCtx {
@@ -54,10 +59,24 @@ impl ForwardCtx {
     pub fn s(&self) -> Option<&CudaSlice<f32>> {
         self.s.as_ref().filter(|_| self.ran)
     }
+
+    /// The adapter dropout of the forward ([`Dropout::NONE`] in eval mode
+    /// or without dropout).
+    pub fn dropout(&self) -> Dropout {
+        self.dropout
+    }
 }
 
 /// A SingLoRA linear layer: `y = x·W0ᵀ + s·(x·A[:d_in])·A[:d_out]ᵀ` with
 /// `s = (alpha / rank)·u(step)`.
+///
+/// Adapter dropout ([`with_dropout`](Self::with_dropout)): in training mode
+/// (the default, [`set_training`](Self::set_training)) the adapter sees
+/// `drop(x)` (`y = x·W0ᵀ + s·(drop(x)·A_in)·A_outᵀ`, PEFT's
+/// `lora_dropout`), with a fresh mask per forward: the layer's dropout
+/// offset advances once per training-mode forward that runs the adapter,
+/// and the [`ForwardCtx`] keeps the (seed, offset) pair for the matching
+/// backward. Eval mode runs without dropout.
 ///
 /// ```no_run
 /// # fn main() -> singlora::Result<()> {
@@ -94,6 +113,13 @@ pub struct SingLoraLinear<T: DType> {
     v: CudaSlice<f32>,
     workspace: Option<CudaSlice<f32>>,
     frozen: Option<Frozen<T>>,
+    /// Adapter dropout probability (0: none), its Philox seed, and the
+    /// offset of the next training-mode forward (atomic: forward takes
+    /// `&self`).
+    dropout_p: f64,
+    dropout_seed: u64,
+    dropout_offset: AtomicU64,
+    training: bool,
 }
 
 impl<T: DType> SingLoraLinear<T>
@@ -106,7 +132,8 @@ where
     /// `A` is initialised like `torch.nn.init.kaiming_uniform_(a=√5)` with
     /// fan-in `D` — uniform in `±1/√D` — from `seed` (never zero: the ramp's
     /// `u(0) = 0` is what makes the adapted layer start equal to the frozen
-    /// one). `D = max(d_in, d_out)`.
+    /// one). `D = max(d_in, d_out)`. `seed` is also the dropout mask's
+    /// seed until [`set_dropout_seed`](Self::set_dropout_seed).
     pub fn new(
         stream: &Arc<CudaStream>,
         d_in: usize,
@@ -145,7 +172,70 @@ where
             v: stream.alloc_zeros(n)?,
             workspace: None,
             frozen: None,
+            dropout_p: 0.0,
+            dropout_seed: seed,
+            dropout_offset: AtomicU64::new(0),
+            training: true,
         })
+    }
+
+    /// Adapter dropout with probability `p` in `[0, 1)` (0: none) in
+    /// training mode.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] naming `p` outside `[0, 1)` or not finite.
+    pub fn with_dropout(mut self, p: f64) -> Result<Self> {
+        self.set_dropout(p)?;
+        Ok(self)
+    }
+
+    /// Sets the dropout probability (see [`with_dropout`](Self::with_dropout)).
+    pub fn set_dropout(&mut self, p: f64) -> Result<()> {
+        check_p("p", p)?;
+        self.dropout_p = p;
+        Ok(())
+    }
+
+    /// The dropout probability.
+    pub fn dropout_p(&self) -> f64 {
+        self.dropout_p
+    }
+
+    /// Sets the Philox seed of the dropout masks and restarts their offset
+    /// at `offset` (e.g. to resume a run: same seed, the offset reached).
+    pub fn set_dropout_seed(&mut self, seed: u64, offset: u64) {
+        self.dropout_seed = seed;
+        *self.dropout_offset.get_mut() = offset;
+    }
+
+    /// The dropout seed.
+    pub fn dropout_seed(&self) -> u64 {
+        self.dropout_seed
+    }
+
+    /// The offset the next training-mode forward will use.
+    pub fn dropout_offset(&self) -> u64 {
+        self.dropout_offset.load(Ordering::Relaxed)
+    }
+
+    /// Training mode (dropout on, the default) or eval mode (no dropout).
+    pub fn set_training(&mut self, training: bool) {
+        self.training = training;
+    }
+
+    /// The layer is in training mode.
+    pub fn is_training(&self) -> bool {
+        self.training
+    }
+
+    /// The dropout of the next forward, advancing the offset in training
+    /// mode.
+    fn next_dropout(&self) -> Result<Dropout> {
+        if !self.training {
+            return Ok(Dropout::NONE);
+        }
+        let offset = self.dropout_offset.fetch_add(1, Ordering::Relaxed);
+        Dropout::new(self.dropout_p, self.dropout_seed, offset)
     }
 
     /// Gives the layer its frozen base weight `W0` (`d_out × d_in`,
@@ -254,8 +344,9 @@ where
     /// is added onto `y`, which must hold the caller's frozen layer output.
     /// When merged, `y = x·W0ᵀ` alone (the adapter is inside `W0`).
     ///
-    /// Returns the context [`backward`](Self::backward) needs (`S`); the
-    /// scale is read from the device step when the kernels run.
+    /// Returns the context [`backward`](Self::backward) needs (`S` and the
+    /// dropout's seed and offset); the scale is read from the device step
+    /// when the kernels run.
     pub fn forward(
         &self,
         tokens: usize,
@@ -270,7 +361,9 @@ where
     /// [`forward`](Self::forward) into a context kept from an earlier call:
     /// its S buffer is reused when it is large enough, so once warmed up the
     /// call allocates nothing, synchronises nothing and reads nothing back
-    /// (it can be captured in a CUDA graph).
+    /// (it can be captured in a CUDA graph; with dropout the captured
+    /// launch keeps the offset it was captured with, so every replay draws
+    /// the same mask).
     pub fn forward_into(
         &self,
         ctx: &mut ForwardCtx,
@@ -283,6 +376,7 @@ where
         check_len("y", y.len(), tokens * dims.d_out())?;
         ctx.tokens = tokens;
         ctx.ran = false;
+        ctx.dropout = Dropout::NONE;
         if tokens == 0 {
             return Ok(());
         }
@@ -292,6 +386,14 @@ where
             // cannot run them refuses the call with y untouched.
             forward_kernels::<T>(&*Kernels::for_stream(&self.stream)?, dims.rank())?;
         }
+        // Drawn (and checked) before cuBLAS writes y; a merged forward runs
+        // no adapter and consumes no offset.
+        let dropout = if merged {
+            Dropout::NONE
+        } else {
+            self.next_dropout()?
+        };
+        dropout.check_tokens(tokens)?;
         if let Some(f) = &self.frozen {
             f.apply(Product::Forward, &dims, x, y)?;
             if merged {
@@ -315,8 +417,10 @@ where
             Some(s),
             self.device_scale(),
             1.0,
+            dropout,
         )?;
         ctx.ran = true;
+        ctx.dropout = dropout;
         Ok(())
     }
 
@@ -328,6 +432,9 @@ where
     /// * `dx` (`tokens × d_in`), if given: with a frozen `W0` it is set to
     ///   `g·W0 + s·Q·A_inᵀ`; without one the adapter term is added onto
     ///   `dx`, which must hold the caller's frozen-path gradient.
+    ///
+    /// The forward's dropout (kept in `ctx`) applies: dA's `Xᵀ·Q` term uses
+    /// `drop(x)` and dX's adapter term is masked the same way.
     ///
     /// Refused (nothing written) while merged: unmerge before training.
     pub fn backward(
@@ -394,6 +501,7 @@ where
             &mut self.grad,
             if accumulate { 1.0 } else { 0.0 },
             workspace,
+            ctx.dropout,
         )
     }
 

@@ -14,6 +14,7 @@ use std::sync::Arc;
 use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut};
 
 use crate::dims::{check_beta, check_len, mul, Dims, Matrix};
+use crate::dropout::Dropout;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::ops::forward::{forward_kernels, ShrinkExpand};
@@ -117,6 +118,7 @@ pub struct BackwardShape {
     scale: RawScale,
     da_beta: f32,
     ws: Workspace,
+    dropout: Dropout,
 }
 
 impl BackwardShape {
@@ -153,7 +155,23 @@ impl BackwardShape {
             scale,
             da_beta,
             ws: workspace(dims, saved_s)?,
+            dropout: Dropout::NONE,
         })
+    }
+
+    /// The same shape with the adapter dropout of the forward it
+    /// differentiates (default [`Dropout::NONE`]): dA's `Xᵀ·Q` term uses
+    /// `drop(X)`, dX's adapter term is masked, and a recomputed S is
+    /// `drop(X)·A_in`; a saved S must come from the forward with the same
+    /// dropout. Refuses more than 2³² tokens when `dropout` is active.
+    pub fn with_dropout(self, dropout: Dropout) -> Result<Self> {
+        dropout.check_tokens(self.dims.tokens())?;
+        Ok(Self { dropout, ..self })
+    }
+
+    /// The dropout of the call.
+    pub fn dropout(&self) -> Dropout {
+        self.dropout
     }
 
     /// Checks the buffer lengths (elements) against the shapes.
@@ -232,7 +250,9 @@ impl BackwardShape {
     }
 }
 
-/// Runs the adapter backward on `stream`.
+/// Runs the adapter backward on `stream`, for the forward that ran with
+/// `dropout` (the same seed and offset: the mask is regenerated, see
+/// [`Dropout`]; [`Dropout::NONE`] without dropout).
 ///
 /// * `g` = ∂L/∂Y (`tokens × d_out`, row stride `ld_g`), `x` the forward's
 ///   input (`tokens × d_in`, `ld_x`), `a` (`D × rank`).
@@ -263,6 +283,7 @@ pub fn backward<'s, T: DType>(
     da: &mut impl DevicePtrMut<f32>,
     da_beta: f32,
     workspace_buf: &mut impl DevicePtrMut<f32>,
+    dropout: Dropout,
 ) -> Result<()> {
     let lens = BackwardLens {
         x: x.len(),
@@ -285,7 +306,8 @@ pub fn backward<'s, T: DType>(
         saved_s.is_some(),
         raw_scale,
         da_beta,
-    )?;
+    )?
+    .with_dropout(dropout)?;
     shape.check_lens(&lens)?;
     let (x_ptr, _x_rec) = x.device_ptr(stream);
     let (g_ptr, _g_rec) = g.device_ptr(stream);
@@ -432,6 +454,8 @@ unsafe fn launch_backward<T: DType>(
             rank: dims.rank(),
             scale: shape.scale,
             beta: dx_beta,
+            dropout: shape.dropout,
+            dropout_out: true,
         }
         .launch::<T>(stream, kernels)?;
         if ws.s.is_some() {
@@ -449,6 +473,8 @@ unsafe fn launch_backward<T: DType>(
                 rank: dims.rank(),
                 scale: shape.scale,
                 beta: 0.0,
+                dropout: shape.dropout,
+                dropout_out: false,
             }
             .launch::<T>(stream, kernels)?;
         }
@@ -475,6 +501,7 @@ unsafe fn launch_backward<T: DType>(
         x_vec: vec_ok::<T>(p.x, shape.x.ld()),
         g_vec: vec_ok::<T>(p.g, shape.g.ld()),
         pad_: 0,
+        dropout: shape.dropout.param(),
     };
     let bands = dims.d().div_ceil(partial.info.block_rows as usize) as u32;
     let rank_splits = partial.info.rank_cap / partial.info.block_cols;

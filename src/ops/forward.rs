@@ -12,6 +12,7 @@ use std::sync::Arc;
 use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut};
 
 use crate::dims::{check_beta, check_len, Dims, Matrix};
+use crate::dropout::Dropout;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::ops::regions::{check_disjoint, Region};
@@ -28,6 +29,7 @@ pub struct ForwardShape {
     y: Matrix,
     scale: RawScale,
     beta: f32,
+    dropout: Dropout,
 }
 
 impl ForwardShape {
@@ -51,7 +53,21 @@ impl ForwardShape {
             y,
             scale,
             beta,
+            dropout: Dropout::NONE,
         })
+    }
+
+    /// The same shape with adapter dropout (`S = drop(X)·A_in`; the default
+    /// is [`Dropout::NONE`]). Refuses more than 2³² tokens when `dropout`
+    /// is active (the mask's counter holds 32 bits of the token).
+    pub fn with_dropout(self, dropout: Dropout) -> Result<Self> {
+        dropout.check_tokens(self.dims.tokens())?;
+        Ok(Self { dropout, ..self })
+    }
+
+    /// The dropout of the call.
+    pub fn dropout(&self) -> Dropout {
+        self.dropout
     }
 
     /// Checks buffer lengths in elements (`s_len`: `None` when no S is stored).
@@ -104,8 +120,13 @@ pub struct ForwardPtrs {
 
 /// Runs the adapter forward on `stream`:
 ///
-/// * `s` (if given, `tokens × rank` f32, contiguous) ← `X · A[:d_in]`
+/// * `s` (if given, `tokens × rank` f32, contiguous) ← `drop(X) · A[:d_in]`
 /// * `y` (`tokens × d_out`, row stride `ld_y`) ← `beta·y + scale · S · A[:d_out]ᵀ`
+///
+/// `drop(X) = M ⊙ X / (1 − p)` with the mask of `dropout` (see
+/// [`Dropout`]; [`Dropout::NONE`]: `X` itself, bitwise the undropped
+/// kernels); the frozen path, which the caller computes into `y`, is not
+/// dropped. Pass the same `dropout` to the matching [`crate::backward()`].
 ///
 /// `x` is `tokens × d_in` with row stride `ld_x`; `a` is `D × rank`,
 /// contiguous. `beta` is 0 (overwrite; `y` is never read) or 1 (add onto the
@@ -129,10 +150,11 @@ pub fn forward<'s, T: DType>(
     s: Option<&mut dyn DevicePtrMut<f32>>,
     scale: impl Into<Scale<'s>>,
     beta: f32,
+    dropout: Dropout,
 ) -> Result<()> {
     let scale = scale.into();
     let (raw_scale, _scale_rec) = scale.raw(stream)?;
-    let shape = ForwardShape::new(dims, ld_x, ld_y, raw_scale, beta)?;
+    let shape = ForwardShape::new(dims, ld_x, ld_y, raw_scale, beta)?.with_dropout(dropout)?;
     shape.check_lens(x.len(), a.len(), y.len(), s.as_ref().map(|s| s.len()))?;
     let (x_ptr, _x_rec) = x.device_ptr(stream);
     let (a_ptr, _a_rec) = a.device_ptr(stream);
@@ -182,6 +204,8 @@ pub unsafe fn forward_raw<T: DType>(
         rank: dims.rank(),
         scale: shape.scale,
         beta: shape.beta,
+        dropout: shape.dropout,
+        dropout_out: false,
     };
     op.launch::<T>(stream, &kernels)
 }
@@ -220,6 +244,8 @@ fn shrink_expand_kernel<T: DType>(kernels: &Kernels, rank: usize) -> Result<&Ker
 
 /// One launch of the shrink-expand kernel: `s_out = input · A[:k_dim]`,
 /// `out = beta·out + scale · s_out · A[:n_dim]ᵀ` (`out == 0`: shrink only).
+/// An active `dropout` drops `input` (`dropout_out` false: the forward's S)
+/// or masks the adapter term of `out` (`dropout_out` true: the backward's dX).
 pub(crate) struct ShrinkExpand {
     pub input: u64,
     pub ld_in: usize,
@@ -233,6 +259,8 @@ pub(crate) struct ShrinkExpand {
     pub rank: usize,
     pub scale: RawScale,
     pub beta: f32,
+    pub dropout: Dropout,
+    pub dropout_out: bool,
 }
 
 /// The grid of one shrink-expand launch, a pure function of the shapes.
@@ -328,7 +356,8 @@ impl ShrinkExpand {
             in_vec: vec_ok::<T>(self.input, self.ld_in),
             out_vec: vec_ok::<T>(self.out, self.ld_out),
             a_vec: vec_ok::<T>(self.a, self.rank),
-            pad_: 0,
+            dropout_out: i32::from(self.dropout_out),
+            dropout: self.dropout.param(),
         };
         launch(stream, kernel, (grid_x, grid.grid.1 as u32, 1), &params)
     }

@@ -54,6 +54,7 @@ fn forward_backward<T: DType>(code: i32) {
         Some(&mut s_r),
         SCALE,
         1.0,
+        singlora::Dropout::NONE,
     )
     .unwrap();
     let mut dx_r = poisoned::<T>(&gpu, (tokens - 1) * ld_x + d_in);
@@ -77,6 +78,7 @@ fn forward_backward<T: DType>(code: i32) {
         &mut da_r,
         0.0,
         &mut ws_r,
+        singlora::Dropout::NONE,
     )
     .unwrap();
 

@@ -30,7 +30,9 @@ use cudarc::driver::{
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 use rand_distr::{Distribution, Normal};
-use singlora::{backward_workspace_len, fill_bits, forward, DType, Dims, Error, Kernels, Scale};
+use singlora::{
+    backward_workspace_len, fill_bits, forward, DType, Dims, Dropout, Error, Kernels, Scale,
+};
 
 pub struct Gpu {
     pub ctx: Arc<CudaContext>,
@@ -362,6 +364,7 @@ pub fn forward_placed<'s, T: DType>(
         s_view.as_mut().map(|v| v as &mut dyn DevicePtrMut<f32>),
         scale,
         beta,
+        Dropout::NONE,
     )
     .unwrap();
 }

@@ -6,7 +6,7 @@
 use std::sync::Arc;
 
 use cudarc::driver::{CudaSlice, CudaStream};
-use singlora::{backward, backward_workspace_len, forward, reference, DType, Dims, DxOut};
+use singlora::{backward, backward_workspace_len, forward, reference, DType, Dims, Dropout, DxOut};
 
 use super::{download_on, poisoned_on, upload_on};
 
@@ -59,7 +59,8 @@ impl<T: DType> PassBufs<T> {
     }
 
     /// Enqueues the forward, then the backward (from the forward's S, or
-    /// recomputing it where `saved_s` is false); reads nothing back.
+    /// recomputing it where `saved_s` is false), both with `dropout`; reads
+    /// nothing back.
     #[allow(clippy::too_many_arguments)]
     pub fn run(
         &mut self,
@@ -69,6 +70,7 @@ impl<T: DType> PassBufs<T> {
         scale: f32,
         y_beta: f32,
         saved_s: bool,
+        dropout: Dropout,
     ) {
         let (d_in, d_out) = (dims.d_in(), dims.d_out());
         forward(
@@ -82,6 +84,7 @@ impl<T: DType> PassBufs<T> {
             Some(&mut self.s),
             scale,
             y_beta,
+            dropout,
         )
         .unwrap();
         backward(
@@ -102,6 +105,7 @@ impl<T: DType> PassBufs<T> {
             &mut self.da,
             0.0,
             &mut self.ws,
+            dropout,
         )
         .unwrap();
     }
@@ -119,22 +123,24 @@ impl<T: DType> PassBufs<T> {
 }
 
 /// The f64 reference of a pass over `x`, `g` and `a`: Y from `y0` (Y's
-/// start, used where `y_beta` ≠ 0), S, Q, and dX and dA overwritten.
+/// start, used where `y_beta` ≠ 0), S, Q, and dX and dA overwritten, with
+/// `dropout` (Q = G·A[:d_out] has none).
 pub fn reference_pass(
     dims: &Dims,
     [x, g, a]: [&[f64]; 3],
     scale: f64,
-    y0: &[f64],
-    y_beta: f64,
+    (y0, y_beta): (&[f64], f64),
+    dropout: Dropout,
 ) -> Pass {
     let (tokens, d_in, d_out, rank) = (dims.tokens(), dims.d_in(), dims.d_out(), dims.rank());
     let mut y = y0.to_vec();
-    let s = reference::forward(dims, x, a, scale, y_beta, &mut y).unwrap();
+    let s = reference::forward(dims, x, a, scale, y_beta, &mut y, dropout).unwrap();
     let mut dx = vec![0.0; tokens * d_in];
     let mut da = vec![0.0; dims.a_len()];
-    reference::backward(dims, x, a, g, scale, 0.0, &mut dx, 0.0, &mut da).unwrap();
+    reference::backward(dims, x, a, g, scale, 0.0, &mut dx, 0.0, &mut da, dropout).unwrap();
     // Q = G·A[:d_out] is the shrink of the swapped shape.
     let swapped = Dims::new(tokens, d_out, d_in, rank).unwrap();
-    let q = reference::forward(&swapped, g, a, 0.0, 0.0, &mut vec![0.0; tokens * d_in]).unwrap();
+    let mut unused = vec![0.0; tokens * d_in];
+    let q = reference::forward(&swapped, g, a, 0.0, 0.0, &mut unused, Dropout::NONE).unwrap();
     Pass { y, s, q, dx, da }
 }

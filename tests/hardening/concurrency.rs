@@ -25,7 +25,7 @@ use cudarc::cublas::{CudaBlas, Gemm};
 use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtr};
 use half::{bf16, f16};
 use singlora::ffi::{singlora_last_error, SINGLORA_OK};
-use singlora::{AdamW, DType, Dims, Kernels, SingLoraLinear};
+use singlora::{AdamW, DType, Dims, Dropout, Kernels, SingLoraLinear};
 
 const SCALE: f32 = 0.75;
 
@@ -132,7 +132,7 @@ fn run_rust<T: DType>(stream: &Arc<CudaStream>, job: &Job, inp: &Inputs, reps: u
     let y0 = upload_on::<T>(stream, &inp.y0);
     let mut outs: Vec<PassBufs<T>> = (0..reps).map(|_| outs(stream, &dims, &y0)).collect();
     for o in &mut outs {
-        o.run(stream, &dims, [&x, &g, &a], SCALE, 1.0, true);
+        o.run(stream, &dims, [&x, &g, &a], SCALE, 1.0, true, Dropout::NONE);
     }
     outs.iter().map(|o| bits(stream, &dims, o)).collect()
 }
@@ -192,7 +192,13 @@ fn run(job: &Job, stream: &Arc<CudaStream>, inp: &Inputs, reps: usize, capi: boo
 /// element type's bar.
 fn check_reference(job: &Job, inp: &Inputs, b: &Bits) {
     let dims = job.sh.dims();
-    let want = reference_pass(&dims, [&inp.x, &inp.g, &inp.a], SCALE as f64, &inp.y0, 1.0);
+    let want = reference_pass(
+        &dims,
+        [&inp.x, &inp.g, &inp.a],
+        SCALE as f64,
+        (&inp.y0, 1.0),
+        Dropout::NONE,
+    );
     let f = |v: &[u64]| v.iter().map(|&b| f64::from_bits(b)).collect::<Vec<_>>();
     let name = format!("{job:?}");
     let close = |what: &str, got: &[u64], want: &[f64]| match job.dt {

@@ -187,10 +187,28 @@ fn period_reference(dims: &Dims, x: &[f64], g: &[f64], a: &[f64]) -> PeriodRef {
     let (d_in, d_out, rank) = (dims.d_in(), dims.d_out(), dims.rank());
     let pd = Dims::new(P, d_in, d_out, rank).unwrap();
     let mut y = vec![0.0; P * d_out];
-    let s = reference::forward(&pd, x, a, SCALE as f64, 0.0, &mut y).unwrap();
+    let s = reference::forward(
+        &pd,
+        x,
+        a,
+        SCALE as f64,
+        0.0,
+        &mut y,
+        singlora::Dropout::NONE,
+    )
+    .unwrap();
     let swapped = Dims::new(P, d_out, d_in, rank).unwrap();
     let mut dx = vec![0.0; P * d_in];
-    let q = reference::forward(&swapped, g, a, SCALE as f64, 0.0, &mut dx).unwrap();
+    let q = reference::forward(
+        &swapped,
+        g,
+        a,
+        SCALE as f64,
+        0.0,
+        &mut dx,
+        singlora::Dropout::NONE,
+    )
+    .unwrap();
     let mut da = vec![0.0; dims.a_len()];
     for p in 0..P {
         let n = copies(dims.tokens(), p) * SCALE as f64;
@@ -256,6 +274,7 @@ fn forward_backward<T: DType>(gpu: &Gpu, dims: &Dims, seed: u64, with_backward: 
             Some(&mut s),
             SCALE,
             0.0,
+            singlora::Dropout::NONE,
         )
         .unwrap();
         assert_finite_everywhere(gpu, "Y", &y, tokens, d_out);
@@ -287,6 +306,7 @@ fn forward_backward<T: DType>(gpu: &Gpu, dims: &Dims, seed: u64, with_backward: 
         &mut da,
         0.0,
         &mut ws,
+        singlora::Dropout::NONE,
     )
     .unwrap();
     assert_finite_everywhere(gpu, "dX", &dx, tokens, d_in);
@@ -379,6 +399,7 @@ fn backward_with_a_workspace_over_4_gib() {
             &mut da,
             0.0,
             &mut ws,
+            singlora::Dropout::NONE,
         )
         .unwrap();
         assert_finite_everywhere(gpu, "dX", &dx, tokens, 256);
@@ -537,10 +558,31 @@ fn period_reference_is_the_whole_matrix_reference() {
     };
     let (x, g) = (whole(&xp, d_in), whole(&gp, d_out));
     let mut y = vec![0.0; tokens * d_out];
-    let s = reference::forward(&dims, &x, &ap, SCALE as f64, 0.0, &mut y).unwrap();
+    let s = reference::forward(
+        &dims,
+        &x,
+        &ap,
+        SCALE as f64,
+        0.0,
+        &mut y,
+        singlora::Dropout::NONE,
+    )
+    .unwrap();
     let mut dx = vec![0.0; tokens * d_in];
     let mut da = vec![0.0; dims.a_len()];
-    reference::backward(&dims, &x, &ap, &g, SCALE as f64, 0.0, &mut dx, 0.0, &mut da).unwrap();
+    reference::backward(
+        &dims,
+        &x,
+        &ap,
+        &g,
+        SCALE as f64,
+        0.0,
+        &mut dx,
+        0.0,
+        &mut da,
+        singlora::Dropout::NONE,
+    )
+    .unwrap();
     let same = |what: &str, got: &[f64], want: &[f64]| {
         let err = rel_l2(got, want);
         assert!(err < 1e-12, "{what}: {err:e}");
@@ -550,7 +592,16 @@ fn period_reference_is_the_whole_matrix_reference() {
     same("dX", &dx, &whole(&want.dx, d_in));
     same("dA", &da, &want.da);
     let swapped = Dims::new(tokens, d_out, d_in, rank).unwrap();
-    let q = reference::forward(&swapped, &g, &ap, 0.0, 0.0, &mut vec![0.0; tokens * d_in]).unwrap();
+    let q = reference::forward(
+        &swapped,
+        &g,
+        &ap,
+        0.0,
+        0.0,
+        &mut vec![0.0; tokens * d_in],
+        singlora::Dropout::NONE,
+    )
+    .unwrap();
     same("Q", &q, &whole(&want.q, rank));
 
     let rows = (1usize << 23) + 37;

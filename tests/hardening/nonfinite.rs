@@ -32,7 +32,7 @@
 use crate::common::*;
 use half::f16;
 use rand::rngs::StdRng;
-use singlora::{DType, Dims};
+use singlora::{DType, Dims, Dropout};
 
 const SCALE: f32 = 0.5;
 /// What every output holds before a launch: finite, exact in every type.
@@ -217,8 +217,8 @@ fn run_case<T: DType>(gpu: &Gpu, c: Case, seed: u64, saved_s: bool) {
         &dims,
         [&x_ref, &g_ref, &a],
         SCALE as f64,
-        &vec![0.0; tokens * d_out],
-        0.0,
+        (&vec![0.0; tokens * d_out], 0.0),
+        Dropout::NONE,
     );
 
     // Every output starts finite (beta = 0 never reads Y); the backward
@@ -229,7 +229,15 @@ fn run_case<T: DType>(gpu: &Gpu, c: Case, seed: u64, saved_s: bool) {
         upload::<T>(gpu, &a),
     );
     let mut out = PassBufs::<T>::new(&gpu.stream, &dims, START, saved_s);
-    out.run(&gpu.stream, &dims, [&xd, &gd, &ad], SCALE, 0.0, saved_s);
+    out.run(
+        &gpu.stream,
+        &dims,
+        [&xd, &gd, &ad],
+        SCALE,
+        0.0,
+        saved_s,
+        Dropout::NONE,
+    );
     let got = out.read(&gpu.stream, &dims);
     assert_patterns(&name, &c, got.all());
 
@@ -327,7 +335,7 @@ fn nonfinite_patterns_are_the_references() {
         let dims = c.dims();
         let (x, g, a) = c.inputs::<f32>(700 + i as u64);
         let y0 = vec![0.0; c.tokens * c.d_out];
-        let want = reference_pass(&dims, [&x, &g, &a], SCALE as f64, &y0, 0.0);
+        let want = reference_pass(&dims, [&x, &g, &a], SCALE as f64, (&y0, 0.0), Dropout::NONE);
         assert_patterns(&name, c, want.all());
     }
 }
@@ -371,7 +379,7 @@ fn f16_inputs_near_65504_do_not_overflow_s_or_q() {
             .all(|v| v.abs() >= 59999.0 && v.abs() <= 65504.0));
         let a = quantize::<f16>(&randn(&mut r, dims.a_len(), 1.0 / (dims.d() as f64).sqrt()));
         let y0 = vec![0.0; tokens * d_out];
-        let want = reference_pass(&dims, [&x, &g, &a], scale as f64, &y0, 0.0);
+        let want = reference_pass(&dims, [&x, &g, &a], scale as f64, (&y0, 0.0), Dropout::NONE);
         let (s_ref, q_ref) = (&want.s, &want.q);
         let over = |v: &[f64]| v.iter().filter(|s| s.abs() > 65504.0).count();
         assert!(
@@ -391,7 +399,15 @@ fn f16_inputs_near_65504_do_not_overflow_s_or_q() {
             upload::<f16>(&gpu, &a),
         );
         let mut out = PassBufs::<f16>::new(&gpu.stream, &dims, f64::NAN, true);
-        out.run(&gpu.stream, &dims, [&xd, &gd, &ad], scale, 0.0, true);
+        out.run(
+            &gpu.stream,
+            &dims,
+            [&xd, &gd, &ad],
+            scale,
+            0.0,
+            true,
+            Dropout::NONE,
+        );
         let got = out.read(&gpu.stream, &dims);
         // relative_l2 is infinite when any element is non-finite.
         let names = ["Y", "S", "Q", "dX", "dA"];

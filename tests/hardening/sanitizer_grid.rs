@@ -193,9 +193,30 @@ fn run_case<T: DType>(gpu: &Gpu, c: Case, rank: usize, seed: u64) {
     let da0 = quantize::<f32>(&randn(&mut r, dims.a_len(), 1.0));
     let b = c.beta as f64;
     let mut y_ref = y0.clone();
-    let s_ref = reference::forward(&dims, &x, &a, s as f64, b, &mut y_ref).unwrap();
+    let s_ref = reference::forward(
+        &dims,
+        &x,
+        &a,
+        s as f64,
+        b,
+        &mut y_ref,
+        singlora::Dropout::NONE,
+    )
+    .unwrap();
     let (mut dx_ref, mut da_ref) = (dx0.clone(), da0.clone());
-    reference::backward(&dims, &x, &a, &g, s as f64, b, &mut dx_ref, b, &mut da_ref).unwrap();
+    reference::backward(
+        &dims,
+        &x,
+        &a,
+        &g,
+        s as f64,
+        b,
+        &mut dx_ref,
+        b,
+        &mut da_ref,
+        singlora::Dropout::NONE,
+    )
+    .unwrap();
 
     let scale_f32 = upload_f32(gpu, &[s as f64]);
     let step = gpu.stream.clone_htod(&[STEP]).unwrap();
@@ -250,6 +271,7 @@ fn run_case<T: DType>(gpu: &Gpu, c: Case, rank: usize, seed: u64) {
             &mut dad.view_mut(),
             c.beta,
             &mut ws,
+            singlora::Dropout::NONE,
         )
         .unwrap();
     }
