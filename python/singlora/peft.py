@@ -44,7 +44,8 @@ d_out × d_in update every forward; we never form it). Where they differ:
   Their step is a float buffer: exact to 2^24 in float32, but after
   ``model.to(torch.bfloat16)`` a bf16 buffer holds integers exactly only up
   to 256 (257 is stored as 256). Ours is int64. Converting, a step that is
-  not a whole number, or (writing theirs) one of 2^24 or more, is refused.
+  not a whole number, or (writing theirs) one its buffer cannot hold exactly
+  (float32: above 2^24), is refused.
 * T = 0: ours means u = 1 from the start; theirs computes 0 / 0 = NaN at
   t = 0 (NaN outputs). Writing theirs with T = 0 at t = 0 is refused.
 * Their config is partly ignored: with peft 0.21, ``get_peft_model`` with a
@@ -92,8 +93,6 @@ __all__ = [
 
 #: The key prefix of a ``PeftModel``'s state dict.
 PEFT_PREFIX = "base_model.model."
-# Steps a float32 buffer holds exactly (every integer up to 2^24).
-_F32_EXACT = 2**24
 _DROPOUT_IN_LAYER = "dropout" in inspect.signature(SingLoraLinear.__init__).parameters
 
 
@@ -120,14 +119,17 @@ def _whole_step(value, where):
     return int(v)
 
 
-def _f32_step(layer, where):
+def _step_tensor(layer, where, dtype=torch.float32):
+    """The layer's step as peft-singlora's 0-dim float buffer (on A's device);
+    ValueError unless ``dtype`` holds it exactly."""
     t = layer.steps
-    if t >= _F32_EXACT:
+    v = torch.tensor(float(t), dtype=dtype, device=layer.a.device)
+    if v.item() != t:
         raise ValueError(
-            f"singlora.peft: {where}: step {t} is not exact in peft-singlora's float32 step "
-            f"buffer (integers up to 2^24 are)"
+            f"singlora.peft: {where}: step {t} is not exact in a {dtype} step buffer (float32 holds "
+            f"integers up to 2^24, bfloat16 up to 256)"
         )
-    return t
+    return v
 
 
 # ---------------------------------------------------------------- dropout
@@ -362,7 +364,7 @@ def to_peft_singlora(model, adapter_name="default"):
     the same frozen layer, ``A`` Parameter, step (in its float32 buffer, on
     A's device), ``lora_alpha``, ``r``, ``ramp_up_steps`` and
     ``lora_dropout``. Returns ``model``. Refused (ValueError): a merged layer,
-    a step of 2^24 or more, T = 0 at step 0 (peft-singlora computes NaN
+    a step float32 cannot hold (above 2^24), T = 0 at step 0 (peft-singlora computes NaN
     there)."""
     ps = _peft_singlora()
     layers = singlora_layers(model)
@@ -373,8 +375,8 @@ def to_peft_singlora(model, adapter_name="default"):
         where = f"layer {name!r}"
         if layer.merged:
             raise ValueError(f"singlora.peft: {where} is merged; unmerge() it first")
-        t = _f32_step(layer, where)
-        if layer.warmup_steps == 0 and t == 0:
+        t = _step_tensor(layer, where)
+        if layer.warmup_steps == 0 and layer.steps == 0:
             raise ValueError(
                 f"singlora.peft: {where} has warmup_steps = 0 at step 0; peft-singlora computes "
                 f"u = 0 / 0 = NaN there (step the layer first, or use a ramp of >= 1 step)"
@@ -386,8 +388,7 @@ def to_peft_singlora(model, adapter_name="default"):
             lora_dropout=_dropout_p(layer), ramp_up_steps=layer.warmup_steps,
         )
         theirs.lora_A[adapter_name] = layer.a
-        setattr(theirs, f"training_step_{adapter_name}",
-                torch.tensor(float(t), dtype=torch.float32, device=layer.a.device))
+        setattr(theirs, f"training_step_{adapter_name}", t)
         theirs.train(layer.training)
         _set_module(model, name, theirs)
     return model
@@ -411,14 +412,17 @@ def _join(*parts):
     return ".".join(p for p in parts if p)
 
 
-def to_peft_singlora_state_dict(model, adapter_name="default", prefix=PEFT_PREFIX, adapter_only=False):
+def to_peft_singlora_state_dict(model, adapter_name="default", prefix=PEFT_PREFIX, adapter_only=False,
+                                step_dtype=torch.float32):
     """``model``'s state dict (a model with our layers) in peft-singlora 0.2's
     layout: the ``state_dict()`` of the same model adapted with peft-singlora
     and wrapped in a PeftModel (keys prefixed ``prefix``), or, with
     ``adapter_only``, what ``peft.get_peft_model_state_dict`` gives (only
     ``lora_A`` without the adapter name, and the step). The tensors are
-    ``model``'s own (not copies); each step is a new float32 0-dim tensor on
-    A's device. A merged layer or a step of 2^24 or more is refused
+    ``model``'s own (not copies); each step is a new 0-dim ``step_dtype``
+    tensor on A's device (float32, peft-singlora's own; a PeftModel cast with
+    ``.to(torch.bfloat16)`` holds bfloat16 steps). A merged layer, or a step
+    ``step_dtype`` cannot hold exactly (float32: above 2^24), is refused
     (ValueError)."""
     layers = dict(singlora_layers(model))
     if not layers:
@@ -437,9 +441,8 @@ def to_peft_singlora_state_dict(model, adapter_name="default", prefix=PEFT_PREFI
         if rest == "a":
             a_key = "lora_A" if adapter_only else f"lora_A.{adapter_name}"
             out[prefix + _join(owner, a_key)] = value.detach()
-            t = _f32_step(layer, f"layer {owner!r}")
-            out[prefix + _join(owner, f"training_step_{adapter_name}")] = torch.tensor(
-                float(t), dtype=torch.float32, device=layer.a.device
+            out[prefix + _join(owner, f"training_step_{adapter_name}")] = _step_tensor(
+                layer, f"layer {owner!r}", step_dtype
             )
         elif rest.startswith("base.") and not adapter_only:
             out[prefix + _join(owner, "base_layer." + rest[len("base."):])] = value.detach()
