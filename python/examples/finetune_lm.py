@@ -165,18 +165,17 @@ def train(model, params, tokens, steps, args, after_step=None, seed=0, eval_toke
     steps after the first ``WARMUP`` and leaves the evaluations out."""
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     cuda = args.device.type == "cuda"
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
     if cuda:
+        torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    curve, evals, timed, t0 = [], [], 0.0, None
+    curve, evals, timed = [], [], 0.0
+    warm = min(WARMUP, steps - 1)
     every = max(1, args.eval_every or steps // 10)
     if eval_tokens is not None:
         evals.append((0, evaluate(model, eval_tokens, args)))
     model.train()
     for i, chunk in enumerate(batches(tokens, args.batch, args.seq, steps, seed, args.device)):
-        if i == min(WARMUP, steps - 1):
-            sync()
-            t0 = time.perf_counter()
+        t0 = time.perf_counter()
         with autocast(args):
             loss = lm_loss(model, chunk)
         opt.zero_grad(set_to_none=True)
@@ -184,17 +183,13 @@ def train(model, params, tokens, steps, args, after_step=None, seed=0, eval_toke
         opt.step()
         if after_step is not None:
             after_step(i + 1)
-        curve.append(loss.item())
-        if eval_tokens is not None and ((i + 1) % every == 0 or i + 1 == steps):
-            sync()
+        curve.append(loss.item())  # waits for the step's work (the previous .item() did too)
+        if i >= warm:
             timed += time.perf_counter() - t0
+        if eval_tokens is not None and ((i + 1) % every == 0 or i + 1 == steps):
             evals.append((i + 1, evaluate(model, eval_tokens, args)))
-            t0 = time.perf_counter()
-    sync()
-    timed += time.perf_counter() - t0
-    n_timed = steps - min(WARMUP, steps - 1)
     peak = torch.cuda.max_memory_allocated() if cuda else None
-    return curve, evals, n_timed * args.batch * args.seq / timed, peak
+    return curve, evals, (steps - warm) * args.batch * args.seq / timed, peak
 
 
 def trainable(model):
