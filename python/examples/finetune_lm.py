@@ -33,8 +33,6 @@ package is missing is skipped with the reason.
 import argparse
 import copy
 import json
-import math
-import os
 import sys
 import sysconfig
 import time

@@ -72,6 +72,7 @@ Only the peft-singlora functions import ``peft_singlora`` (lazily).
 
 import inspect
 import math
+import numbers
 import re
 
 import torch
@@ -99,14 +100,22 @@ _DROPOUT_IN_LAYER = "dropout" in inspect.signature(SingLoraLinear.__init__).para
 # ----------------------------------------------------------------- checks
 
 
+def _is_int(v):
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _is_real(v):
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
 def _check_hparams(r, alpha, ramp_up_steps, dropout):
-    if isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= 256:
+    if not _is_int(r) or not 1 <= r <= 256:
         raise ValueError(f"singlora.peft: `r` must be an int in 1..=256; got {r!r}")
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+    if not _is_real(alpha) or not math.isfinite(alpha):
         raise ValueError(f"singlora.peft: `alpha` must be a finite number; got {alpha!r}")
-    if isinstance(ramp_up_steps, bool) or not isinstance(ramp_up_steps, int) or ramp_up_steps < 0:
+    if not _is_int(ramp_up_steps) or ramp_up_steps < 0:
         raise ValueError(f"singlora.peft: `ramp_up_steps` must be an int >= 0; got {ramp_up_steps!r}")
-    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+    if not _is_real(dropout) or not 0.0 <= dropout < 1.0:
         raise ValueError(f"singlora.peft: `dropout` must be a number in [0, 1); got {dropout!r}")
 
 
@@ -267,7 +276,7 @@ def step(model, n=1):
 def set_step(model, t):
     """Sets the step of every SingLoRA layer of ``model`` to ``t`` (what
     peft-singlora's ``update_singlora_global_step(model, t)`` does)."""
-    if isinstance(t, bool) or not isinstance(t, int) or t < 0:
+    if not _is_int(t) or t < 0:
         raise ValueError(f"singlora.peft: `t` must be an int >= 0; got {t!r}")
     for _, layer in singlora_layers(model):
         layer.steps = t
@@ -339,11 +348,12 @@ def from_peft_singlora(model, adapter_name=None):
         a = layer.lora_A[key]
         rank = a.shape[1]
         scaling = float(layer.scaling[key])
-        alpha = float(layer.lora_alpha)
+        alpha = layer.lora_alpha  # peft-singlora 0.2 sets a number (peft's own LoraLayer: a dict)
+        alpha = float(alpha[key] if isinstance(alpha, dict) else alpha)
         if alpha / rank != scaling:  # use_rslora (alpha / sqrt(r)), or a hand-set scaling
             alpha = scaling * rank
         ramp = layer.ramp_up_steps
-        if isinstance(ramp, bool) or not isinstance(ramp, int) or ramp < 0:
+        if not _is_int(ramp) or ramp < 0:
             raise ValueError(f"singlora.peft: {where} has ramp_up_steps {ramp!r}; want an int >= 0")
         t = _whole_step(getattr(layer, f"training_step_{key}"), f"{where}'s training_step_{key}")
         drop = layer.lora_dropout[key]

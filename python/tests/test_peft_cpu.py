@@ -45,7 +45,6 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 from singlora import peft as sp  # noqa: E402
-from singlora.nn import SingLoraLinear  # noqa: E402
 
 DEV = torch.device(os.environ.get("SINGLORA_PEFT_DEVICE", "cpu"))
 BAR = {torch.float32: F32_BAR, torch.bfloat16: BF16_BAR}
