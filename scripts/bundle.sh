@@ -9,7 +9,7 @@
 # driver scripts/gpu/run.sh (run there as `bash target/gpu-bundle/run.sh`) and
 # any scripts/gpu/*.py; the C ABI library as lib/libsinglora.so (stripped) and
 # the PyTorch binding python/ (its check.py and bench.py run there against
-# that library). MANIFEST.txt records the commit, date and binaries. bin/ is
+# that library) and peft-singlora's wheel as wheels/ (for the peft check). MANIFEST.txt records the commit, date and binaries. bin/ is
 # shipped packed as bin.tar.xz (run.sh unpacks it).
 # Left out: tests/kernel_quality.rs and tests/philox.rs (see HOST_ONLY_TESTS below).
 # Fails if the bundle is over 60 MiB. target/ is git-ignored.
@@ -107,6 +107,12 @@ cp "$cdylib" "$BUNDLE/lib/libsinglora.so"
 if ((have_strip)); then strip --strip-unneeded "$BUNDLE/lib/libsinglora.so"; fi
 # The PyTorch binding, without caches.
 tar -C "$ROOT" --exclude=__pycache__ --exclude='*.pyc' -cf - python | tar -C "$BUNDLE" -xf -
+# peft-singlora's wheel (9.6 kB, pure Python) for run.sh's peft-singlora
+# equality check on CUDA: the GPU host has torch, transformers and peft, but
+# not peft-singlora, and no network. Not committed: downloaded here.
+mkdir -p "$BUNDLE/wheels"
+python3 -m pip download --no-deps --disable-pip-version-check -q -d "$BUNDLE/wheels" peft-singlora==0.2.0 ||
+    echo "bundle.sh: warning: could not download peft-singlora==0.2.0; run.sh's peft check will fail" >&2
 
 cp scripts/gpu/run.sh "$BUNDLE/run.sh"
 chmod +x "$BUNDLE/run.sh"

@@ -15,6 +15,10 @@
 #                     torch (for python/tests/test_torch_cpu.py, which
 #                     scripts/test.sh runs with it on PYTHONPATH; ~4.6 GB,
 #                     ~2 min from PyPI; the GPU runner's torch is 2.11)
+#   .toolchain/peft   peft-singlora 0.2.0, peft 0.21.2, transformers 5.24.0 and
+#                     their dependencies, pinned, without torch (for
+#                     python/tests/test_peft_cpu.py; ~290 MB, ~30 s; a failure
+#                     here is a warning: that test then skips its peft cases)
 # The versions are pinned exactly: an unpinned nvidia-nvvm resolves to a newer
 # release whose PTX the 13.0 ptxas rejects.
 #
@@ -43,6 +47,20 @@ LIBCLANG_WHEEL=libclang==18.1.1
 TOOLS_WHEELS=(nvidia-cuda-cuobjdump==13.2.51 nvidia-cuda-nvdisasm==13.2.51)
 TORCH_TARGET="$TC/torch"
 TORCH_WHEEL=torch==2.11.0
+PEFT_TARGET="$TC/peft"
+# The closure of peft-singlora==0.2.0 (peft, transformers, accelerate) as pip
+# resolves it next to torch 2.11.0, less torch and its own dependencies (in
+# .toolchain/torch): installed --no-deps, because pip --target ignores what is
+# installed and would fetch a second torch.
+PEFT_WHEELS=(
+    peft-singlora==0.2.0 peft==0.21.2 transformers==5.24.0 accelerate==1.15.0
+    huggingface_hub==2.4.0 tokenizers==0.23.3 safetensors==0.8.0 hf-xet==1.8.0
+    numpy==2.4.6 packaging==26.4 PyYAML==6.0.4 regex==2026.11.19 tqdm==4.70.1 psutil==7.2.2
+    httpx2==2.16.2 httpcore2==2.16.2 h11==0.16.0 anyio==4.16.0 idna==3.20 truststore==0.10.5
+    pydantic==2.14.4 pydantic_core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5
+    typer==0.29.2 click==8.5.1 rich==15.0.0 shellingham==1.5.4 annotated-doc==0.0.7
+    markdown-it-py==4.3.0 mdurl==0.1.2 Pygments==2.21.0
+)
 
 die() {
     echo "setup.sh: ERROR: $*" >&2
@@ -238,6 +256,29 @@ else
     PYTHONPATH="$TORCH_TARGET" python3 -c "import torch" >/dev/null 2>&1 ||
         die "pip installed $TORCH_WHEEL into $TORCH_TARGET, but python3 cannot import it"
     echo "installed $TORCH_WHEEL at $TORCH_TARGET"
+fi
+
+# ---------------------------------------------------------------- peft
+# For python/tests/test_peft_cpu.py only (the peft-singlora round trip). Not
+# fatal: without these the test skips those cases and prints why.
+peft_import() { # prints transformers' version, or the import error's last line
+    PYTHONPATH="$TORCH_TARGET:$PEFT_TARGET" python3 -c \
+        "import peft_singlora, peft, transformers; print(transformers.__version__)" 2>&1 | tail -1
+}
+peft_state="$(peft_import)" || true
+if [[ "$peft_state" =~ ^[0-9] ]]; then
+    echo "found peft-singlora, peft and transformers $peft_state"
+elif ! python3 -m pip --version >/dev/null 2>&1; then
+    echo "setup.sh: warning: no pip to install peft-singlora, peft, transformers (test_peft_cpu.py skips them)" >&2
+elif ! PIP_ROOT_USER_ACTION=ignore python3 -m pip install --no-deps --disable-pip-version-check -q \
+    --upgrade --target "$PEFT_TARGET" "${PEFT_WHEELS[@]}"; then
+    echo "setup.sh: warning: pip could not install peft-singlora, peft, transformers into $PEFT_TARGET" \
+        "(test_peft_cpu.py skips them)" >&2
+elif peft_state="$(peft_import)" && [[ "$peft_state" =~ ^[0-9] ]]; then
+    echo "installed peft-singlora 0.2.0, peft 0.21.2, transformers $peft_state at $PEFT_TARGET"
+else
+    echo "setup.sh: warning: peft-singlora, peft, transformers installed but do not import:" \
+        "$peft_state (test_peft_cpu.py skips them)" >&2
 fi
 
 # ---------------------------------------------------------------- env.sh

@@ -18,6 +18,10 @@
 #     with faked launches; torch from .toolchain/torch, see setup.sh)
 #   python3 python/tests/test_library_cpu.py   (the torch.library ops on CPU:
 #     opcheck, torch.compile without graph breaks or recompiles, numerics)
+#   python3 python/tests/test_peft_cpu.py   (singlora.peft: inject, the
+#     peft-singlora 0.2 layers and state dicts both ways; peft-singlora, peft
+#     and transformers from .toolchain/peft, its cases skipped with the reason
+#     printed when setup.sh could not install them)
 # Release for the tests because the CPU reference tests do big f64 matmuls.
 # Clippy cannot share the tests' build-script run (cargo builds build.rs
 # separately under clippy-driver), so it would compile the kernels with nvcc a
@@ -79,6 +83,9 @@ SINGLORA_REQUIRE_TORCH=1 PYTHONPATH=".toolchain/torch${PYTHONPATH:+:$PYTHONPATH}
 echo "==> python3 python/tests/test_library_cpu.py"
 SINGLORA_REQUIRE_TORCH=1 PYTHONPATH=".toolchain/torch${PYTHONPATH:+:$PYTHONPATH}" \
     python3 python/tests/test_library_cpu.py
+echo "==> python3 python/tests/test_peft_cpu.py"
+SINGLORA_REQUIRE_TORCH=1 PYTHONPATH=".toolchain/torch:.toolchain/peft${PYTHONPATH:+:$PYTHONPATH}" \
+    python3 python/tests/test_peft_cpu.py
 
 # The GPU tests this machine skipped, and why (a GPU test prints
 # "skipped: no CUDA device (<reason>)" and passes; with SINGLORA_REQUIRE_GPU=1

@@ -13,6 +13,9 @@
 #   d. bin/bench-forward, bench-backward, bench-merge and bench-step (criterion, short), then
 #      python/bench.py (our binding vs eager, torch.compile and the
 #      materialised ΔW)                                  -> bench.log, bench-table.md
+#      python/tests/test_peft_cpu.py on CUDA (our layers vs peft-singlora,
+#      from the bundle's wheel) and python/examples/finetune_lm.py (its table
+#      -> bench-table.md, finetune_lm.png/.json)         -> tests.log
 #   e. with SINGLORA_NCU=1: Nsight Compute over the profile_* workloads -> ncu.txt
 #   f. compute-sanitizer memcheck, racecheck, initcheck and synccheck over
 #      the `sanitizer_*` tests of every bin/test-* that has some (found with
@@ -60,6 +63,8 @@ SANITIZER_WHOLE="test-small_smem"
 BENCH_S=100
 PY_CHECK_S=90
 PY_BENCH_S=150
+PY_PEFT_S=60
+PY_EXAMPLE_S=120
 
 for f in nvidia-smi.txt tests.log sanitizer.log bench.log bench-table.md summary.txt ncu.txt; do
     rm -f "$OUT/$f"
@@ -239,6 +244,46 @@ else
     { echo "### python/bench.py (exit $rc)"; cat "$log"; echo; } >>"$OUT/bench.log"
     grep -vE '^\s*$' "$log" | sed "s/^/[bench.py] /" | tail -40
     record "python bench.py" "$(status_of "$rc" "$log")"
+fi
+
+# ----------------------- the PyTorch binding: singlora.peft and finetune_lm.py
+# python/tests/test_peft_cpu.py with our layers on CUDA (inject; outputs and
+# gradients equal to peft-singlora's; state dicts both ways), peft-singlora
+# unpacked from the bundle's wheel (a pure-Python wheel is a zip), then
+# python/examples/finetune_lm.py (singlora, peft-singlora, LoRA) whose table
+# goes into bench-table.md and whose curves (finetune_lm.png/.json) into $OUT.
+section "PyTorch binding: singlora.peft on CUDA (${PY_PEFT_S}s), finetune_lm.py (${PY_EXAMPLE_S}s)"
+wheel="$(ls wheels/peft_singlora-*.whl 2>/dev/null | head -1)"
+peft_dir="$scratch/peft-singlora"
+if [[ ! -f lib/libsinglora.so || ! -d python/singlora ]]; then
+    record "python test_peft (cuda)" "FAIL (not in the bundle)"
+elif [[ -z "$wheel" ]]; then
+    echo "### python peft: no wheels/peft_singlora-*.whl in the bundle" >>"$OUT/tests.log"
+    record "python test_peft (cuda)" "FAIL (no peft-singlora wheel)"
+elif ! python3 -c 'import sys, zipfile; zipfile.ZipFile(sys.argv[1]).extractall(sys.argv[2])' \
+    "$wheel" "$peft_dir" >>"$OUT/tests.log" 2>&1; then
+    record "python test_peft (cuda)" "FAIL (could not unpack $wheel)"
+else
+    export_py=(env SINGLORA_LIB="$BUNDLE/lib/libsinglora.so" PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
+        PYTHONPATH="$peft_dir${PYTHONPATH:+:$PYTHONPATH}")
+    log="$scratch/py-peft.log"
+    "${export_py[@]}" SINGLORA_PEFT_DEVICE=cuda SINGLORA_REQUIRE_TORCH=1 SINGLORA_REQUIRE_PEFT=1 \
+        timeout --kill-after=10 "$PY_PEFT_S" python3 python/tests/test_peft_cpu.py >"$log" 2>&1
+    rc=$?
+    { echo "### python/tests/test_peft_cpu.py on CUDA (exit $rc)"; cat "$log"; echo; } >>"$OUT/tests.log"
+    grep -E '^(PASS|FAIL|skipped)|passed, [0-9]+ failed|ours vs' "$log" | sed "s/^/[test_peft] /" | head -40
+    record "python test_peft (cuda)" "$(status_of "$rc" "$log")"
+    log="$scratch/py-example.log"
+    "${export_py[@]}" timeout --kill-after=10 "$PY_EXAMPLE_S" python3 python/examples/finetune_lm.py \
+        --device cuda --hidden 512 --layers 4 --heads 8 --seq 256 --batch 32 \
+        --pretrain-steps 300 --steps 200 --out "$OUT" >"$log" 2>&1
+    rc=$?
+    { echo "### python/examples/finetune_lm.py (exit $rc)"; cat "$log"; echo; } >>"$OUT/tests.log"
+    grep -vE '^\s*$|^\[transformers\]|Warning|warnings\.warn' "$log" | sed "s/^/[finetune_lm] /" | tail -20
+    if ((rc == 0)); then
+        { echo; echo "### python/examples/finetune_lm.py (CUDA)"; grep -E '^\||^\(' "$log"; } >>"$OUT/bench-table.md"
+    fi
+    record "python finetune_lm.py (cuda)" "$(status_of "$rc" "$log")"
 fi
 
 # ------------------------------------------------- optional: ncu profile
