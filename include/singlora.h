@@ -69,7 +69,8 @@ extern "C" {
 /* The ABI version this header describes; singlora_abi_version() returns
  * the library's. They must be equal. Version 3: every launch takes its scale
  * as a value and a device pointer (scale_ptr, 0 = the value), replacing
- * version 2's separate _dscale functions. */
+ * version 2's separate _dscale functions, and the forward and backward take
+ * the adapter's dropout. */
 #define SINGLORA_ABI_VERSION 3
 
 /* Status codes. */
@@ -146,6 +147,18 @@ singlora_status singlora_backward_workspace_size(int64_t tokens, int64_t d_in, i
  *                    scale as it changes (a by-value scale stays the one it
  *                    was captured with). */
 
+/* Dropout (PEFT's lora_dropout). The adapter sees drop(X) = M (.) X / (1 - p)
+ * and the frozen path X itself:
+ *   S = drop(X) * A[:d_in];  dA[:d_in] += scale * drop(X)^T Q;
+ *   dX += M (.) (scale * Q * A[:d_in]^T) / (1 - p).
+ * M is regenerated from Philox4x32-10, never stored: element (t, c) of X is
+ * kept iff word c % 4 of Philox4x32-10(counter = (c / 4, t, offset lo32,
+ * offset hi32), key = (seed lo32, seed hi32)) is at least the u32 nearest
+ * p * 2^32. dropout_p in [0, 1) (0: no dropout, bitwise the undropped path);
+ * a forward and its backward take the same (p, seed, offset); a training
+ * loop advances the offset once per forward. With p > 0, tokens <= 2^32.
+ * singlora_dropout_mask writes M on the host, the same bits. */
+
 /* Forward:  S = X * A[:d_in];  Y = beta*Y + scale * S * A[:d_out]^T.
  *   x      dtype, tokens x d_in, row stride ld_x >= d_in
  *   a      dtype, D x rank, contiguous (D = max(d_in, d_out)); rank 1..256
@@ -155,11 +168,14 @@ singlora_status singlora_backward_workspace_size(int64_t tokens, int64_t d_in, i
  *          see "The scale" above
  *   beta   0 (Y is overwritten and never read) or 1 (added onto, e.g. onto
  *          the frozen layer's output X * W0^T)
+ *   dropout_p, dropout_seed, dropout_offset   adapter dropout: see "Dropout"
+ *          above (dropout_p 0: none)
  * tokens may be 0 (a no-op; x and y may then be 0). */
 singlora_status singlora_forward(int32_t dtype, int32_t device, int64_t tokens, int64_t d_in,
                                  int64_t d_out, int64_t rank, uint64_t x, int64_t ld_x,
                                  uint64_t a, uint64_t y, int64_t ld_y, uint64_t s, float scale,
-                                 uint64_t scale_ptr, float beta, void *stream);
+                                 uint64_t scale_ptr, float beta, double dropout_p,
+                                 uint64_t dropout_seed, uint64_t dropout_offset, void *stream);
 
 /* Backward of the forward above, given G = dL/dY:
  *   Q  = G * A[:d_out]                    (f32; left in the workspace's first
@@ -177,6 +193,9 @@ singlora_status singlora_forward(int32_t dtype, int32_t device, int64_t tokens, 
  *   da         f32, D x rank, contiguous
  *   workspace  16-byte aligned, workspace_bytes >= singlora_backward_
  *              workspace_size(..., saved_s != 0, ...) bytes
+ *   dropout_p, dropout_seed, dropout_offset   the forward's: X is dropped
+ *              in X^T Q (and in S when it is recomputed), dX's adapter term
+ *              masked and scaled by 1/(1 - p)
  * tokens may be 0 (x, g, saved_s may then be 0; dA = da_beta*dA). */
 singlora_status singlora_backward(int32_t dtype, int32_t device, int64_t tokens, int64_t d_in,
                                   int64_t d_out, int64_t rank, uint64_t x, int64_t ld_x,
@@ -184,7 +203,15 @@ singlora_status singlora_backward(int32_t dtype, int32_t device, int64_t tokens,
                                   float scale, uint64_t scale_ptr, uint64_t dx, int64_t ld_dx,
                                   float dx_beta,
                                   uint64_t da, float da_beta, uint64_t workspace,
-                                  uint64_t workspace_bytes, void *stream);
+                                  uint64_t workspace_bytes, double dropout_p,
+                                  uint64_t dropout_seed, uint64_t dropout_offset, void *stream);
+
+/* The dropout mask M of a tokens x cols matrix (see "Dropout"), on the host
+ * (no device is touched): keep[t * cols + c] = 1 where element (t, c) is kept,
+ * 0 where dropped; `keep` holds tokens * cols bytes. */
+singlora_status singlora_dropout_mask(double dropout_p, uint64_t dropout_seed,
+                                      uint64_t dropout_offset, int64_t tokens, int64_t cols,
+                                      uint8_t *keep);
 
 /* Merge the adapter into the frozen weight in place, for inference:
  *   W = W + scale * A[:d_out] * A[:d_in]^T

@@ -113,6 +113,9 @@ fn first_calls_race_for_the_primary_contexts_module() {
                                 SCALE,
                                 0, // scale_ptr: the scale by value
                                 0.0,
+                                0.0, // no dropout
+                                0,
+                                0,
                                 stream.cu_stream() as *mut c_void,
                             )
                         };

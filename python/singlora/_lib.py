@@ -97,7 +97,8 @@ _lock = threading.Lock()
 _lib = None
 _lib_path = None
 
-_i32, _i64, _u64, _f32 = ctypes.c_int32, ctypes.c_int64, ctypes.c_uint64, ctypes.c_float
+_i32, _i64, _u64, _f32, _f64 = ctypes.c_int32, ctypes.c_int64, ctypes.c_uint64, ctypes.c_float, ctypes.c_double
+_u8 = ctypes.c_uint8
 _str, _ptr = ctypes.c_char_p, ctypes.c_void_p
 
 # name: (restype, argtypes), as declared in include/singlora.h.
@@ -116,7 +117,8 @@ _SIGNATURES = {
         [
             _i32, _i32, _i64, _i64, _i64, _i64,  # dtype, device, tokens, d_in, d_out, rank
             _u64, _i64, _u64, _u64, _i64, _u64,  # x, ld_x, a, y, ld_y, s
-            _f32, _u64, _f32, _ptr,  # scale, scale_ptr, beta, stream
+            _f32, _u64, _f32,  # scale, scale_ptr, beta
+            _f64, _u64, _u64, _ptr,  # dropout_p, dropout_seed, dropout_offset, stream
         ],
     ),
     "singlora_backward": (
@@ -125,9 +127,11 @@ _SIGNATURES = {
             _i32, _i32, _i64, _i64, _i64, _i64,  # dtype, device, tokens, d_in, d_out, rank
             _u64, _i64, _u64, _i64, _u64, _u64,  # x, ld_x, g, ld_g, a, saved_s
             _f32, _u64, _u64, _i64, _f32,  # scale, scale_ptr, dx, ld_dx, dx_beta
-            _u64, _f32, _u64, _u64, _ptr,  # da, da_beta, workspace, workspace_bytes, stream
+            _u64, _f32, _u64, _u64,  # da, da_beta, workspace, workspace_bytes
+            _f64, _u64, _u64, _ptr,  # dropout_p, dropout_seed, dropout_offset, stream
         ],
     ),
+    "singlora_dropout_mask": (_i32, [_f64, _u64, _u64, _i64, _i64, ctypes.POINTER(_u8)]),
     "singlora_merge": (_i32, [_i32, _i32, _i64, _i64, _i64, _u64, _i64, _u64, _f32, _u64, _ptr]),
     "singlora_unmerge": (_i32, [_i32, _i32, _i64, _i64, _i64, _u64, _i64, _u64, _f32, _u64, _ptr]),
 }
@@ -233,20 +237,26 @@ def _run(function, stream, *args):
 
 
 def forward(
-    dtype, device, tokens, d_in, d_out, rank, x, ld_x, a, y, ld_y, s, scale, scale_ptr, beta, stream=0,
+    dtype, device, tokens, d_in, d_out, rank, x, ld_x, a, y, ld_y, s, scale, scale_ptr, beta,
+    dropout_p=0.0, dropout_seed=0, dropout_offset=0, stream=0,
 ):
-    """``S = X·A[:d_in]`` (f32, stored at ``s`` unless 0) and
+    """``S = drop(X)·A[:d_in]`` (f32, stored at ``s`` unless 0) and
     ``Y = beta·Y + scale·S·A[:d_out]ᵀ``; see include/singlora.h."""
-    _run("singlora_forward", stream, dtype, device, tokens, d_in, d_out, rank, x, ld_x, a, y, ld_y, s, scale, scale_ptr, beta)
+    _run("singlora_forward", stream, dtype, device, tokens, d_in, d_out, rank, x, ld_x, a, y, ld_y, s, scale, scale_ptr,
+         beta, dropout_p, dropout_seed, dropout_offset)
 
 
 def backward(
     dtype, device, tokens, d_in, d_out, rank, x, ld_x, g, ld_g, a, saved_s, scale, scale_ptr,
-    dx, ld_dx, dx_beta, da, da_beta, workspace, workspace_bytes, stream=0,
+    dx, ld_dx, dx_beta, da, da_beta, workspace, workspace_bytes,
+    dropout_p=0.0, dropout_seed=0, dropout_offset=0, stream=0,
 ):
-    """``Q = G·A[:d_out]``, ``dX = dx_beta·dX + scale·Q·A[:d_in]ᵀ`` (unless
-    ``dx`` is 0), ``dA = da_beta·dA + scale·(GᵀS ⊕ XᵀQ)``; see the header."""
-    _run("singlora_backward", stream, dtype, device, tokens, d_in, d_out, rank, x, ld_x, g, ld_g, a, saved_s, scale, scale_ptr, dx, ld_dx, dx_beta, da, da_beta, workspace, workspace_bytes)
+    """``Q = G·A[:d_out]``, ``dX = dx_beta·dX + scale·M⊙(Q·A[:d_in]ᵀ)/(1-p)``
+    (unless ``dx`` is 0), ``dA = da_beta·dA + scale·(GᵀS ⊕ drop(X)ᵀQ)``; see
+    the header."""
+    _run("singlora_backward", stream, dtype, device, tokens, d_in, d_out, rank, x, ld_x, g, ld_g, a, saved_s, scale,
+         scale_ptr, dx, ld_dx, dx_beta, da, da_beta, workspace, workspace_bytes, dropout_p, dropout_seed,
+         dropout_offset)
 
 
 def merge(dtype, device, d_in, d_out, rank, w, ld_w, a, scale, scale_ptr, stream=0):
@@ -257,3 +267,13 @@ def merge(dtype, device, d_in, d_out, rank, w, ld_w, a, scale, scale_ptr, stream
 def unmerge(dtype, device, d_in, d_out, rank, w, ld_w, a, scale, scale_ptr, stream=0):
     """``W -= scale·A[:d_out]·A[:d_in]ᵀ`` in place (undoes :func:`merge`)."""
     _run("singlora_unmerge", stream, dtype, device, d_in, d_out, rank, w, ld_w, a, scale, scale_ptr)
+
+
+def dropout_mask(dropout_p, dropout_seed, dropout_offset, tokens, cols):
+    """The dropout mask the kernels apply to a ``tokens × cols`` input, on
+    the host: a ``bytearray`` of ``tokens·cols`` bytes, row-major, 1 where
+    an element is kept (see the header's "Dropout")."""
+    keep = (ctypes.c_uint8 * max(tokens * cols, 1))()
+    _check(lib().singlora_dropout_mask(dropout_p, dropout_seed, dropout_offset, tokens, cols, keep),
+           "singlora_dropout_mask")
+    return bytearray(keep)[: tokens * cols]

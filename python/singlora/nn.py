@@ -299,7 +299,7 @@ def _launch_forward(x2, ld_x, a, y2, ld_y, s, scale, beta):
     common = (code, dev.index, x2.shape[0], x2.shape[1], y2.shape[1], a.shape[1],
               x2.data_ptr(), ld_x, a.data_ptr(), y2.data_ptr(), ld_y,
               0 if s is None else s.data_ptr())
-    _lib.forward(*common, by_value, scale_ptr, beta, _stream(dev))
+    _lib.forward(*common, by_value, scale_ptr, beta, stream=_stream(dev))
 
 
 def _launch_backward(x2, ld_x, g2, ld_g, a, s, scale, dx2, dx_beta):
@@ -326,8 +326,8 @@ def _launch_backward(x2, ld_x, g2, ld_g, a, s, scale, dx2, dx_beta):
             x2.data_ptr(), ld_x, g2.data_ptr(), ld_g, a.data_ptr(),
             0 if s is None else s.data_ptr())
     tail = (0 if dx2 is None else dx2.data_ptr(), d_in, dx_beta,
-            da.data_ptr(), 0.0, ws.data_ptr(), nbytes, _stream(dev))
-    _lib.backward(*head, by_value, scale_ptr, *tail)
+            da.data_ptr(), 0.0, ws.data_ptr(), nbytes)
+    _lib.backward(*head, by_value, scale_ptr, *tail, stream=_stream(dev))
     return da
 
 

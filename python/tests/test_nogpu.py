@@ -188,11 +188,68 @@ for call, name in [
     # A device scale: misaligned is refused; the by-value scale is then unused.
     (fwd(scale_ptr=P + 2, scale=float("nan")), "scale_ptr"), (bwd(scale_ptr=P + 1), "scale_ptr"),
     (mrg(_lib.unmerge, scale_ptr=P + 3), "scale_ptr"),
+    # Dropout: p in [0, 1), checked before any device access.
+    (fwd(dropout_p=1.0), "dropout_p"), (fwd(dropout_p=float("nan")), "dropout_p"),
+    (bwd(dropout_p=-0.1), "dropout_p"),
 ]:
     raises(call, INV, f"`{name}`")
 raises(fwd(dtype=7), _lib.ERROR_UNKNOWN_DTYPE, "`dtype`", "7")
 e = raises(fwd(ld_x=95), INV, "`ld_x`", "95", "96")
 print(f"invalid argument: {e}")
+
+# ------------------------------------------------------- the dropout mask
+# An independent Philox4x32-10 (Salmon et al., SC11) in Python, held to
+# Random123's known-answer vectors (tests/kat_vectors, as tests/philox.rs
+# cites them), then the library's host mask to it: the mapping of the
+# header's "Dropout" comment, bit for bit.
+M32 = 0xFFFFFFFF
+
+
+def philox4x32_10(ctr, key):
+    c0, c1, c2, c3 = ctr
+    k0, k1 = key
+    for r in range(10):
+        if r:
+            k0, k1 = (k0 + 0x9E3779B9) & M32, (k1 + 0xBB67AE85) & M32
+        p0, p1 = 0xD2511F53 * c0, 0xCD9E8D57 * c2
+        c0, c1, c2, c3 = (p1 >> 32) ^ c1 ^ k0, p1 & M32, (p0 >> 32) ^ c3 ^ k1, p0 & M32
+    return [c0, c1, c2, c3]
+
+
+for ctr, key, want in [
+    ([0, 0, 0, 0], [0, 0], [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]),
+    ([M32] * 4, [M32] * 2, [0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD]),
+    ([0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344], [0xA4093822, 0x299F31D0],
+     [0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1]),
+]:
+    check(philox4x32_10(ctr, key) == want, f"philox4x32_10({ctr}, {key}) known answer")
+
+
+def python_mask(p, seed, offset, tokens, cols):
+    th = min(round(p * 2**32), M32)
+    key = [seed & M32, seed >> 32]
+    out = bytearray(tokens * cols)
+    for t in range(tokens):
+        for c in range(cols):
+            w = philox4x32_10([c // 4, t & M32, offset & M32, offset >> 32], key)[c % 4]
+            out[t * cols + c] = 1 if th == 0 or w >= th else 0
+    return out
+
+
+import random  # noqa: E402
+
+rnd = random.Random(16)
+for p, tokens, cols in [(0.1, 7, 13), (0.5, 3, 40), (0.9, 5, 9), (0.0, 2, 5), (0.25, 1, 1), (0.3, 0, 4)]:
+    seed, offset = rnd.getrandbits(64), rnd.getrandbits(64)
+    got = _lib.dropout_mask(p, seed, offset, tokens, cols)
+    check(got == python_mask(p, seed, offset, tokens, cols),
+          f"dropout_mask(p={p}, {tokens}x{cols}) equals the Python Philox mapping")
+big = _lib.dropout_mask(0.1, 1234, 5678, 1000, 1000)
+kept, n = sum(big), len(big)
+sigma = (n * 0.1 * 0.9) ** 0.5
+check(abs(kept - 0.9 * n) <= 4 * sigma, f"keep rate {kept / n:.5f} within 4 sigma of 0.9")
+raises(lambda: _lib.dropout_mask(1.0, 0, 0, 2, 2), INV, "`dropout_p`")
+raises(lambda: _lib.dropout_mask(0.5, 0, 0, -1, 2), INV, "`tokens`")
 
 print(f"test_nogpu: all {checks} checks passed (torch {'present' if have_torch else 'absent'}, "
       f"driver {'present' if driver else 'absent'}, library {singlora.library_path()})")

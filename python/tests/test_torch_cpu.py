@@ -83,7 +83,9 @@ class FakeLib:
         return 4 * (tokens * rank * (1 if saved_s else 2) + 64)
 
     def forward(self, dtype, device, tokens, d_in, d_out, rank, x, ld_x, a, y, ld_y, s, scale, scale_ptr, beta,
-                stream=0):
+                dropout_p=0.0, dropout_seed=0, dropout_offset=0, stream=0):
+        if dropout_p:
+            self.problems.append("forward: the fake library has no dropout")
         scale = self._scale_of("forward", scale, scale_ptr)
         X, A, Y, S = self.tensor(x), self.tensor(a), self.tensor(y), self.tensor(s)
         self._record("forward", dtype, {"x": X, "a": A, "y": Y}, {"s": S},
@@ -104,7 +106,10 @@ class FakeLib:
                 S.copy_(Sf)
 
     def backward(self, dtype, device, tokens, d_in, d_out, rank, x, ld_x, g, ld_g, a, saved_s, scale,
-                 scale_ptr, dx, ld_dx, dx_beta, da, da_beta, workspace, workspace_bytes, stream=0):
+                 scale_ptr, dx, ld_dx, dx_beta, da, da_beta, workspace, workspace_bytes,
+                 dropout_p=0.0, dropout_seed=0, dropout_offset=0, stream=0):
+        if dropout_p:
+            self.problems.append("backward: the fake library has no dropout")
         scale = self._scale_of("backward", scale, scale_ptr)
         X, G, A, S, DX, DA = (self.tensor(p) for p in (x, g, a, saved_s, dx, da))
         self._record("backward", dtype, {"x": X, "g": G, "a": A, "dx": DX}, {"s": S, "da": DA},

@@ -2,6 +2,7 @@
 //! device ordinals and dtype codes, each refusal naming its argument.
 
 use crate::dims::Dims;
+use crate::dropout::Dropout;
 use crate::error::Error;
 use crate::ffi::status::{Failure, Outcome, SINGLORA_ERROR_UNKNOWN_DTYPE};
 use crate::ops::scale::RawScale;
@@ -34,6 +35,13 @@ pub(crate) fn scale(value: f32, ptr: u64) -> RawScale {
     } else {
         RawScale::Device(ptr)
     }
+}
+
+/// The adapter dropout of a launch (include/singlora.h, "Dropout"):
+/// `dropout_p` in `[0, 1)`, refused naming `dropout_p` otherwise.
+pub(crate) fn dropout(p: f64, seed: u64, offset: u64) -> Result<Dropout, Failure> {
+    Dropout::new(p, seed, offset)
+        .map_err(|_| invalid("dropout_p", "a drop probability in [0, 1)", p.to_string()))
 }
 
 /// A device pointer: non-null when `required`, and aligned to `align` bytes

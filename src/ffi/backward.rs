@@ -4,7 +4,9 @@ use std::ffi::c_void;
 
 use half::{bf16, f16};
 
-use crate::ffi::args::{device_ordinal, dims, dtype, non_negative, pointer, scale, with_dtype, Dt};
+use crate::ffi::args::{
+    device_ordinal, dims, dropout, dtype, non_negative, pointer, scale, with_dtype, Dt,
+};
 use crate::ffi::context::on_stream;
 use crate::ffi::status::ffi_guard;
 use crate::ffi::status::{Failure, SINGLORA_ERROR_INVALID_ARGUMENT};
@@ -25,7 +27,9 @@ use crate::ops::backward::{backward_raw, BackwardPtrs, BackwardShape};
 /// (`ld_dx` and `dx_beta` are ignored when `dx` is 0). `workspace`: 16-byte
 /// aligned, at least [`singlora_backward_workspace_size`](crate::ffi::singlora_backward_workspace_size) bytes (for the same
 /// `saved_s` choice), `workspace_bytes` its size. `x`, `g`, `saved_s` may be
-/// 0 when `tokens` is 0; `a`, `da` and `workspace` never.
+/// 0 when `tokens` is 0; `a`, `da` and `workspace` never. `dropout_p`,
+/// `dropout_seed`, `dropout_offset`: the forward's dropout (X dropped in
+/// `Xᵀ·Q` and in a recomputed S, dX's adapter term masked).
 ///
 /// # Safety
 /// As for [`singlora_forward`](crate::ffi::singlora_forward): every non-zero pointer addresses, on
@@ -55,6 +59,9 @@ pub unsafe extern "C" fn singlora_backward(
     da_beta: f32,
     workspace: u64,
     workspace_bytes: u64,
+    dropout_p: f64,
+    dropout_seed: u64,
+    dropout_offset: u64,
     stream: *mut c_void,
 ) -> i32 {
     ffi_guard(|| {
@@ -68,7 +75,8 @@ pub unsafe extern "C" fn singlora_backward(
             None
         };
         let scale = scale(scale_value, scale_ptr);
-        let shape = BackwardShape::new(&dims, ld_x, ld_g, dx_arg, saved_s != 0, scale, da_beta)?;
+        let shape = BackwardShape::new(&dims, ld_x, ld_g, dx_arg, saved_s != 0, scale, da_beta)?
+            .with_dropout(dropout(dropout_p, dropout_seed, dropout_offset)?)?;
         let has_rows = dims.tokens() > 0;
         pointer("x", x, dt.size(), has_rows)?;
         pointer("g", g, dt.size(), has_rows)?;

@@ -5,7 +5,7 @@
 use std::ffi::c_char;
 
 use crate::error::Error;
-use crate::ffi::args::{device_ordinal, dims, invalid};
+use crate::ffi::args::{device_ordinal, dims, dropout, invalid, non_negative};
 use crate::ffi::context::{context, RestoreCurrent};
 use crate::ffi::status::{ffi_guard, LAST_ERROR, SINGLORA_ABI_VERSION, STATUS_NAMES};
 use crate::ops::backward::backward_workspace_len;
@@ -92,6 +92,49 @@ pub unsafe extern "C" fn singlora_backward_workspace_size(
         // SAFETY: non-null (checked) and writable for one u64 (the caller's
         // contract).
         unsafe { out_bytes.write_unaligned(bytes as u64) };
+        Ok(())
+    })
+}
+
+/// The dropout mask of a `tokens × cols` matrix on the host, the bits the
+/// kernels use (include/singlora.h, "Dropout"): `keep[t·cols + c]` = 1
+/// where element `(t, c)` is kept, 0 where dropped. No device is touched.
+///
+/// # Safety
+/// `keep` must be a host pointer to `tokens · cols` writable bytes (it may
+/// be NULL only when that is 0).
+#[no_mangle]
+pub unsafe extern "C" fn singlora_dropout_mask(
+    dropout_p: f64,
+    dropout_seed: u64,
+    dropout_offset: u64,
+    tokens: i64,
+    cols: i64,
+    keep: *mut u8,
+) -> i32 {
+    ffi_guard(|| {
+        let d = dropout(dropout_p, dropout_seed, dropout_offset)?;
+        let tokens = non_negative("tokens", tokens)?;
+        let cols = non_negative("cols", cols)?;
+        d.check_tokens(tokens)?;
+        let Some(n) = tokens.checked_mul(cols) else {
+            return Err(invalid(
+                "cols",
+                "tokens · cols within the address space",
+                cols.to_string(),
+            ));
+        };
+        if n == 0 {
+            return Ok(());
+        }
+        if keep.is_null() {
+            return Err(invalid("keep", "a non-null host pointer", "NULL".into()));
+        }
+        // SAFETY: the caller's contract: `keep` holds tokens · cols bytes.
+        let out = unsafe { std::slice::from_raw_parts_mut(keep, n) };
+        for (o, k) in out.iter_mut().zip(d.mask(tokens, cols)) {
+            *o = k as u8;
+        }
         Ok(())
     })
 }

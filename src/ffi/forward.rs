@@ -4,7 +4,9 @@ use std::ffi::c_void;
 
 use half::{bf16, f16};
 
-use crate::ffi::args::{device_ordinal, dims, dtype, non_negative, pointer, scale, with_dtype, Dt};
+use crate::ffi::args::{
+    device_ordinal, dims, dropout, dtype, non_negative, pointer, scale, with_dtype, Dt,
+};
 use crate::ffi::context::on_stream;
 use crate::ffi::status::ffi_guard;
 use crate::ops::forward::{forward_raw, ForwardPtrs, ForwardShape};
@@ -21,6 +23,8 @@ use crate::ops::forward::{forward_raw, ForwardPtrs, ForwardShape};
 /// * `scale`, `scale_ptr`: the scale by value (`scale_ptr` = 0), or a device
 ///   `float` read when the kernels run (see [`scale`]).
 /// * `beta`: 0 (Y is overwritten, never read) or 1 (added onto).
+/// * `dropout_p`, `dropout_seed`, `dropout_offset`: the adapter's dropout
+///   (`S = drop(X)·A[:d_in]`; see [`crate::Dropout`]); `dropout_p` 0: none.
 /// * `x`, `y` may be 0 when `tokens` is 0; `a` never.
 ///
 /// # Safety
@@ -46,6 +50,9 @@ pub unsafe extern "C" fn singlora_forward(
     scale_value: f32,
     scale_ptr: u64,
     beta: f32,
+    dropout_p: f64,
+    dropout_seed: u64,
+    dropout_offset: u64,
     stream: *mut c_void,
 ) -> i32 {
     ffi_guard(|| {
@@ -53,7 +60,8 @@ pub unsafe extern "C" fn singlora_forward(
         let dims = dims(tokens, d_in, d_out, rank)?;
         let ld_x = non_negative("ld_x", ld_x)?;
         let ld_y = non_negative("ld_y", ld_y)?;
-        let shape = ForwardShape::new(&dims, ld_x, ld_y, scale(scale_value, scale_ptr), beta)?;
+        let shape = ForwardShape::new(&dims, ld_x, ld_y, scale(scale_value, scale_ptr), beta)?
+            .with_dropout(dropout(dropout_p, dropout_seed, dropout_offset)?)?;
         let has_rows = dims.tokens() > 0;
         pointer("x", x, dt.size(), has_rows)?;
         pointer("a", a, dt.size(), true)?;

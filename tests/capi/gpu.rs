@@ -255,6 +255,9 @@ fn capi_refuses_a_stream_of_another_context() {
         scale: 1.0,
         scale_ptr: 0,
         beta: 0.0,
+        dropout_p: 0.0,
+        dropout_seed: 0,
+        dropout_offset: 0,
         stream: foreign.cu_stream() as *mut c_void,
     };
     // SAFETY: the buffers are live on device 0's primary context; the

@@ -141,9 +141,11 @@ const SPELLINGS: &[Spelling] = &[
     ("i64", "_i64", "int64_t"),
     ("u64", "_u64", "uint64_t"),
     ("f32", "_f32", "float"),
+    ("f64", "_f64", "double"),
     ("*const c_char", "_str", "const char *"),
     ("*mut c_void", "_ptr", "void *"),
     ("*mut u64", "ctypes.POINTER(_u64)", "uint64_t *"),
+    ("*mut u8", "ctypes.POINTER(_u8)", "uint8_t *"),
 ];
 
 /// The C spelling of `t` as `file` spells it (`pick` its column of
@@ -421,13 +423,13 @@ int main(void) {
 
     /* a null x with tokens > 0: refused, naming `x` */
     st = singlora_forward(SINGLORA_DTYPE_BF16, 0, 16, 64, 64, 8, 0, 64, 0x10000, 0x20000, 64, 0,
-                          1.0f, 0, 1.0f, NULL);
+                          1.0f, 0, 1.0f, 0.0, 0, 0, NULL);
     EXPECT(st == SINGLORA_ERROR_INVALID_ARGUMENT);
     EXPECT(strstr(singlora_last_error(), "`x`") != NULL);
     printf("forward(x = NULL): %s: %s\n", singlora_status_name(st), singlora_last_error());
 
     st = singlora_backward(77, 0, 16, 64, 64, 8, 0x10000, 64, 0x20000, 64, 0x30000, 0, 1.0f,
-                           0, 0, 0, 0.0f, 0x40000, 0.0f, 0x50000, 1u << 30, NULL);
+                           0, 0, 0, 0.0f, 0x40000, 0.0f, 0x50000, 1u << 30, 0.0, 0, 0, NULL);
     EXPECT(st == SINGLORA_ERROR_UNKNOWN_DTYPE);
 
     st = singlora_merge(SINGLORA_DTYPE_F16, 0, 64, 64, 8, 0x10000, -1, 0x20000, 1.0f, 0, NULL);

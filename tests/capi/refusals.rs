@@ -55,6 +55,9 @@ fn fwd() -> Fwd {
         scale: 2.0,
         scale_ptr: 0,
         beta: 1.0,
+        dropout_p: 0.0,
+        dropout_seed: 0,
+        dropout_offset: 0,
         stream: std::ptr::null_mut(),
     }
 }
@@ -64,6 +67,15 @@ fn forward_valid_arguments_reach_the_device_check() {
     assert_no_device(fwd().call());
     // S is optional; f32 and f16; tokens 0 allows null row pointers.
     assert_no_device(Fwd { s: 0, ..fwd() }.call());
+    // With dropout (p in [0, 1), any seed and offset).
+    let dropped = Fwd {
+        dropout_p: 0.1,
+        dropout_seed: u64::MAX,
+        dropout_offset: 12,
+        ..fwd()
+    };
+    assert_no_device(dropped.call());
+    assert_no_device(Bwd::after(&dropped, [P + 0x40_0000, 0, P + 0x50_0000, P + 0x60_0000]).call());
     assert_no_device(
         Fwd {
             dtype: F32,
@@ -143,6 +155,9 @@ fn forward_refusals_name_the_argument() {
         (Fwd { scale: f32::INFINITY, ..fwd() }, INVALID, "scale"),
         (Fwd { beta: 0.5, ..fwd() }, INVALID, "beta"),
         (Fwd { beta: -1.0, ..fwd() }, INVALID, "beta"),
+        (Fwd { dropout_p: 1.0, ..fwd() }, INVALID, "dropout_p"),
+        (Fwd { dropout_p: -0.5, ..fwd() }, INVALID, "dropout_p"),
+        (Fwd { dropout_p: f64::NAN, ..fwd() }, INVALID, "dropout_p"),
         (Fwd { device: -1, ..fwd() }, INVALID, "device"),
         (Fwd { dtype: 3, ..fwd() }, SINGLORA_ERROR_UNKNOWN_DTYPE, "dtype"),
         (Fwd { dtype: -1, ..fwd() }, SINGLORA_ERROR_UNKNOWN_DTYPE, "dtype"),
@@ -215,6 +230,7 @@ fn backward_refusals_name_the_argument() {
     #[rustfmt::skip]
     let cases: Vec<(Bwd, i32, &str)> = vec![
         (Bwd { tokens: -33, ..bwd() }, INVALID, "tokens"),
+        (Bwd { dropout_p: 1.5, ..bwd() }, INVALID, "dropout_p"),
         (Bwd { d_in: -1, ..bwd() }, INVALID, "d_in"),
         (Bwd { d_out: -1, ..bwd() }, INVALID, "d_out"),
         (Bwd { rank: -1, ..bwd() }, INVALID, "rank"),
@@ -638,4 +654,41 @@ fn a_device_scale_is_checked() {
             "w",
         );
     }
+}
+
+/// The host dropout mask: the kernels' bits (see tests/philox.rs for the
+/// generator), refusals naming their argument, nothing written when refused.
+#[test]
+fn dropout_mask_matches_the_rust_mask_and_checks_its_arguments() {
+    let (tokens, cols) = (9usize, 14usize);
+    let mut keep = vec![7u8; tokens * cols];
+    // SAFETY: `keep` holds tokens · cols bytes.
+    let code = unsafe {
+        singlora_dropout_mask(
+            0.3,
+            99,
+            1 << 40,
+            tokens as i64,
+            cols as i64,
+            keep.as_mut_ptr(),
+        )
+    };
+    assert_eq!(code, SINGLORA_OK, "{}", last_error());
+    let want = singlora::Dropout::new(0.3, 99, 1 << 40)
+        .unwrap()
+        .mask(tokens, cols);
+    assert!(keep.iter().zip(&want).all(|(&k, &w)| k == w as u8));
+    assert!(keep.contains(&0) && keep.contains(&1));
+    let mut untouched = vec![7u8; 4];
+    for (p, t, ptr, name) in [
+        (1.0, 2, untouched.as_mut_ptr(), "dropout_p"),
+        (f64::NAN, 2, untouched.as_mut_ptr(), "dropout_p"),
+        (0.5, -2, untouched.as_mut_ptr(), "tokens"),
+        (0.5, 2, std::ptr::null_mut(), "keep"),
+    ] {
+        // SAFETY: `ptr` is NULL or holds the 4 bytes a 2 × 2 mask needs.
+        let code = unsafe { singlora_dropout_mask(p, 0, 0, t, 2, ptr) };
+        assert_refused(code, SINGLORA_ERROR_INVALID_ARGUMENT, name);
+    }
+    assert_eq!(untouched, vec![7u8; 4]);
 }

@@ -57,14 +57,15 @@ macro_rules! c_call {
 c_call!(Fwd = singlora_forward(
     dtype: i32, device: i32, tokens: i64, d_in: i64, d_out: i64, rank: i64,
     x: u64, ld_x: i64, a: u64, y: u64, ld_y: i64, s: u64, scale: f32, scale_ptr: u64, beta: f32,
-    stream: *mut c_void,
+    dropout_p: f64, dropout_seed: u64, dropout_offset: u64, stream: *mut c_void,
 ));
 
 c_call!(Bwd = singlora_backward(
     dtype: i32, device: i32, tokens: i64, d_in: i64, d_out: i64, rank: i64,
     x: u64, ld_x: i64, g: u64, ld_g: i64, a: u64, saved_s: u64, scale: f32, scale_ptr: u64,
     dx: u64, ld_dx: i64, dx_beta: f32, da: u64, da_beta: f32,
-    workspace: u64, workspace_bytes: u64, stream: *mut c_void,
+    workspace: u64, workspace_bytes: u64,
+    dropout_p: f64, dropout_seed: u64, dropout_offset: u64, stream: *mut c_void,
 ));
 
 c_call!(Merge = singlora_merge(
@@ -111,6 +112,9 @@ impl Fwd {
             scale,
             scale_ptr: 0,
             beta,
+            dropout_p: 0.0,
+            dropout_seed: 0,
+            dropout_offset: 0,
             stream,
         }
     }
@@ -153,6 +157,9 @@ impl Bwd {
             da_beta: 0.0,
             workspace,
             workspace_bytes: ws_len as u64 * 4,
+            dropout_p: f.dropout_p,
+            dropout_seed: f.dropout_seed,
+            dropout_offset: f.dropout_offset,
             stream: f.stream,
         }
     }
