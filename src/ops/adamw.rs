@@ -9,7 +9,7 @@ use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::ops::regions::{check_disjoint, Region};
 use crate::params::{singlora_adamw_params, singlora_step_params};
-use crate::runtime::launch::{launch, opt_ptr_mut, THREADS};
+use crate::runtime::launch::{launch, or_null, THREADS};
 use crate::runtime::registry::{Family, KernelId, Kernels};
 
 /// AdamW hyper-parameters (PyTorch's `torch.optim.AdamW` defaults).
@@ -223,7 +223,7 @@ fn launch_adamw<T: DType>(
     let (g_ptr, _g_rec) = grad.device_ptr(stream);
     let (m_ptr, _m_rec) = state.m.device_ptr_mut(stream);
     let (v_ptr, _v_rec) = state.v.device_ptr_mut(stream);
-    let (master_ptr, _master_rec) = opt_ptr_mut(stream, state.master);
+    let (master_ptr, _master_rec) = or_null(state.master.map(|m| m.device_ptr_mut(stream)));
     let t = std::mem::size_of::<T>();
     check_disjoint(
         &[

@@ -23,7 +23,7 @@ use crate::ops::scale::{RawScale, Scale};
 use crate::params::{
     singlora_da_params, SINGLORA_DA_BD, SINGLORA_DA_MIN_SPLIT_TOKENS, SINGLORA_DA_TARGET_BLOCKS,
 };
-use crate::runtime::launch::{launch, opt_ptr, opt_ptr_mut, vec_ok, THREADS};
+use crate::runtime::launch::{launch, or_null, vec_ok, THREADS};
 use crate::runtime::registry::{Family, Kernel, KernelId, Kernels};
 
 /// f32 elements of each workspace segment are rounded up to this (256 bytes)
@@ -144,8 +144,7 @@ impl BackwardShape {
             }
             None => None,
         };
-        let scale = scale.into();
-        scale.check()?;
+        let scale = RawScale::checked(scale)?;
         check_beta("da_beta", da_beta)?;
         Ok(Self {
             dims: *dims,
@@ -167,11 +166,6 @@ impl BackwardShape {
     pub fn with_dropout(self, dropout: Dropout) -> Result<Self> {
         dropout.check_tokens(self.dims.tokens())?;
         Ok(Self { dropout, ..self })
-    }
-
-    /// The dropout of the call.
-    pub fn dropout(&self) -> Dropout {
-        self.dropout
     }
 
     /// Checks the buffer lengths (elements) against the shapes.
@@ -312,8 +306,8 @@ pub fn backward<'s, T: DType>(
     let (x_ptr, _x_rec) = x.device_ptr(stream);
     let (g_ptr, _g_rec) = g.device_ptr(stream);
     let (a_ptr, _a_rec) = a.device_ptr(stream);
-    let (s_ptr, _s_rec) = opt_ptr(stream, saved_s);
-    let (dx_ptr, _dx_rec) = opt_ptr_mut(stream, dx.map(|d| d.dx));
+    let (s_ptr, _s_rec) = or_null(saved_s.map(|s| s.device_ptr(stream)));
+    let (dx_ptr, _dx_rec) = or_null(dx.map(|d| d.dx.device_ptr_mut(stream)));
     let (da_ptr, _da_rec) = da.device_ptr_mut(stream);
     let (ws_ptr, _ws_rec) = workspace_buf.device_ptr_mut(stream);
     let ptrs = BackwardPtrs {

@@ -18,7 +18,7 @@ use crate::error::{Error, Result};
 use crate::ops::regions::{check_disjoint, Region};
 use crate::ops::scale::{RawScale, Scale};
 use crate::params::{singlora_forward_params, SINGLORA_DECODE_CLUSTER};
-use crate::runtime::launch::{launch, opt_ptr_mut, vec_ok};
+use crate::runtime::launch::{launch, or_null, vec_ok};
 use crate::runtime::registry::{Family, Kernel, KernelId, Kernels};
 
 /// The checked shapes and scalars of one forward call.
@@ -44,8 +44,7 @@ impl ForwardShape {
     ) -> Result<Self> {
         let x = dims.x(ld_x)?;
         let y = dims.out_rows("y", "ld_y", ld_y)?;
-        let scale = scale.into();
-        scale.check()?;
+        let scale = RawScale::checked(scale)?;
         check_beta("beta", beta)?;
         Ok(Self {
             dims: *dims,
@@ -63,11 +62,6 @@ impl ForwardShape {
     pub fn with_dropout(self, dropout: Dropout) -> Result<Self> {
         dropout.check_tokens(self.dims.tokens())?;
         Ok(Self { dropout, ..self })
-    }
-
-    /// The dropout of the call.
-    pub fn dropout(&self) -> Dropout {
-        self.dropout
     }
 
     /// Checks buffer lengths in elements (`s_len`: `None` when no S is stored).
@@ -159,7 +153,7 @@ pub fn forward<'s, T: DType>(
     let (x_ptr, _x_rec) = x.device_ptr(stream);
     let (a_ptr, _a_rec) = a.device_ptr(stream);
     let (y_ptr, _y_rec) = y.device_ptr_mut(stream);
-    let (s_ptr, _s_rec) = opt_ptr_mut(stream, s);
+    let (s_ptr, _s_rec) = or_null(s.map(|s| s.device_ptr_mut(stream)));
     let ptrs = ForwardPtrs {
         x: x_ptr,
         a: a_ptr,

@@ -127,8 +127,7 @@ impl MergeShape {
     /// no part.
     pub fn new(dims: &Dims, ld_w: usize, scale: impl Into<RawScale>) -> Result<Self> {
         let w = Matrix::new("w", "ld_w", dims.d_out(), dims.d_in(), ld_w)?;
-        let scale = scale.into();
-        scale.check()?;
+        let scale = RawScale::checked(scale)?;
         let max_rows = 65535 * SINGLORA_MERGE_BM as usize;
         if dims.d_out() > max_rows {
             return Err(Error::InvalidDim {

@@ -70,6 +70,13 @@ impl From<f32> for RawScale {
 }
 
 impl RawScale {
+    /// `scale` as a raw scale, checked ([`RawScale::check`]).
+    pub fn checked(scale: impl Into<RawScale>) -> Result<Self> {
+        let scale = scale.into();
+        scale.check()?;
+        Ok(scale)
+    }
+
     /// Refuses a non-finite value or alpha/rank, and a null or misaligned
     /// pointer (4 bytes for the f32, 8 for the step counter).
     pub fn check(&self) -> Result<()> {

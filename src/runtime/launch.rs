@@ -3,9 +3,7 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::{
-    CudaStream, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg, SyncOnDrop,
-};
+use cudarc::driver::{CudaStream, LaunchConfig, PushKernelArg, SyncOnDrop};
 
 use crate::error::Result;
 use crate::params::SINGLORA_THREADS;
@@ -21,31 +19,12 @@ pub(crate) fn vec_ok<T>(ptr: u64, ld: usize) -> i32 {
     (ptr % 16 == 0 && (ld * bytes) % 16 == 0) as i32
 }
 
-/// The device pointer of an optional output (`0` when absent), with the
-/// record that keeps cudarc's stream ordering until the launch is enqueued.
-pub(crate) fn opt_ptr_mut<'s, 'b: 's, T>(
-    stream: &'s Arc<CudaStream>,
-    buf: Option<&'s mut (dyn DevicePtrMut<T> + 'b)>,
-) -> (u64, Option<SyncOnDrop<'s>>) {
-    match buf {
-        Some(b) => {
-            let (p, rec) = b.device_ptr_mut(stream);
-            (p, Some(rec))
-        }
-        None => (0, None),
-    }
-}
-
-/// The device pointer of an optional input (`0` when absent), with its record.
-pub(crate) fn opt_ptr<'s, 'b: 's, T>(
-    stream: &'s Arc<CudaStream>,
-    buf: Option<&'s (dyn DevicePtr<T> + 'b)>,
-) -> (u64, Option<SyncOnDrop<'s>>) {
-    match buf {
-        Some(b) => {
-            let (p, rec) = b.device_ptr(stream);
-            (p, Some(rec))
-        }
+/// The device pointer of an optional buffer (`0` when absent) with the
+/// record that keeps cudarc's stream ordering until the launch is enqueued:
+/// `or_null(buf.map(|b| b.device_ptr(stream)))` (or `device_ptr_mut`).
+pub(crate) fn or_null(ptr: Option<(u64, SyncOnDrop<'_>)>) -> (u64, Option<SyncOnDrop<'_>>) {
+    match ptr {
+        Some((p, rec)) => (p, Some(rec)),
         None => (0, None),
     }
 }
