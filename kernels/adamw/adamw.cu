@@ -37,10 +37,5 @@ __device__ __forceinline__ void adamw_kernel(const singlora_adamw_params& p) {
 
 }  // namespace singlora
 
-#define SINGLORA_ADAMW(tname, T)                                                                          \
-    extern "C" __global__ void __launch_bounds__(singlora::kThreads) adamw_##tname(const singlora_adamw_params p) { \
-        singlora::adamw_kernel<T>(p);                                                                     \
-    }                                                                                                     \
-    SINGLORA_KERNEL_INFO(adamw_##tname, 0, 0, 0, 0)
-
+#define SINGLORA_ADAMW(tname, T) SINGLORA_PLAIN_KERNEL(adamw, tname, T, singlora_adamw_params, singlora::adamw_kernel)
 SINGLORA_DTYPES(SINGLORA_ADAMW)

@@ -19,24 +19,19 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* 
 
 template <typename T> __device__ __forceinline__ void mma16816(float (&c)[4], const uint32_t (&a)[4],
                                                                uint32_t b0, uint32_t b1);
-template <>
-__device__ __forceinline__ void mma16816<__nv_bfloat16>(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
-                                                        uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-template <>
-__device__ __forceinline__ void mma16816<__half>(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
-                                                 uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
+// The two 16-bit specialisations differ only in the PTX operand type.
+#define SINGLORA_MMA16816(T, PTX_T)                                                                       \
+    template <>                                                                                          \
+    __device__ __forceinline__ void mma16816<T>(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,      \
+                                                uint32_t b1) {                                           \
+        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." PTX_T "." PTX_T                             \
+                     ".f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"                      \
+                     : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])                                     \
+                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));                      \
+    }
+SINGLORA_MMA16816(__nv_bfloat16, "bf16")
+SINGLORA_MMA16816(__half, "f16")
+#undef SINGLORA_MMA16816
 
 // One 16-deep step of a warp's MT x NT tile of 16x8 products:
 //   acc[mt][nt] += A(m0 + 16 mt .., k0 .. k0+16) * B(k0 .., n0 + 8 nt ..)

@@ -40,10 +40,5 @@ __device__ __forceinline__ void mse_kernel(const singlora_mse_params& p) {
 
 }  // namespace singlora
 
-#define SINGLORA_MSE(tname, T)                                                                            \
-    extern "C" __global__ void __launch_bounds__(singlora::kThreads) mse_##tname(const singlora_mse_params p) { \
-        singlora::mse_kernel<T>(p);                                                                       \
-    }                                                                                                     \
-    SINGLORA_KERNEL_INFO(mse_##tname, 0, 0, 0, 0)
-
+#define SINGLORA_MSE(tname, T) SINGLORA_PLAIN_KERNEL(mse, tname, T, singlora_mse_params, singlora::mse_kernel)
 SINGLORA_DTYPES(SINGLORA_MSE)
