@@ -94,6 +94,20 @@ status_of() { # <exit code> <log of the run> [need-tests]
         echo "PASS"
     fi
 }
+# py_run <log name> <dest> <heading> <limit s> <command...>: runs a Python
+# step against the bundle's library within the limit, its output into
+# $scratch/<log name> (py_log) and, under the heading, appended to
+# $OUT/<dest>; its exit code in py_rc.
+py_run() {
+    local heading="$3" limit="$4" dest="$2"
+    py_log="$scratch/$1"
+    shift 4
+    env SINGLORA_LIB="$BUNDLE/lib/libsinglora.so" PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 \
+        timeout --kill-after=10 "$limit" "$@" >"$py_log" 2>&1
+    py_rc=$?
+    { echo "### $heading (exit $py_rc)"; cat "$py_log"; echo; } >>"$OUT/$dest"
+}
+
 section() { echo; echo "=== $* ==="; }
 important() { # <log> <ERE>: matching lines, plus each panic with its message line
     awk -v re="$2" '$0 ~ re { print; next } /panicked at/ { print; if ((getline l) > 0) print "    " l }' "$1"
@@ -202,13 +216,9 @@ if [[ ! -f lib/libsinglora.so || ! -d python/singlora ]]; then
     echo "### python: lib/libsinglora.so or python/ is not in the bundle" >>"$OUT/tests.log"
     record "python check.py" "FAIL (not in the bundle)"
 else
-    log="$scratch/py-check.log"
-    SINGLORA_LIB="$BUNDLE/lib/libsinglora.so" PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 \
-        timeout --kill-after=10 "$PY_CHECK_S" python3 python/check.py >"$log" 2>&1
-    rc=$?
-    { echo "### python/check.py (exit $rc)"; cat "$log"; echo; } >>"$OUT/tests.log"
-    grep -E '^(FAIL|torch )|^check\.py:|FAILED:|Error|error' "$log" | sed "s/^/[check.py] /" | head -40
-    record "python check.py" "$(status_of "$rc" "$log")"
+    py_run py-check.log tests.log python/check.py "$PY_CHECK_S" python3 python/check.py
+    grep -E '^(FAIL|torch )|^check\.py:|FAILED:|Error|error' "$py_log" | sed "s/^/[check.py] /" | head -40
+    record "python check.py" "$(status_of "$py_rc" "$py_log")"
 fi
 
 # -------------------------------------------------------------- d. benchmarks
@@ -236,14 +246,10 @@ section "PyTorch binding: python/bench.py (${PY_BENCH_S}s)"
 if [[ ! -f lib/libsinglora.so || ! -d python/singlora ]]; then
     record "python bench.py" "FAIL (not in the bundle)"
 else
-    log="$scratch/py-bench.log"
-    SINGLORA_LIB="$BUNDLE/lib/libsinglora.so" PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 \
-        SINGLORA_BENCH_TABLE="$OUT/bench-table.md" \
-        timeout --kill-after=10 "$PY_BENCH_S" python3 python/bench.py >"$log" 2>&1
-    rc=$?
-    { echo "### python/bench.py (exit $rc)"; cat "$log"; echo; } >>"$OUT/bench.log"
-    grep -vE '^\s*$' "$log" | sed "s/^/[bench.py] /" | tail -40
-    record "python bench.py" "$(status_of "$rc" "$log")"
+    SINGLORA_BENCH_TABLE="$OUT/bench-table.md" \
+        py_run py-bench.log bench.log python/bench.py "$PY_BENCH_S" python3 python/bench.py
+    grep -vE '^\s*$' "$py_log" | sed "s/^/[bench.py] /" | tail -40
+    record "python bench.py" "$(status_of "$py_rc" "$py_log")"
 fi
 
 # ----------------------- the PyTorch binding: singlora.peft and finetune_lm.py
@@ -264,26 +270,21 @@ elif ! python3 -c 'import sys, zipfile; zipfile.ZipFile(sys.argv[1]).extractall(
     "$wheel" "$peft_dir" >>"$OUT/tests.log" 2>&1; then
     record "python test_peft (cuda)" "FAIL (could not unpack $wheel)"
 else
-    export_py=(env SINGLORA_LIB="$BUNDLE/lib/libsinglora.so" PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
-        PYTHONPATH="$peft_dir${PYTHONPATH:+:$PYTHONPATH}")
-    log="$scratch/py-peft.log"
-    "${export_py[@]}" SINGLORA_PEFT_DEVICE=cuda SINGLORA_REQUIRE_TORCH=1 SINGLORA_REQUIRE_PEFT=1 \
-        timeout --kill-after=10 "$PY_PEFT_S" python3 python/tests/test_peft_cpu.py >"$log" 2>&1
-    rc=$?
-    { echo "### python/tests/test_peft_cpu.py on CUDA (exit $rc)"; cat "$log"; echo; } >>"$OUT/tests.log"
-    grep -E '^(PASS|FAIL|skipped)|passed, [0-9]+ failed|ours vs' "$log" | sed "s/^/[test_peft] /" | head -40
-    record "python test_peft (cuda)" "$(status_of "$rc" "$log")"
-    log="$scratch/py-example.log"
-    "${export_py[@]}" timeout --kill-after=10 "$PY_EXAMPLE_S" python3 python/examples/finetune_lm.py \
-        --device cuda --hidden 512 --layers 4 --heads 8 --seq 256 --batch 32 \
-        --pretrain-steps 300 --steps 200 --out "$OUT" >"$log" 2>&1
-    rc=$?
-    { echo "### python/examples/finetune_lm.py (exit $rc)"; cat "$log"; echo; } >>"$OUT/tests.log"
-    grep -vE '^\s*$|^\[transformers\]|Warning|warnings\.warn' "$log" | sed "s/^/[finetune_lm] /" | tail -20
-    if ((rc == 0)); then
-        { echo; echo "### python/examples/finetune_lm.py (CUDA)"; grep -E '^\||^\(' "$log"; } >>"$OUT/bench-table.md"
+    PYTHONPATH="$peft_dir${PYTHONPATH:+:$PYTHONPATH}" SINGLORA_PEFT_DEVICE=cuda \
+        SINGLORA_REQUIRE_TORCH=1 SINGLORA_REQUIRE_PEFT=1 \
+        py_run py-peft.log tests.log "python/tests/test_peft_cpu.py on CUDA" "$PY_PEFT_S" \
+        python3 python/tests/test_peft_cpu.py
+    grep -E '^(PASS|FAIL|skipped)|passed, [0-9]+ failed|ours vs' "$py_log" | sed "s/^/[test_peft] /" | head -40
+    record "python test_peft (cuda)" "$(status_of "$py_rc" "$py_log")"
+    PYTHONPATH="$peft_dir${PYTHONPATH:+:$PYTHONPATH}" \
+        py_run py-example.log tests.log python/examples/finetune_lm.py "$PY_EXAMPLE_S" \
+        python3 python/examples/finetune_lm.py --device cuda --hidden 512 --layers 4 --heads 8 \
+        --seq 256 --batch 32 --pretrain-steps 300 --steps 200 --out "$OUT"
+    grep -vE '^\s*$|^\[transformers\]|Warning|warnings\.warn' "$py_log" | sed "s/^/[finetune_lm] /" | tail -20
+    if ((py_rc == 0)); then
+        { echo; echo "### python/examples/finetune_lm.py (CUDA)"; grep -E '^\||^\(' "$py_log"; } >>"$OUT/bench-table.md"
     fi
-    record "python finetune_lm.py (cuda)" "$(status_of "$rc" "$log")"
+    record "python finetune_lm.py (cuda)" "$(status_of "$py_rc" "$py_log")"
 fi
 
 # ------------------------------------------------- optional: ncu profile
