@@ -58,6 +58,8 @@ mod rows;
 
 pub use checks::ArgError;
 pub use layer::{SingLoraConfig, SingLoraLinear};
-pub use op::{singlora_adapter, singlora_linear};
+pub use op::{
+    singlora_adapter, singlora_adapter_dropout, singlora_linear, singlora_linear_dropout,
+};
 pub use optim::FusedAdamW;
-pub use singlora::{AdamW, Ramp};
+pub use singlora::{AdamW, Dropout, Ramp};
