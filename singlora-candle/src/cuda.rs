@@ -214,7 +214,7 @@ where
         Some(&mut s as &mut dyn DevicePtrMut<f32>),
         op.scale,
         beta,
-        singlora::Dropout::NONE,
+        op.dropout,
     )
     .map_err(wrap)?;
     op.save(tokens, Saved::Cuda(s));
@@ -309,7 +309,9 @@ where
         dx_beta = 1.0;
     }
 
-    let da = if need_da {
+    // With dropout, dX's adapter term is masked: only the fused backward
+    // computes it (its dA is then dropped when not needed).
+    let da = if need_da || op.dropout.is_active() {
         let saved = op.saved.lock().unwrap_or_else(|e| e.into_inner());
         let s: Option<&CudaSlice<f32>> = match saved.as_ref() {
             Some((n, Saved::Cuda(s))) if *n == tokens => Some(s),
@@ -338,12 +340,12 @@ where
             &mut da,
             0.0,
             &mut ws,
-            singlora::Dropout::NONE,
+            op.dropout,
         )
         .map_err(wrap)?;
-        Some(da)
+        need_da.then_some(da)
     } else {
-        // dX alone: the forward kernel with G in X's place,
+        // dX alone without dropout: the forward kernel with G in X's place,
         // dX = s·(G·A[:d_out])·A[:d_in]ᵀ — dims with d_in and d_out swapped.
         let dx = dx.as_mut().expect("need_dx when !need_da");
         let swapped = singlora::Dims::new(tokens, d_out, d_in, rank).map_err(wrap)?;
@@ -358,7 +360,7 @@ where
             None,
             op.scale,
             dx_beta,
-            singlora::Dropout::NONE,
+            singlora::Dropout::NONE, // not the forward's mask: this is dX
         )
         .map_err(wrap)?;
         None

@@ -5,11 +5,11 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device, Module, Result, Tensor, Var};
 use half::{bf16, f16};
-use singlora::{kaiming_uniform, Ramp};
+use singlora::{kaiming_uniform, Dropout, Ramp};
 
-use crate::checks::{check_float, refuse, Geometry};
+use crate::checks::{check_float, refuse, wrap, Geometry};
 use crate::merge::MergeOp;
-use crate::op::singlora_linear;
+use crate::op::singlora_linear_dropout;
 use crate::optim::register_counter;
 
 /// The adapter's hyper-parameters.
@@ -51,6 +51,17 @@ impl Default for SingLoraConfig {
 ///   it, so gradient accumulation keeps the ramp on schedule.
 /// * [`merge`](Self::merge) folds the adapter into `W0` (in place) for
 ///   inference; the forward is then the plain `x·W0ᵀ`.
+/// * Adapter dropout ([`with_dropout`](Self::with_dropout), PEFT's
+///   `lora_dropout`): in training mode the adapter sees
+///   `drop(x) = M ⊙ x / (1 − p)`, the frozen path `x`. candle has no global
+///   training flag: [`forward_t`](Self::forward_t)`(x, train)` chooses per
+///   call (candle_nn's `ModuleT` convention), and [`Module::forward`] uses
+///   the layer's mode ([`set_training`](Self::set_training), training by
+///   default). Every training-mode forward that runs the adapter draws a
+///   fresh mask: it takes the layer's dropout offset and advances it by
+///   one, and the graph node keeps that `(seed, offset)` pair for its
+///   backward. Eval mode, and a merged layer, run without dropout and
+///   consume no offset. `p = 0` (the default) is bitwise the undropped op.
 pub struct SingLoraLinear {
     weight: Tensor,
     bias: Option<Tensor>,
@@ -60,6 +71,13 @@ pub struct SingLoraLinear {
     steps: Arc<AtomicU64>,
     /// `Some(scale)` while the adapter is folded into `weight`.
     merged: Option<f32>,
+    /// Adapter dropout probability (0: none), its Philox seed, and the
+    /// offset of the next training-mode forward (atomic: forward takes
+    /// `&self`).
+    dropout_p: f64,
+    dropout_seed: u64,
+    dropout_offset: AtomicU64,
+    training: bool,
 }
 
 impl SingLoraLinear {
@@ -87,13 +105,15 @@ impl SingLoraLinear {
                 ))
             }
         };
-        Self::with_a(
+        let mut layer = Self::with_a(
             weight,
             bias,
             Var::from_tensor(&a)?,
             cfg.alpha,
             cfg.warmup_steps,
-        )
+        )?;
+        layer.dropout_seed = cfg.seed;
+        Ok(layer)
     }
 
     /// [`new`](Self::new) over a candle [`candle_nn::Linear`]'s weight and
@@ -103,7 +123,8 @@ impl SingLoraLinear {
     }
 
     /// A layer with a given `A` (`D × rank`, `weight`'s dtype and device),
-    /// e.g. one loaded from a checkpoint.
+    /// e.g. one loaded from a checkpoint. Its dropout seed is 0 (see
+    /// [`set_dropout_seed`](Self::set_dropout_seed)).
     pub fn with_a(
         weight: Tensor,
         bias: Option<Tensor>,
@@ -174,7 +195,112 @@ impl SingLoraLinear {
             ramp,
             steps,
             merged: None,
+            dropout_p: 0.0,
+            dropout_seed: 0,
+            dropout_offset: AtomicU64::new(0),
+            training: true,
         })
+    }
+
+    /// Adapter dropout with probability `p` in `[0, 1)` (0: none) in
+    /// training mode. The mask's seed is the layer's `cfg.seed` (0 for
+    /// [`with_a`](Self::with_a)) until
+    /// [`set_dropout_seed`](Self::set_dropout_seed).
+    ///
+    /// # Errors
+    /// A refusal naming `p` when it is outside `[0, 1)` or not finite.
+    pub fn with_dropout(mut self, p: f64) -> Result<Self> {
+        self.set_dropout(p)?;
+        Ok(self)
+    }
+
+    /// Sets the dropout probability (see [`with_dropout`](Self::with_dropout));
+    /// refused (naming `p`, the layer unchanged) outside `[0, 1)`.
+    pub fn set_dropout(&mut self, p: f64) -> Result<()> {
+        Dropout::new(p, 0, 0).map_err(wrap)?;
+        self.dropout_p = p;
+        Ok(())
+    }
+
+    /// The dropout probability.
+    pub fn dropout_p(&self) -> f64 {
+        self.dropout_p
+    }
+
+    /// Sets the Philox seed of the dropout masks and restarts their offset
+    /// at `offset` (e.g. to resume a run: same seed, the offset reached).
+    pub fn set_dropout_seed(&mut self, seed: u64, offset: u64) {
+        self.dropout_seed = seed;
+        *self.dropout_offset.get_mut() = offset;
+    }
+
+    /// The dropout seed.
+    pub fn dropout_seed(&self) -> u64 {
+        self.dropout_seed
+    }
+
+    /// The offset the next training-mode forward will use.
+    pub fn dropout_offset(&self) -> u64 {
+        self.dropout_offset.load(Ordering::Relaxed)
+    }
+
+    /// Training mode (dropout on, the default) or eval mode (no dropout)
+    /// for [`Module::forward`]; [`forward_t`](Self::forward_t) takes the
+    /// mode per call instead.
+    pub fn set_training(&mut self, training: bool) {
+        self.training = training;
+    }
+
+    /// The layer is in training mode.
+    pub fn is_training(&self) -> bool {
+        self.training
+    }
+
+    /// The forward in training (`train`: with dropout, a fresh mask) or
+    /// eval mode, whatever [`set_training`](Self::set_training) says (the
+    /// convention of candle_nn's `ModuleT`; the `ModuleT` that candle
+    /// derives from [`Module`] ignores `train`, so call this one).
+    /// `x` is `(…, d_in)` in the layer's dtype; the result `(…, d_out)`.
+    pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        if x.dtype() != self.weight.dtype() {
+            return Err(refuse(
+                "x",
+                format!("the layer's dtype {:?}", self.weight.dtype()),
+                format!("{:?}", x.dtype()),
+            ));
+        }
+        let y = if self.merged.is_some() {
+            // The adapter is inside W0: candle's plain linear (no dropout,
+            // no offset consumed).
+            candle_nn::Linear::new(self.weight.clone(), None).forward(x)?
+        } else {
+            let (a, w, scale) = (self.a.as_tensor(), &self.weight, self.scale());
+            if train {
+                // p was checked by set_dropout.
+                let offset = self.dropout_offset.fetch_add(1, Ordering::Relaxed);
+                let dropout = Dropout::new(self.dropout_p, self.dropout_seed, offset).map_err(wrap);
+                match dropout.and_then(|d| singlora_linear_dropout(x, a, w, scale, d)) {
+                    Ok(y) => y,
+                    Err(e) => {
+                        // A refused forward consumes no offset (unless
+                        // another forward took the next one meanwhile).
+                        let _ = self.dropout_offset.compare_exchange(
+                            offset.wrapping_add(1),
+                            offset,
+                            Ordering::Relaxed,
+                            Ordering::Relaxed,
+                        );
+                        return Err(e);
+                    }
+                }
+            } else {
+                singlora_linear_dropout(x, a, w, scale, Dropout::NONE)?
+            }
+        };
+        match &self.bias {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        }
     }
 
     /// The trained parameter `A` (`D × rank`).
@@ -265,25 +391,10 @@ impl SingLoraLinear {
 }
 
 impl Module for SingLoraLinear {
-    /// `x` is `(…, d_in)` in the layer's dtype; the result `(…, d_out)`.
+    /// [`forward_t`](SingLoraLinear::forward_t) in the layer's mode
+    /// ([`is_training`](SingLoraLinear::is_training)).
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if x.dtype() != self.weight.dtype() {
-            return Err(refuse(
-                "x",
-                format!("the layer's dtype {:?}", self.weight.dtype()),
-                format!("{:?}", x.dtype()),
-            ));
-        }
-        let y = if self.merged.is_some() {
-            // The adapter is inside W0: candle's plain linear.
-            candle_nn::Linear::new(self.weight.clone(), None).forward(x)?
-        } else {
-            singlora_linear(x, self.a.as_tensor(), &self.weight, self.scale())?
-        };
-        match &self.bias {
-            Some(b) => y.broadcast_add(b),
-            None => Ok(y),
-        }
+        self.forward_t(x, self.training)
     }
 }
 

@@ -17,7 +17,9 @@ use candle_core::{
     CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor,
 };
 
-use crate::checks::{check_call, check_scale, check_storages, refuse, Checked, Geometry};
+use singlora::Dropout;
+
+use crate::checks::{check_call, check_scale, check_storages, refuse, wrap, Checked, Geometry};
 
 /// `S = x·A_in` (`tokens × rank`, f32) as the forward left it.
 pub(crate) enum Saved {
@@ -31,6 +33,9 @@ pub(crate) enum Saved {
 pub(crate) struct SingLoraOp {
     pub geo: Geometry,
     pub scale: f32,
+    /// The adapter dropout of this call; the backward regenerates its mask
+    /// ([`Dropout::NONE`]: none, bitwise the undropped path).
+    pub dropout: Dropout,
     /// `(tokens, S)` from the forward; the backward uses it instead of
     /// recomputing `x·A_in`. Kept with the graph node (a second backward
     /// over the same graph uses it again).
@@ -51,10 +56,11 @@ pub(crate) struct BackwardArgs<'t> {
 }
 
 impl SingLoraOp {
-    pub fn new(geo: Geometry, scale: f32) -> Self {
+    pub fn new(geo: Geometry, scale: f32, dropout: Dropout) -> Self {
         Self {
             geo,
             scale,
+            dropout,
             saved: Mutex::new(None),
         }
     }
@@ -80,12 +86,21 @@ impl SingLoraOp {
         if tokens == 0 {
             return Ok((empty(dtype), out_shape));
         }
+        self.dropout.check_tokens(tokens).map_err(wrap)?;
         let c = |r: usize, k: usize| Layout::contiguous((r, k));
         // Row-major (r × k) read transposed: a (k × r) view of it.
         let t = |r: usize, k: usize, ld: usize| Layout::new(Shape::from((k, r)), vec![1, ld], 0);
         let x32 = x.0.to_dtype(x.1, DType::F32)?; // tokens × d_in, contiguous
         let a32 = a.0.to_dtype(a.1, DType::F32)?; // D × rank
-        let s = x32.matmul(
+                                                  // The adapter's input: drop(X) = M ⊙ X / (1 − p), X itself without
+                                                  // dropout (the frozen product below always reads X).
+        let xd = if self.dropout.is_active() {
+            let m = CpuStorage::F32(mask_values(&self.dropout, tokens, d_in));
+            Some(x32.binary_impl::<candle_core::op::Mul>(&m, &c(tokens, d_in), &c(tokens, d_in))?)
+        } else {
+            None
+        };
+        let s = xd.as_ref().unwrap_or(&x32).matmul(
             &a32,
             (1, tokens, rank, d_in),
             &c(tokens, d_in),
@@ -164,8 +179,20 @@ impl SingLoraOp {
         let a_in = a32.narrow(0, 0, d_in)?;
         let a_out = a32.narrow(0, 0, d_out)?;
         let q = g2.matmul(&a_out)?;
+        // M / (1 − p) (the same mask as the forward's: regenerated from its
+        // seed and offset), None without dropout.
+        let m = if self.dropout.is_active() {
+            self.dropout.check_tokens(tokens).map_err(wrap)?;
+            let v = mask_values(&self.dropout, tokens, d_in);
+            Some(Tensor::from_vec(v, (tokens, d_in), x.device())?)
+        } else {
+            None
+        };
         let dx = if need_dx {
             let mut dx = (q.matmul(&a_in.t()?)? * scale)?;
+            if let Some(m) = &m {
+                dx = (dx * m)?;
+            }
             if let Some(w) = w {
                 dx = (dx + g2.matmul(&w.detach().to_dtype(DType::F32)?)?)?;
             }
@@ -174,6 +201,10 @@ impl SingLoraOp {
             None
         };
         let da = if need_da {
+            let x2 = match &m {
+                Some(m) => (x2 * m)?, // drop(X)
+                None => x2,
+            };
             let s = match self.saved_cpu(tokens) {
                 Some(s) => s,
                 None => x2.matmul(&a_in)?,
@@ -197,6 +228,18 @@ impl SingLoraOp {
             _ => None,
         }
     }
+}
+
+/// `M / (1 − p)` of a `rows × cols` input, row-major f32: `1/(1 − p)` where
+/// [`Dropout::mask`] keeps (the kernels' and the reference's mask, bit for
+/// bit), 0 where it drops.
+fn mask_values(dropout: &Dropout, rows: usize, cols: usize) -> Vec<f32> {
+    let ks = dropout.keep_scale() as f32;
+    dropout
+        .mask(rows, cols)
+        .into_iter()
+        .map(|keep| if keep { ks } else { 0.0 })
+        .collect()
 }
 
 /// An empty storage of `dtype` (a forward of zero rows).
@@ -322,6 +365,27 @@ fn check_device(name: &'static str, x: &Tensor, t: &Tensor) -> Result<()> {
 /// `D = max(d_in, d_out)`; one dtype (f32, f16 or bf16) for all three, on one
 /// device. The result is `(…, d_out)`. Gradients flow to `x` and `a`.
 pub fn singlora_linear(x: &Tensor, a: &Tensor, w0: &Tensor, scale: f32) -> Result<Tensor> {
+    singlora_linear_dropout(x, a, w0, scale, Dropout::NONE)
+}
+
+/// [`singlora_linear`] with adapter dropout (PEFT's `lora_dropout`):
+/// `y = x·W0ᵀ + scale·(drop(x)·A[:d_in])·A[:d_out]ᵀ`, `drop(x) = M ⊙ x /
+/// (1 − p)` with the mask `M` of `dropout` (Philox4x32-10 keyed by its seed
+/// and offset and each element's row and column, see [`Dropout`]); the
+/// frozen path sees `x` itself. The backward regenerates the same mask
+/// (`dA`'s `x` term uses `drop(x)`, `dX`'s adapter term is masked), on the
+/// CPU and on the GPU alike: both draw bitwise singlora's reference mask.
+/// Rows are counted over the flattened leading dimensions. A fresh mask
+/// per training step needs a fresh offset (see
+/// [`crate::SingLoraLinear::with_dropout`]); [`Dropout::NONE`] is bitwise
+/// [`singlora_linear`].
+pub fn singlora_linear_dropout(
+    x: &Tensor,
+    a: &Tensor,
+    w0: &Tensor,
+    scale: f32,
+    dropout: Dropout,
+) -> Result<Tensor> {
     let (d_out, d_in) = match w0.dims() {
         [d_out, d_in] => (*d_out, *d_in),
         other => {
@@ -346,7 +410,8 @@ pub fn singlora_linear(x: &Tensor, a: &Tensor, w0: &Tensor, scale: f32) -> Resul
     )?;
     check_device("a", x, a)?;
     check_device("w0", x, w0)?;
-    let op: Arc<Box<dyn CustomOp3 + Send + Sync>> = Arc::new(Box::new(SingLoraOp::new(geo, scale)));
+    let op: Arc<Box<dyn CustomOp3 + Send + Sync>> =
+        Arc::new(Box::new(SingLoraOp::new(geo, scale, dropout)));
     x.apply_op3_arc(a, w0, op)
 }
 
@@ -355,6 +420,18 @@ pub fn singlora_linear(x: &Tensor, a: &Tensor, w0: &Tensor, scale: f32) -> Resul
 /// add it to that output. `x` is `(…, d_in)`, `a` is `(max(d_in, d_out),
 /// rank)`; the result is `(…, d_out)`.
 pub fn singlora_adapter(x: &Tensor, a: &Tensor, d_out: usize, scale: f32) -> Result<Tensor> {
+    singlora_adapter_dropout(x, a, d_out, scale, Dropout::NONE)
+}
+
+/// [`singlora_adapter`] with adapter dropout:
+/// `scale·(drop(x)·A[:d_in])·A[:d_out]ᵀ` (see [`singlora_linear_dropout`]).
+pub fn singlora_adapter_dropout(
+    x: &Tensor,
+    a: &Tensor,
+    d_out: usize,
+    scale: f32,
+    dropout: Dropout,
+) -> Result<Tensor> {
     let d_in = x.dims().last().copied().unwrap_or(0);
     let geo = Geometry {
         d_in,
@@ -364,6 +441,7 @@ pub fn singlora_adapter(x: &Tensor, a: &Tensor, d_out: usize, scale: f32) -> Res
     check_scale(scale)?;
     check_call(&geo, (x.shape(), x.dtype()), (a.shape(), a.dtype()), None)?;
     check_device("a", x, a)?;
-    let op: Arc<Box<dyn CustomOp2 + Send + Sync>> = Arc::new(Box::new(SingLoraOp::new(geo, scale)));
+    let op: Arc<Box<dyn CustomOp2 + Send + Sync>> =
+        Arc::new(Box::new(SingLoraOp::new(geo, scale, dropout)));
     x.apply_op2_arc(a, op)
 }

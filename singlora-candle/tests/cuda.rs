@@ -17,7 +17,8 @@ use common::*;
 use rand::{rngs::StdRng, SeedableRng};
 use singlora::{reference, AdamW, Dims};
 use singlora_candle::{
-    singlora_adapter, singlora_linear, FusedAdamW, SingLoraConfig, SingLoraLinear,
+    singlora_adapter, singlora_linear, singlora_linear_dropout, Dropout, FusedAdamW,
+    SingLoraConfig, SingLoraLinear,
 };
 
 fn gpu() -> Option<Device> {
@@ -41,10 +42,24 @@ fn gpu() -> Option<Device> {
 fn run(
     dev: &Device,
     dtype: DType,
+    shape: (&[usize], usize, usize, usize),
+    data: (&[f64], &[f64], &[f64], &[f64]),
+    scale: f32,
+    view: impl Fn(&Tensor) -> R<Tensor>,
+) -> R<(Vec<f64>, Vec<f64>, Vec<f64>)> {
+    run_dropout(dev, dtype, shape, data, scale, view, Dropout::NONE)
+}
+
+/// [`run`] through `singlora_linear_dropout` with `dropout`.
+#[allow(clippy::too_many_arguments)]
+fn run_dropout(
+    dev: &Device,
+    dtype: DType,
     (lead, d_in, d_out, rank): (&[usize], usize, usize, usize),
     (x, a, w, g): (&[f64], &[f64], &[f64], &[f64]),
     scale: f32,
     view: impl Fn(&Tensor) -> R<Tensor>,
+    dropout: Dropout,
 ) -> R<(Vec<f64>, Vec<f64>, Vec<f64>)> {
     let shape = |last: usize| {
         let mut s = lead.to_vec();
@@ -55,7 +70,7 @@ fn run(
     let av = Var::from_tensor(&tensor_on(a, &[d_in.max(d_out), rank], dtype, dev)?)?;
     let wt = tensor_on(w, &[d_out, d_in], dtype, dev)?;
     let gt = tensor_on(g, &shape(d_out), dtype, dev)?;
-    let y = singlora_linear(&view(xv.as_tensor())?, av.as_tensor(), &wt, scale)?;
+    let y = singlora_linear_dropout(&view(xv.as_tensor())?, av.as_tensor(), &wt, scale, dropout)?;
     let loss = (y.to_dtype(DType::F32)? * gt.to_dtype(DType::F32)?)?.sum_all()?;
     let grads = loss.backward()?;
     let dx = grads.get(xv.as_tensor()).expect("dX");
@@ -239,6 +254,135 @@ fn merge_unmerge_and_fused_adamw_match_the_cpu_path() -> R {
                 tol(dtype),
             );
         }
+    }
+    Ok(())
+}
+
+/// Adapter dropout on the GPU: the kernels' mask is bitwise the
+/// reference's, so y, dX and dA match the f64 reference with the same
+/// Dropout and the CPU path of the op, for every dtype, odd d_in, tokens not
+/// a multiple of the tile and a column-slice x; dX alone (A frozen) is the
+/// masked one; the same Dropout twice is bitwise the same; p = 0 is
+/// bitwise the undropped op; the layer on the GPU draws the CPU layer's
+/// masks.
+#[test]
+fn dropout_matches_the_f64_reference_and_the_cpu_path() -> R {
+    let Some(dev) = gpu() else { return Ok(()) };
+    let shapes: [(&[usize], usize, usize, usize); 3] = [
+        (&[3, 7], 33, 20, 4),
+        (&[1, 300], 256, 200, 16),
+        (&[2, 129], 128, 512, 64),
+    ];
+    for (i, &(lead, d_in, d_out, rank)) in shapes.iter().enumerate() {
+        let mut rng = StdRng::seed_from_u64(100 + i as u64);
+        let tokens: usize = lead.iter().product();
+        let d = d_in.max(d_out);
+        let x = randn(&mut rng, tokens * d_in, 1.0);
+        let a = randn(&mut rng, d * rank, 1.0 / (d as f64).sqrt());
+        let w = randn(&mut rng, d_out * d_in, 1.0 / (d_in as f64).sqrt());
+        let g = randn(&mut rng, tokens * d_out, 1.0);
+        let args = (lead, d_in, d_out, rank);
+        let data = (&x[..], &a[..], &w[..], &g[..]);
+        for p in [0.1, 0.5] {
+            let dropout = Dropout::new(p, 0xfeed_0000 + i as u64, 1 << 33).unwrap();
+            for dtype in [DType::F32, DType::F16, DType::BF16] {
+                let what = format!("{d_in}x{d_out} rank {rank} p {p} {dtype:?}");
+                let same = |t: &Tensor| Ok(t.clone());
+                let gpu = run_dropout(&dev, dtype, args, data, 0.5, same, dropout)?;
+                let r = |v: &[f64]| rounded(v, dtype);
+                let (xr, ar, wr, gr) = (r(&x)?, r(&a)?, r(&w)?, r(&g)?);
+                let dims = Dims::new(tokens, d_in, d_out, rank).unwrap();
+                let mut ry = base(&xr, &wr, tokens, d_in, d_out);
+                let mut rdx = base_dx(&gr, &wr, tokens, d_in, d_out);
+                reference::forward(&dims, &xr, &ar, 0.5, 1.0, &mut ry, dropout).unwrap();
+                let mut rda = vec![0.0; dims.a_len()];
+                reference::backward(
+                    &dims, &xr, &ar, &gr, 0.5, 1.0, &mut rdx, 0.0, &mut rda, dropout,
+                )
+                .unwrap();
+                assert_close(&format!("y {what}"), &gpu.0, &ry, tol(dtype));
+                assert_close(&format!("dX {what}"), &gpu.1, &rdx, tol(dtype));
+                assert_close(&format!("dA {what}"), &gpu.2, &rda, tol(dtype));
+                let cpu = run_dropout(&Device::Cpu, dtype, args, data, 0.5, same, dropout)?;
+                assert_close(&format!("y vs CPU {what}"), &gpu.0, &cpu.0, tol(dtype));
+                assert_close(&format!("dX vs CPU {what}"), &gpu.1, &cpu.1, tol(dtype));
+                assert_close(&format!("dA vs CPU {what}"), &gpu.2, &cpu.2, tol(dtype));
+                let again = run_dropout(&dev, dtype, args, data, 0.5, same, dropout)?;
+                assert_eq!(gpu, again, "same (seed, offset), bitwise: {what}");
+                // A column slice of a wider x, used in place.
+                let slice = run_dropout(
+                    &dev,
+                    dtype,
+                    args,
+                    data,
+                    0.5,
+                    |t| {
+                        let wide =
+                            Tensor::cat(&[&t.zeros_like()?, t, &t.zeros_like()?], D::Minus1)?;
+                        wide.narrow(D::Minus1, d_in, d_in)
+                    },
+                    dropout,
+                )?;
+                assert_close(&format!("slice y {what}"), &slice.0, &gpu.0, tol(dtype));
+                assert_close(&format!("slice dX {what}"), &slice.1, &gpu.1, tol(dtype));
+                assert_close(&format!("slice dA {what}"), &slice.2, &gpu.2, tol(dtype));
+            }
+            // dX alone (A frozen) takes the masked path too.
+            let xv = Var::from_tensor(&tensor_on(&x, &[tokens, d_in], DType::F32, &dev)?)?;
+            let at = tensor_on(&a, &[d, rank], DType::F32, &dev)?;
+            let wt = tensor_on(&w, &[d_out, d_in], DType::F32, &dev)?;
+            let gt = tensor_on(&g, &[tokens, d_out], DType::F32, &dev)?;
+            let y = singlora_linear_dropout(xv.as_tensor(), &at, &wt, 0.5, dropout)?;
+            let dx_only = host(
+                (y * &gt)?
+                    .sum_all()?
+                    .backward()?
+                    .get(xv.as_tensor())
+                    .unwrap(),
+            )?;
+            let both = run_dropout(
+                &dev,
+                DType::F32,
+                args,
+                data,
+                0.5,
+                |t| Ok(t.clone()),
+                dropout,
+            )?;
+            assert_close(&format!("dX alone p {p}"), &dx_only, &both.1, 1e-5);
+        }
+        // p = 0 is bitwise the undropped op.
+        let zero = Dropout::new(0.0, 7, 7).unwrap();
+        let plain = run(&dev, DType::BF16, args, data, 0.5, |t| Ok(t.clone()))?;
+        let z = run_dropout(&dev, DType::BF16, args, data, 0.5, |t| Ok(t.clone()), zero)?;
+        assert_eq!(plain, z, "p = 0");
+    }
+    // The layer: the GPU's masks are the CPU's (same seed, same offsets).
+    let mut rng = StdRng::seed_from_u64(5);
+    let (d_in, d_out) = (96, 64);
+    let w = randn(&mut rng, d_out * d_in, 0.1);
+    let x = randn(&mut rng, 7 * d_in, 1.0);
+    let cfg = SingLoraConfig {
+        rank: 8,
+        alpha: 8.0,
+        warmup_steps: 0,
+        seed: 9,
+    };
+    let mut outs = Vec::new();
+    for d in [&dev, &Device::Cpu] {
+        let layer = SingLoraLinear::new(tensor_on(&w, &[d_out, d_in], DType::F32, d)?, None, cfg)?
+            .with_dropout(0.25)?;
+        let xt = tensor_on(&x, &[7, d_in], DType::F32, d)?;
+        let ys = [
+            layer.forward(&xt)?,
+            layer.forward(&xt)?,
+            layer.forward_t(&xt, false)?,
+        ];
+        assert_eq!(layer.dropout_offset(), 2);
+        outs.push(ys.iter().map(host).collect::<R<Vec<_>>>()?);
+    }
+    for (k, (g, c)) in outs[0].iter().zip(&outs[1]).enumerate() {
+        assert_close(&format!("layer forward {k}"), g, c, 1e-5);
     }
     Ok(())
 }
