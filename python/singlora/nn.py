@@ -52,7 +52,9 @@ the same elements. Dropout on CPU therefore needs libsinglora.so (a
 SingLoraError saying so when it cannot be loaded); p = 0 never does. Under
 ``torch.cuda.graph`` capture the pair is read once, at capture: every replay
 reuses that mask (the C ABI takes seed and offset by value, not by device
-pointer). :class:`SingLoraLinear` owns the pair (see there). Kernels run for float32, float16 and bfloat16 (x, W and A of one
+pointer); for the same reason torch.compile's ``mode="reduce-overhead"`` is
+expected to skip CUDA graphs for a graph with p > 0 (a CPU tensor in it;
+not measured here). p = 0 graphs hold no such tensor. :class:`SingLoraLinear` owns the pair (see there). Kernels run for float32, float16 and bfloat16 (x, W and A of one
 dtype; every reduction in f32). Any leading batch dimensions are flattened
 into tokens. Inputs whose last dimension is contiguous (stride 1) are used
 in place with their row stride (a column slice of a wider tensor included);
@@ -1025,7 +1027,12 @@ class SingLoraLinear(nn.Module):
     ``dropout_offset``): resuming from a state dict continues the masks'
     sequence; a state dict without them (older, or peft-singlora's layout)
     leaves the layer's own pair. p itself is a hyperparameter, like alpha
-    (``dropout``, settable; not in the state dict).
+    (``dropout``, settable; not in the state dict). Unlike the Rust layer,
+    a training forward at p = 0 leaves the offset (so a p = 0 graph holds no
+    CPU op). Activation checkpointing re-runs the forward, and the rerun
+    takes the next offset, i.e. a different mask from the one the loss saw
+    (torch's RNG-state restore does not cover it): do not checkpoint layers
+    with p > 0.
     """
 
     def __init__(self, base, rank, alpha, warmup_steps=0, dropout=0.0, dropout_seed=None):
