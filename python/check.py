@@ -28,6 +28,15 @@ over ramp steps 0..5 (aot_eager, and inductor where triton is present), and a
 training step (capturable Adam, the ramp's step()) captured with
 torch.cuda.graph, replayed against the same steps run eagerly.
 
+Adapter dropout (p = 0.1 and 0.5, every dtype, odd d_in, a strided x): the
+CUDA forward and gradients against float64 autograd of the formula with the
+library's host mask (``_lib.dropout_mask``) and against the ops' CPU path on
+the same inputs, at the bars; the mask itself bitwise: the adapter's dX is
+exactly 0 where the host mask drops and nonzero where it keeps (up to the
+odd exact zero). And a CUDA SingLoraLinear(dropout=0.1): its (seed, offset)
+stays a CPU tensor, the offset advances once per training forward, eval
+has none.
+
 gradcheck, float64-upcast form: the kernels take no float64, so gradcheck runs
 on f(x64, A64) = singlora_linear(x64.float(), W, b, A64.float(), s).double(),
 i.e. it compares our f32 backward (analytical Jacobian) with central
@@ -56,7 +65,8 @@ from gpu_script import banner, start, torch_or_exit  # noqa: E402
 torch = torch_or_exit("check.py")
 
 import singlora  # noqa: E402
-from singlora.nn import SingLoraLinear, singlora_adapter, singlora_linear  # noqa: E402
+from singlora import _lib  # noqa: E402
+from singlora.nn import SingLoraLinear, dropout_state, singlora_adapter, singlora_linear  # noqa: E402
 
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 NAME = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
@@ -555,6 +565,91 @@ def check_cuda_graph_training(dev):
         report(False, f" f32 CUDA graph of a training step | raised {type(e).__name__}: {str(e)[:300]}")
 
 
+def _dropout_ref(x, w0, a, s, g, keep, p):
+    """float64 autograd with the adapter on drop(x) = keep ⊙ x / (1 − p)."""
+    d_out, d_in = (w0.shape if w0 is not None else (g.shape[-1], x.shape[-1]))
+    x = x.detach().clone().requires_grad_(True)
+    a = a.detach().clone().requires_grad_(True)
+    xd = (x.reshape(-1, d_in) * keep / (1.0 - p)).reshape(x.shape)
+    y = s * (xd @ a[:d_in]) @ a[:d_out].T
+    if w0 is not None:
+        y = x @ w0.T + y
+    y.backward(g)
+    return y.detach(), x.grad, a.grad
+
+
+def check_dropout(gen, dev):
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        for p, (tokens, d_in, d_out, rank), strided in [
+            (0.1, (333, 1001, 640, 16), False), (0.5, (64, 4096, 4096, 64), False), (0.1, (77, 257, 513, 8), True),
+        ]:
+            seed, offset = 0x9E3779B97F4A7C15, 12345
+            s = f32(1.0)
+            x, w0, a, g = make_inputs(gen, dev, dtype, (tokens,), d_in, d_out, rank, s)
+            keep = torch.frombuffer(_lib.dropout_mask(p, seed, offset, tokens, d_in), dtype=torch.uint8)
+            keep = keep.reshape(tokens, d_in).to(device=dev, dtype=torch.float64)
+            w0t = w0.to(dtype)
+            desc = f"{NAME[dtype]:>4} dropout p={p} tokens={tokens} d_in={d_in} d_out={d_out} rank={rank}"
+            if strided:
+                desc += " strided x"
+            errs = {}
+            try:
+                st = dropout_state(seed, offset)
+                y_ref, dx_ref, da_ref = _dropout_ref(x, w0, a, s, g, keep, p)
+                y, dx, da = run_ours(lambda xt, at: singlora_linear(xt, w0t, None, at, s, p, st), x, a, g, dtype)
+                errs.update(y=rel_l2(y, y_ref), dX=rel_l2(dx, dx_ref), dA=rel_l2(da, da_ref))
+                # The ops' CPU path on the same inputs and pair.
+                yc, dxc, dac = run_ours(lambda xt, at: singlora_linear(xt, w0t.cpu(), None, at, s, p, st),
+                                        x.cpu(), a.cpu(), g.cpu(), dtype)
+                errs.update({"y vs CPU": rel_l2(y.cpu(), yc), "dX vs CPU": rel_l2(dx.cpu(), dxc),
+                             "dA vs CPU": rel_l2(da.cpu(), dac)})
+                # The adapter alone: dX = M ⊙ (...) exactly 0 where the mask drops.
+                yr, dxr, dar = _dropout_ref(x, None, a, s, g, keep, p)
+                if strided:  # a column slice of a wider tensor, used in place
+                    wide = torch.randn(tokens, d_in + 9, device=dev).to(dtype)
+                    wide[:, 5:5 + d_in] = x.to(dtype)
+                    wide.requires_grad_(True)
+                    xs = wide[:, 5:5 + d_in]
+                else:
+                    wide = xs = x.to(dtype).requires_grad_(True)
+                at = a.to(dtype).requires_grad_(True)
+                ya = singlora_adapter(xs, at, s, d_out=d_out, dropout_p=p, dropout_state=st)
+                ya.backward(g.to(dtype))
+                dxa = wide.grad[:, 5:5 + d_in] if strided else wide.grad
+                errs.update({"adapter y": rel_l2(ya, yr), "adapter dX": rel_l2(dxa, dxr),
+                             "adapter dA": rel_l2(at.grad, dar)})
+                dropped_nonzero = int((dxa[keep == 0] != 0).sum())
+                kept_zero = int((dxa[keep == 1] == 0).sum())
+            except Exception as e:
+                report(False, f"{desc} | raised {type(e).__name__}: {str(e)[:300]}")
+                continue
+            tol = TOL[dtype]
+            worst = max(errs.values())
+            mask_ok = dropped_nonzero == 0 and kept_zero <= max(2, keep.sum().item() // 10000)
+            text = " ".join(f"{k} {v:.1e}" for k, v in errs.items())
+            report(worst <= tol and mask_ok,
+                   f"{desc} | {text} | bar {tol:.0e} | dX nonzero where dropped {dropped_nonzero}, "
+                   f"zero where kept {kept_zero}")
+    # The module on CUDA.
+    try:
+        torch.manual_seed(5)
+        layer = SingLoraLinear(torch.nn.Linear(96, 80), rank=8, alpha=8.0, dropout=0.1).to(dev)
+        x = torch.randn(12, 96, device=dev)
+        o0 = layer.dropout_offset
+        y1, y2 = layer(x), layer(x)
+        layer.eval()
+        y3 = layer(x)
+        layer.dropout = 0.0
+        y4 = layer(x)
+        ok = (layer.dropout_state.device.type == "cpu" and layer.dropout_offset == o0 + 2
+              and not torch.equal(y1, y2) and torch.equal(y3, y4))
+        report(ok, f" f32 SingLoraLinear(dropout=0.1) on CUDA | state on {layer.dropout_state.device}, "
+                   f"offset {o0} -> {layer.dropout_offset}, masks differ {not torch.equal(y1, y2)}, "
+                   f"eval undropped {torch.equal(y3, y4)}")
+    except Exception as e:
+        report(False, f" f32 SingLoraLinear(dropout=0.1) on CUDA | raised {type(e).__name__}: {str(e)[:300]}")
+
+
 def shapes(rng):
     """The shape grid: fixed corner cases, then random draws."""
     fixed = [  # (tokens, d_in, d_out, rank)
@@ -584,6 +679,7 @@ def main():
         for tokens, d_in, d_out, rank in grid:
             check_case(gen, dev, dtype, (tokens,), d_in, d_out, rank)
         check_strided(gen, dev, dtype)
+    check_dropout(gen, dev)
     check_zero_tokens(dev)
     check_gradcheck(dev)
     check_module(dev)

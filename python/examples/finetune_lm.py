@@ -22,6 +22,12 @@ same rank, alpha, learning rate, ramp and batches:
 * ``lora``: ``peft.get_peft_model`` with a ``LoraConfig`` of the same r and
   alpha (A random, B zero: it starts at the frozen model too).
 
+``--dropout p`` (default 0) gives every method adapter dropout p in training
+(evaluation runs in eval mode, without it). Ours draws its masks from the
+kernels' Philox stream, peft-singlora and peft from torch's RNG, so with
+p > 0 the curves of ours and peft-singlora agree in distribution, not step
+for step.
+
 Prints each method's evaluation loss before and after, training tokens/s and
 peak memory (CUDA: ``torch.cuda.max_memory_allocated``; CPU: not measured),
 as a Markdown table; writes the loss curves to ``<out>/finetune_lm.json``
@@ -196,7 +202,7 @@ def trainable(model):
 
 def adapt_singlora(base, args, ramp):
     model = sp.inject(copy.deepcopy(base).requires_grad_(False), TARGETS, r=args.rank,
-                      alpha=float(args.alpha), ramp_up_steps=ramp)
+                      alpha=float(args.alpha), ramp_up_steps=ramp, dropout=args.dropout)
     return model, lambda t: sp.step(model)
 
 
@@ -211,7 +217,7 @@ def adapt_peft_singlora(base, args, ramp):
 def adapt_lora(base, args, ramp):
     from peft import LoraConfig, get_peft_model
 
-    cfg = LoraConfig(r=args.rank, lora_alpha=args.alpha, target_modules=TARGETS, lora_dropout=0.0)
+    cfg = LoraConfig(r=args.rank, lora_alpha=args.alpha, target_modules=TARGETS, lora_dropout=args.dropout)
     return get_peft_model(copy.deepcopy(base), cfg), None
 
 
@@ -240,6 +246,10 @@ def main():
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--alpha", type=int, default=8)
     ap.add_argument("--ramp", type=float, default=0.1, help="SingLoRA's T as a fraction of --steps")
+    ap.add_argument("--dropout", type=float, default=0.0,
+                    help="adapter dropout p for every method (LoRA recipes use 0.05-0.1; the default 0 "
+                         "keeps ours and peft-singlora's curves comparable step for step, their masks "
+                         "coming from different generators)")
     ap.add_argument("--eval-batches", type=int, default=8)
     ap.add_argument("--eval-every", type=int, default=0, help="adaptation steps between evaluations (0: a tenth)")
     ap.add_argument("--methods", default="singlora,peft-singlora,lora")

@@ -32,7 +32,29 @@ they update in place (``mutates_args``).
 
 ``scale`` is a 0-dim float32 tensor on x's device (or a Python float, made
 into one; under torch.compile a changing Python float recompiles, a tensor
-does not). Kernels run for float32, float16 and bfloat16 (x, W and A of one
+does not).
+
+Adapter dropout (PEFT's ``lora_dropout``; design page, section 2): the
+adapter sees ``drop(x) = M ⊙ x / (1 − p)``, the frozen path ``x``; the
+backward regenerates ``M`` (Philox4x32-10 keyed by (seed, offset, token,
+column), include/singlora.h "Dropout"), never stores it. The ops take
+``dropout_p`` (a float in [0, 1); 0, the default, is exactly the undropped
+path: no mask work, bitwise today's outputs) and ``dropout_state``: a CPU
+int64 tensor of shape (2,) holding (seed, offset), each the int64 bit
+pattern of a u64 (:func:`dropout_state` makes one). The pair is tensor
+*data*, read by the ops' implementations with ``.tolist()`` (a CPU tensor:
+no GPU sync), so torch.compile sees the same graph whatever its values and
+an offset advancing every step never recompiles; ``p`` is a graph constant
+(it changes only when the user changes it). The CUDA kernels take (p, seed,
+offset) by value; the CPU kernels apply the same mask, computed on the host
+by ``singlora_dropout_mask`` (bitwise the kernels'), so CPU and CUDA drop
+the same elements. Dropout on CPU therefore needs libsinglora.so (a
+SingLoraError saying so when it cannot be loaded); p = 0 never does. Under
+``torch.cuda.graph`` capture the pair is read once, at capture: every replay
+reuses that mask (the C ABI takes seed and offset by value, not by device
+pointer); for the same reason torch.compile's ``mode="reduce-overhead"`` is
+expected to skip CUDA graphs for a graph with p > 0 (a CPU tensor in it;
+not measured here). p = 0 graphs hold no such tensor. :class:`SingLoraLinear` owns the pair (see there). Kernels run for float32, float16 and bfloat16 (x, W and A of one
 dtype; every reduction in f32). Any leading batch dimensions are flattened
 into tokens. Inputs whose last dimension is contiguous (stride 1) are used
 in place with their row stride (a column slice of a wider tensor included);
@@ -58,6 +80,7 @@ faked launches.
 
 import contextlib
 import math
+import struct
 from typing import Optional, Tuple
 
 import torch
@@ -67,7 +90,7 @@ from torch import nn
 from . import _lib
 from ._lib import SingLoraError
 
-__all__ = ["SingLoraLinear", "singlora_linear", "singlora_adapter", "SingLoraError", "OPS"]
+__all__ = ["SingLoraLinear", "singlora_linear", "singlora_adapter", "dropout_state", "SingLoraError", "OPS"]
 
 # The one home of the dtype <-> code mapping.
 _CODES = {
@@ -275,6 +298,107 @@ def _launch_scale(scale):
     return float(scale), 0
 
 
+# ------------------------------------------------------------ dropout
+
+_U64 = 1 << 64
+
+
+def _as_i64(v):
+    """A u64 (any int, taken mod 2^64) as the int64 with its bit pattern."""
+    v = int(v) % _U64
+    return v - _U64 if v >= 1 << 63 else v
+
+
+def _as_u64(v):
+    """The u64 an int64 bit pattern stands for."""
+    return int(v) % _U64
+
+
+def dropout_state(seed, offset=0):
+    """(seed, offset) as the ops' ``dropout_state``: a new CPU int64 tensor of
+    shape (2,) holding the int64 bit patterns of the two u64s (any int is
+    taken mod 2^64)."""
+    return torch.tensor([_as_i64(seed), _as_i64(offset)], dtype=torch.int64)
+
+
+def _check_p(p, name="dropout_p"):
+    """``p`` as a float in [0, 1); ValueError naming ``name`` otherwise."""
+    try:
+        v = float(p)
+    except (TypeError, ValueError):
+        raise ValueError(f"singlora: `{name}` must be a number in [0, 1); got {p!r}") from None
+    if isinstance(p, bool) or not (math.isfinite(v) and 0.0 <= v < 1.0):
+        raise ValueError(f"singlora: `{name}` must be a finite number in [0, 1); got {p!r}")
+    return v
+
+
+def _check_dropout(dropout_p, dropout_state):
+    """The ops' dropout arguments (real and fake; no value is read): p in
+    [0, 1), and, when p > 0 or given, the state a CPU int64 (2,) tensor."""
+    p = _check_p(dropout_p)
+    if dropout_state is None:
+        if p > 0.0:
+            raise ValueError(
+                f"singlora: `dropout_state` is needed with dropout_p = {p}: a CPU int64 tensor "
+                f"(seed, offset) of shape (2,) (singlora.nn.dropout_state(seed, offset))"
+            )
+        return p
+    if not isinstance(dropout_state, torch.Tensor):
+        raise TypeError(f"singlora: `dropout_state` must be a tensor; got {type(dropout_state).__name__}")
+    if (dropout_state.dtype != torch.int64 or tuple(dropout_state.shape) != (2,)
+            or dropout_state.device.type != "cpu"):
+        raise ValueError(
+            f"singlora: `dropout_state` must be a CPU int64 tensor (seed, offset) of shape (2,); got "
+            f"{dropout_state.dtype} {tuple(dropout_state.shape)} on {dropout_state.device}"
+        )
+    return p
+
+
+def _dropout_args(dropout_p, dropout_state):
+    """(p, seed, offset) as the C launches take them ((0.0, 0, 0) when p = 0);
+    reads the state's values (a CPU tensor: no GPU sync)."""
+    p = _check_dropout(dropout_p, dropout_state)
+    if p == 0.0:
+        return 0.0, 0, 0
+    seed, offset = dropout_state.tolist()
+    return p, _as_u64(seed), _as_u64(offset)
+
+
+def _keep_scale(p):
+    """1 / (1 − p) rounded to f32 once, as the kernels apply it."""
+    return f32_round(1.0 / (1.0 - p))
+
+
+def f32_round(v):
+    """``v`` rounded to float32 (a Python float)."""
+    return struct.unpack("f", struct.pack("f", v))[0]
+
+
+def _keep_mask(p, seed, offset, tokens, cols, device):
+    """The kernels' keep mask M of a tokens × cols input as a float32 (0/1)
+    tensor on ``device``, from ``singlora_dropout_mask`` (the host copy of
+    the kernels' Philox mapping, bit for bit)."""
+    if tokens * cols == 0:
+        return torch.ones((tokens, cols), dtype=torch.float32, device=device)
+    try:
+        keep = _lib.dropout_mask(p, seed, offset, tokens, cols)
+    except SingLoraError as e:
+        raise SingLoraError(
+            f"singlora: adapter dropout (p = {p}) on CPU needs libsinglora.so for its mask (the "
+            f"kernels' Philox mask, computed on the host by singlora_dropout_mask); p = 0 does not: {e}"
+        ) from e
+    m = torch.frombuffer(keep, dtype=torch.uint8).reshape(tokens, cols)
+    return m.to(device=device, dtype=torch.float32)
+
+
+def _as_dropout_state(state):
+    """A (seed, offset) pair of ints as a state tensor; a tensor as is."""
+    if state is None or isinstance(state, torch.Tensor):
+        return state
+    seed, offset = state
+    return dropout_state(seed, offset)
+
+
 _initialised = set()
 
 
@@ -287,9 +411,10 @@ def _ensure_init(dev):
         _initialised.add(dev.index)
 
 
-def _launch_forward(x2, ld_x, a, y2, ld_y, s, scale, beta):
+def _launch_forward(x2, ld_x, a, y2, ld_y, s, scale, beta, dropout=(0.0, 0, 0)):
     """The forward kernel; ``scale`` a 0-dim f32 tensor on the device (read
-    there when the kernel runs) or a Python float (by value)."""
+    there when the kernel runs) or a Python float (by value); ``dropout``
+    (p, seed, offset) as the C launch takes them."""
     dev = x2.device
     code = _dtype_code(x2, "x")
     by_value, scale_ptr = _launch_scale(scale)
@@ -299,12 +424,15 @@ def _launch_forward(x2, ld_x, a, y2, ld_y, s, scale, beta):
     common = (code, dev.index, x2.shape[0], x2.shape[1], y2.shape[1], a.shape[1],
               x2.data_ptr(), ld_x, a.data_ptr(), y2.data_ptr(), ld_y,
               0 if s is None else s.data_ptr())
-    _lib.forward(*common, by_value, scale_ptr, beta, stream=_stream(dev))
+    p, seed, offset = dropout
+    _lib.forward(*common, by_value, scale_ptr, beta, dropout_p=p, dropout_seed=seed, dropout_offset=offset,
+                 stream=_stream(dev))
 
 
-def _launch_backward(x2, ld_x, g2, ld_g, a, s, scale, dx2, dx_beta):
+def _launch_backward(x2, ld_x, g2, ld_g, a, s, scale, dx2, dx_beta, dropout=(0.0, 0, 0)):
     """Runs the backward kernels; returns dA (f32). ``dx2`` (contiguous, or
-    None) receives ``dx_beta·dx2 + s·Q·A[:d_in]ᵀ``."""
+    None) receives ``dx_beta·dx2 + s·M⊙(Q·A[:d_in]ᵀ)/(1 − p)``; ``dropout``
+    the forward's (p, seed, offset)."""
     dev = x2.device
     code = _dtype_code(x2, "x")
     by_value, scale_ptr = _launch_scale(scale)
@@ -327,7 +455,9 @@ def _launch_backward(x2, ld_x, g2, ld_g, a, s, scale, dx2, dx_beta):
             0 if s is None else s.data_ptr())
     tail = (0 if dx2 is None else dx2.data_ptr(), d_in, dx_beta,
             da.data_ptr(), 0.0, ws.data_ptr(), nbytes)
-    _lib.backward(*head, by_value, scale_ptr, *tail, stream=_stream(dev))
+    p, seed, offset = dropout
+    _lib.backward(*head, by_value, scale_ptr, *tail, dropout_p=p, dropout_seed=seed, dropout_offset=offset,
+                  stream=_stream(dev))
     return da
 
 
@@ -339,14 +469,18 @@ def _launch_backward(x2, ld_x, g2, ld_g, a, s, scale, dx2, dx_beta):
 # kernel with torch ops (f32 accumulation, cast back once, like the kernels),
 # a fake (shape) function, autocast rules and, for the two forwards, autograd:
 #
-#   linear_forward(x, weight, bias?, a, scale, save_s) -> (y, s)
-#       y = x·weightᵀ + bias + scale·S·A[:d_out]ᵀ,  S = x·A[:d_in] (f32)
-#   adapter_forward(x, a, scale, base?, d_out, save_s) -> (y, s)
+#   linear_forward(x, weight, bias?, a, scale, save_s, dropout_p=0, dropout_state?) -> (y, s)
+#       y = x·weightᵀ + bias + scale·S·A[:d_out]ᵀ,  S = drop(x)·A[:d_in] (f32)
+#   adapter_forward(x, a, scale, base?, d_out, save_s, dropout_p=0, dropout_state?) -> (y, s)
 #       y = base + scale·S·A[:d_out]ᵀ  (a new tensor; base only read)
-#   adapter_backward(x, grad, a, scale, s, weight?, need_dx) -> (dx, da)
-#       dx = grad·weight + scale·Q·A[:d_in]ᵀ  (Q = grad·A[:d_out]; empty
-#       when not need_dx), da = scale·(gradᵀS ⊕ xᵀQ) in f32; s with no rows
-#       (save_s False in the forward) is recomputed
+#   adapter_backward(x, grad, a, scale, s, weight?, need_dx, dropout_p=0, dropout_state?) -> (dx, da)
+#       dx = grad·weight + scale·M⊙(Q·A[:d_in]ᵀ)/(1 − p)  (Q = grad·A[:d_out];
+#       empty when not need_dx), da = scale·(gradᵀS ⊕ drop(x)ᵀQ) in f32; s
+#       with no rows (save_s False in the forward) is recomputed
+#
+# drop(x) = M ⊙ x / (1 − p); dropout_state a CPU int64 (2,) tensor (seed,
+# offset), needed when dropout_p > 0 (see the module docstring); the
+# backward takes its forward's p and state.
 #   merge(weight!, a, scale), unmerge(weight!, a, scale)
 #       weight ±= scale·A[:d_out]·A[:d_in]ᵀ in place (declared mutated)
 #
@@ -419,19 +553,31 @@ def _s_out(x, tokens, rank, save_s):
 
 @torch.library.custom_op("singlora::linear_forward", mutates_args=(), device_types="cpu")
 def linear_forward(
-    x: Tensor, weight: Tensor, bias: Optional[Tensor], a: Tensor, scale: Tensor, save_s: bool
+    x: Tensor, weight: Tensor, bias: Optional[Tensor], a: Tensor, scale: Tensor, save_s: bool,
+    dropout_p: float = 0.0, dropout_state: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor]:
-    """The adapted layer ``x·Wᵀ + b + scale·(x·A[:d_in])·A[:d_out]ᵀ`` and S."""
+    """The adapted layer ``x·Wᵀ + b + scale·(drop(x)·A[:d_in])·A[:d_out]ᵀ`` and S."""
     if _launches(x.device):
-        return _linear_forward_launch(x, weight, bias, a, scale, save_s)
+        return _linear_forward_launch(x, weight, bias, a, scale, save_s, dropout_p, dropout_state)
     d_out, d_in, a_c = _check_linear(x, weight, bias, a, scale)
     _device_same("x", x, ("weight", weight), ("bias", bias), ("a", a), ("scale", scale))
     x2 = x.reshape(-1, d_in)
     af = a_c.float()
-    sf = x2.float() @ af[:d_in]
+    sf = _s_cpu(x2, af[:d_in], _dropout_args(dropout_p, dropout_state))
     y = (F.linear(x2, weight, bias).float() + scale * (sf @ af[:d_out].T)).to(x.dtype)
     s = sf if save_s else _s_out(x, 0, a_c.shape[1], False)
     return y.reshape(*x.shape[:-1], d_out).contiguous(), s.contiguous()
+
+
+def _s_cpu(x2, a_in, dropout):
+    """S = drop(x)·A[:d_in] in f32 on CPU (x2: tokens × d_in, a_in f32):
+    the masked x times A, then 1/(1 − p) in f32, as the kernels."""
+    p, seed, offset = dropout
+    xf = x2.float()
+    if p == 0.0:
+        return xf @ a_in
+    keep = _keep_mask(p, seed, offset, x2.shape[0], x2.shape[1], x2.device)
+    return (xf * keep) @ a_in * _keep_scale(p)
 
 
 def _device_same(name, t, *named):
@@ -442,38 +588,41 @@ def _device_same(name, t, *named):
 
 
 @linear_forward.register_kernel("cuda")
-def _linear_forward_launch(x, weight, bias, a, scale, save_s):
+def _linear_forward_launch(x, weight, bias, a, scale, save_s, dropout_p=0.0, dropout_state=None):
     _device_check(("x", x), ("weight", weight), ("bias", bias), ("a", a), ("scale", scale))
     d_out, d_in, a_c = _check_linear(x, weight, bias, a, scale)
+    dropout = _dropout_args(dropout_p, dropout_state)
     x2, ld_x = _rows(x, d_in, "x")
     tokens, rank = x2.shape[0], a_c.shape[1]
     y2 = F.linear(x2, weight, bias)
     if not y2.is_contiguous():
         y2 = y2.contiguous()
     s = _s_out(x, tokens, rank, save_s)
-    _launch_forward(x2, ld_x, a_c, y2, d_out, s if save_s else None, scale, 1.0)
+    _launch_forward(x2, ld_x, a_c, y2, d_out, s if save_s else None, scale, 1.0, dropout)
     return y2.view(*x.shape[:-1], d_out), s
 
 
 @linear_forward.register_fake
-def _linear_forward_fake(x, weight, bias, a, scale, save_s):
+def _linear_forward_fake(x, weight, bias, a, scale, save_s, dropout_p=0.0, dropout_state=None):
     d_out, d_in, a_c = _check_linear(x, weight, bias, a, scale)
+    _check_dropout(dropout_p, dropout_state)
     tokens = math.prod(x.shape[:-1])
     return x.new_empty((*x.shape[:-1], d_out)), _s_out(x, tokens, a_c.shape[1], save_s)
 
 
 @torch.library.custom_op("singlora::adapter_forward", mutates_args=(), device_types="cpu")
 def adapter_forward(
-    x: Tensor, a: Tensor, scale: Tensor, base: Optional[Tensor], d_out: int, save_s: bool
+    x: Tensor, a: Tensor, scale: Tensor, base: Optional[Tensor], d_out: int, save_s: bool,
+    dropout_p: float = 0.0, dropout_state: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor]:
-    """The adapter ``base + scale·(x·A[:d_in])·A[:d_out]ᵀ`` (a new tensor) and S."""
+    """The adapter ``base + scale·(drop(x)·A[:d_in])·A[:d_out]ᵀ`` (a new tensor) and S."""
     if _launches(x.device):
-        return _adapter_forward_launch(x, a, scale, base, d_out, save_s)
+        return _adapter_forward_launch(x, a, scale, base, d_out, save_s, dropout_p, dropout_state)
     d_in, a_c = _check_adapter(x, a, scale, base, d_out)
     _device_same("x", x, ("a", a), ("base", base), ("scale", scale))
     x2 = x.reshape(-1, d_in)
     af = a_c.float()
-    sf = x2.float() @ af[:d_in]
+    sf = _s_cpu(x2, af[:d_in], _dropout_args(dropout_p, dropout_state))
     y = scale * (sf @ af[:d_out].T)
     if base is not None:
         y = y + base.reshape(-1, d_out).float()
@@ -482,9 +631,10 @@ def adapter_forward(
 
 
 @adapter_forward.register_kernel("cuda")
-def _adapter_forward_launch(x, a, scale, base, d_out, save_s):
+def _adapter_forward_launch(x, a, scale, base, d_out, save_s, dropout_p=0.0, dropout_state=None):
     _device_check(("x", x), ("a", a), ("base", base), ("scale", scale))
     d_in, a_c = _check_adapter(x, a, scale, base, d_out)
+    dropout = _dropout_args(dropout_p, dropout_state)
     x2, ld_x = _rows(x, d_in, "x")
     tokens, rank = x2.shape[0], a_c.shape[1]
     if base is not None:
@@ -494,13 +644,14 @@ def _adapter_forward_launch(x, a, scale, base, d_out, save_s):
         y2 = torch.empty((tokens, d_out), dtype=x.dtype, device=x.device)
         beta = 0.0
     s = _s_out(x, tokens, rank, save_s)
-    _launch_forward(x2, ld_x, a_c, y2, d_out, s if save_s else None, scale, beta)
+    _launch_forward(x2, ld_x, a_c, y2, d_out, s if save_s else None, scale, beta, dropout)
     return y2.view(*x.shape[:-1], d_out), s
 
 
 @adapter_forward.register_fake
-def _adapter_forward_fake(x, a, scale, base, d_out, save_s):
+def _adapter_forward_fake(x, a, scale, base, d_out, save_s, dropout_p=0.0, dropout_state=None):
     _, a_c = _check_adapter(x, a, scale, base, d_out)
+    _check_dropout(dropout_p, dropout_state)
     tokens = math.prod(x.shape[:-1])
     return x.new_empty((*x.shape[:-1], d_out)), _s_out(x, tokens, a_c.shape[1], save_s)
 
@@ -508,19 +659,26 @@ def _adapter_forward_fake(x, a, scale, base, d_out, save_s):
 @torch.library.custom_op("singlora::adapter_backward", mutates_args=(), device_types="cpu")
 def adapter_backward(
     x: Tensor, grad: Tensor, a: Tensor, scale: Tensor, s: Tensor, weight: Optional[Tensor],
-    need_dx: bool,
+    need_dx: bool, dropout_p: float = 0.0, dropout_state: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor]:
     """(dx, da) of the adapter (plus ``grad·weight`` in dx when weight is given)."""
     if _launches(x.device):
-        return _adapter_backward_launch(x, grad, a, scale, s, weight, need_dx)
+        return _adapter_backward_launch(x, grad, a, scale, s, weight, need_dx, dropout_p, dropout_state)
     d_in, d_out, a_c = _check_backward(x, grad, a, scale, s, weight)
     _device_same("x", x, ("grad", grad), ("a", a), ("scale", scale), ("s", s), ("weight", weight))
+    p, seed, offset = _dropout_args(dropout_p, dropout_state)
     x2, g2 = x.reshape(-1, d_in), grad.reshape(-1, d_out)
     af, xf, gf = a_c.float(), x2.float(), g2.float()
-    sf = s if s.shape[0] == x2.shape[0] else xf @ af[:d_in]
+    keep = ks = None
+    if p > 0.0:
+        keep, ks = _keep_mask(p, seed, offset, x2.shape[0], d_in, x.device), _keep_scale(p)
+        xf = xf * keep  # drop(x) = keep ⊙ x / (1 − p): the 1/(1 − p) applied to f32 results below
+    sf = s if s.shape[0] == x2.shape[0] else (xf @ af[:d_in] if ks is None else xf @ af[:d_in] * ks)
     q = gf @ af[:d_out]
     if need_dx:
         dx = scale * (q @ af[:d_in].T)
+        if keep is not None:
+            dx = dx * ks * keep
         if weight is not None:
             dx = dx + torch.mm(g2, weight).float()
         dx = dx.to(x.dtype).reshape(x.shape).contiguous()
@@ -528,14 +686,15 @@ def adapter_backward(
         dx = x.new_empty((0,))
     da = torch.zeros_like(af)
     da[:d_out] += gf.T @ sf
-    da[:d_in] += xf.T @ q
+    da[:d_in] += xf.T @ q if ks is None else (xf.T @ q) * ks
     return dx, (scale * da).contiguous()
 
 
 @adapter_backward.register_kernel("cuda")
-def _adapter_backward_launch(x, grad, a, scale, s, weight, need_dx):
+def _adapter_backward_launch(x, grad, a, scale, s, weight, need_dx, dropout_p=0.0, dropout_state=None):
     _device_check(("x", x), ("grad", grad), ("a", a), ("scale", scale), ("s", s), ("weight", weight))
     d_in, d_out, a_c = _check_backward(x, grad, a, scale, s, weight)
+    dropout = _dropout_args(dropout_p, dropout_state)
     x2, ld_x = _rows(x, d_in, "x")
     g2, ld_g = _rows(grad, d_out, "grad")
     tokens = x2.shape[0]
@@ -550,14 +709,15 @@ def _adapter_backward_launch(x, grad, a, scale, s, weight, need_dx):
             beta = 1.0
         else:
             dx2 = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
-    da = _launch_backward(x2, ld_x, g2, ld_g, a_c, saved, scale, dx2, beta)
+    da = _launch_backward(x2, ld_x, g2, ld_g, a_c, saved, scale, dx2, beta, dropout)
     dx = dx2.view(x.shape) if need_dx else x.new_empty((0,))
     return dx, da
 
 
 @adapter_backward.register_fake
-def _adapter_backward_fake(x, grad, a, scale, s, weight, need_dx):
+def _adapter_backward_fake(x, grad, a, scale, s, weight, need_dx, dropout_p=0.0, dropout_state=None):
     _, _, a_c = _check_backward(x, grad, a, scale, s, weight)
+    _check_dropout(dropout_p, dropout_state)
     dx = x.new_empty(x.shape) if need_dx else x.new_empty((0,))
     return dx, a_c.new_empty(a_c.shape, dtype=torch.float32)
 
@@ -622,20 +782,29 @@ def _unmerge_fake(weight, a, scale):
 # -- autograd
 
 
+def _setup_dropout(ctx, dropout_p, dropout_state):
+    # The backward takes its forward's p and (seed, offset): the state is
+    # saved (a saved tensor: autograd refuses it if modified in place before
+    # the backward; SingLoraLinear passes a fresh copy per forward).
+    ctx.dropout_p = float(dropout_p)
+    return dropout_state if ctx.dropout_p > 0.0 else None
+
+
 def _linear_setup(ctx, inputs, output):
-    x, weight, bias, a, scale, save_s = inputs
+    x, weight, bias, a, scale, save_s, dropout_p, dropout_state = inputs
     _, s = output
     ctx.mark_non_differentiable(s)
-    ctx.save_for_backward(x, weight, a, scale, s)
+    ctx.save_for_backward(x, weight, a, scale, s, _setup_dropout(ctx, dropout_p, dropout_state))
 
 
 def _linear_backward(ctx, gy, gs):
-    x, weight, a, scale, s = ctx.saved_tensors
+    x, weight, a, scale, s, state = ctx.saved_tensors
     need_x, need_w, need_b, need_a = ctx.needs_input_grad[:4]
     gx = gw = gb = ga = None
     with _no_autocast(x.device.type):
         if need_x or need_a:
-            dx, da = adapter_backward(x, gy, a, scale, s, weight if need_x else None, need_x)
+            dx, da = adapter_backward(x, gy, a, scale, s, weight if need_x else None, need_x,
+                                      ctx.dropout_p, state)
             gx = dx if need_x else None
             ga = _grad_a(da, a) if need_a else None
         if need_w or need_b:
@@ -644,26 +813,26 @@ def _linear_backward(ctx, gy, gs):
                 gw = torch.mm(g2.t(), x.reshape(-1, weight.shape[1]))
             if need_b:
                 gb = g2.sum(0)
-    return gx, gw, gb, ga, None, None
+    return gx, gw, gb, ga, None, None, None, None
 
 
 def _adapter_setup(ctx, inputs, output):
-    x, a, scale, base, d_out, save_s = inputs
+    x, a, scale, base, d_out, save_s, dropout_p, dropout_state = inputs
     _, s = output
     ctx.mark_non_differentiable(s)
-    ctx.save_for_backward(x, a, scale, s)
+    ctx.save_for_backward(x, a, scale, s, _setup_dropout(ctx, dropout_p, dropout_state))
 
 
 def _adapter_backward(ctx, gy, gs):
-    x, a, scale, s = ctx.saved_tensors
+    x, a, scale, s, state = ctx.saved_tensors
     need_x, need_a, _, need_base = ctx.needs_input_grad[:4]
     gx = ga = None
     if need_x or need_a:
         with _no_autocast(x.device.type):
-            dx, da = adapter_backward(x, gy, a, scale, s, None, need_x)
+            dx, da = adapter_backward(x, gy, a, scale, s, None, need_x, ctx.dropout_p, state)
         gx = dx if need_x else None
         ga = _grad_a(da, a) if need_a else None
-    return gx, ga, None, (gy if need_base else None), None, None
+    return gx, ga, None, (gy if need_base else None), None, None, None, None
 
 
 def _grad_a(da, a):
@@ -734,8 +903,8 @@ def _needs_s(*tensors):
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def singlora_linear(x, weight, bias, a, scale):
-    """``x·weightᵀ + bias + scale·(x·a[:d_in])·a[:d_out]ᵀ`` with autograd.
+def singlora_linear(x, weight, bias, a, scale, dropout_p=0.0, dropout_state=None):
+    """``x·weightᵀ + bias + scale·(drop(x)·a[:d_in])·a[:d_out]ᵀ`` with autograd.
 
     ``weight`` is (d_out, d_in) (usually frozen), ``bias`` (d_out) or None,
     ``a`` (max(d_in, d_out), rank), ``scale`` a 0-dim tensor (float32, on
@@ -744,13 +913,21 @@ def singlora_linear(x, weight, bias, a, scale):
     graph) or a Python float. Gradients flow to x, a, and to weight/bias if
     they require it. Under autocast (for x's device type) the inputs are cast
     to its dtype first, and the result is of that dtype.
+
+    ``dropout_p`` in [0, 1) (0: none) with ``dropout_state`` (seed, offset):
+    a CPU int64 (2,) tensor (:func:`dropout_state`; data, so a changing
+    offset never recompiles) or a pair of ints (a new tensor each call).
+    drop(x) = M ⊙ x / (1 − p) with the kernels' Philox mask M; the backward
+    reuses the pair. Advancing the offset between steps is the caller's job
+    (:class:`SingLoraLinear` does it).
     """
-    y, _ = linear_forward(x, weight, bias, a, _as_scale(scale, x), _needs_s(x, weight, bias, a))
+    y, _ = linear_forward(x, weight, bias, a, _as_scale(scale, x), _needs_s(x, weight, bias, a),
+                          float(dropout_p), _as_dropout_state(dropout_state))
     return y
 
 
-def singlora_adapter(x, a, scale, base=None, d_out=None):
-    """The adapter alone, ``scale·(x·a[:d_in])·a[:d_out]ᵀ``, with autograd.
+def singlora_adapter(x, a, scale, base=None, d_out=None, dropout_p=0.0, dropout_state=None):
+    """The adapter alone, ``scale·(drop(x)·a[:d_in])·a[:d_out]ᵀ``, with autograd.
 
     With ``base`` (x's shape with d_out last, e.g. a frozen layer's output)
     the adapter is added onto it **in place** and ``base`` is returned (its
@@ -760,15 +937,16 @@ def singlora_adapter(x, a, scale, base=None, d_out=None):
     autocast (for x's device type) x, a and base are cast to its dtype
     first; a base of another dtype is then cast to a new tensor, which is
     updated and returned instead (``base`` itself is left unchanged).
-    ``scale`` as in :func:`singlora_linear`.
+    ``scale``, ``dropout_p`` and ``dropout_state`` as in :func:`singlora_linear`.
     """
     if d_out is None:
         d_out = base.shape[-1] if base is not None else a.shape[0]
     elif base is not None and base.shape[-1] != d_out:
         raise ValueError(f"singlora: d_out = {d_out} but `base` ends in {base.shape[-1]}")
     scale = _as_scale(scale, x)
+    dropout_p, dropout_state = float(dropout_p), _as_dropout_state(dropout_state)
     if base is None:
-        y, _ = adapter_forward(x, a, scale, None, int(d_out), _needs_s(x, a))
+        y, _ = adapter_forward(x, a, scale, None, int(d_out), _needs_s(x, a), dropout_p, dropout_state)
         return y
     if not torch.compiler.is_compiling():
         _check_no_overlap("base", base, "x", x)
@@ -787,7 +965,7 @@ def singlora_adapter(x, a, scale, base=None, d_out=None):
                 "singlora: `base` is updated in place, so it must be viewable as "
                 "(tokens, d_out) with unit column stride; pass base.contiguous()"
             )
-    y, _ = adapter_forward(x, a, scale, base, int(d_out), _needs_s(x, a, base))
+    y, _ = adapter_forward(x, a, scale, base, int(d_out), _needs_s(x, a, base), dropout_p, dropout_state)
     if not in_place:
         return y
     # y = base + adapter (the op is functional); written back into base, the
@@ -811,6 +989,14 @@ class SingLoraLinear(nn.Module):
         alpha: the scale numerator: ``s = alpha / rank · u(t)``.
         warmup_steps: T, the ramp ``u(t) = min(t / T, 1)`` over optimizer
             steps t (0: u = 1 from the start).
+        dropout: adapter dropout p in [0, 1) (PEFT's ``lora_dropout``; 0:
+            none): in training mode (``module.train()``, the default) the
+            adapter sees ``drop(x) = M ⊙ x / (1 − p)``, the frozen layer
+            ``x``; eval mode (``module.eval()``) has no dropout.
+        dropout_seed: the u64 Philox seed of the masks; None (the default)
+            draws one from torch's default CPU generator at construction
+            (after A's init, so ``torch.manual_seed`` makes it reproducible
+            and A is what it was without dropout).
 
     ``A`` (``max(d_in, d_out) × rank``, the weight's dtype and device) is a
     Parameter initialised uniform in ``±1/√D`` (``kaiming_uniform_(a=√5)``
@@ -827,9 +1013,29 @@ class SingLoraLinear(nn.Module):
     unmerging an unmerged one raise RuntimeError (as in the Rust layer).
     ``state_dict`` carries the step count, the merged scale and ``merged_a``
     (extra state), so a merged layer round-trips merged.
+
+    Dropout masks: each training-mode forward with p > 0 uses the pair
+    (seed, offset) and then advances the offset by one (a new mask per
+    forward; eval-mode forwards, p = 0 and merged layers use none and leave
+    it), and its backward regenerates the same mask from that pair. The pair
+    lives in ``dropout_state``, a CPU int64 tensor (seed, offset) of shape
+    (2,) (u64 bit patterns), a plain attribute, not a buffer: ``.to()`` /
+    ``.cuda()`` leave it on CPU (the ops read it there without a GPU sync)
+    and DDP does not broadcast it; the forward's copy-and-advance are tensor
+    ops, so torch.compile neither breaks the graph nor recompiles as it
+    advances. It is saved in the extra state (``dropout_seed``,
+    ``dropout_offset``): resuming from a state dict continues the masks'
+    sequence; a state dict without them (older, or peft-singlora's layout)
+    leaves the layer's own pair. p itself is a hyperparameter, like alpha
+    (``dropout``, settable; not in the state dict). Unlike the Rust layer,
+    a training forward at p = 0 leaves the offset (so a p = 0 graph holds no
+    CPU op). Activation checkpointing re-runs the forward, and the rerun
+    takes the next offset, i.e. a different mask from the one the loss saw
+    (torch's RNG-state restore does not cover it): do not checkpoint layers
+    with p > 0.
     """
 
-    def __init__(self, base, rank, alpha, warmup_steps=0):
+    def __init__(self, base, rank, alpha, warmup_steps=0, dropout=0.0, dropout_seed=None):
         super().__init__()
         if not isinstance(base, nn.Linear):
             raise TypeError(f"SingLoraLinear wraps an nn.Linear; got {type(base).__name__}")
@@ -865,6 +1071,12 @@ class SingLoraLinear(nn.Module):
         w = base.weight
         self.a = nn.Parameter(torch.empty((d, rank), dtype=w.dtype, device=w.device))
         self.reset_parameters()
+        self.dropout = dropout
+        if dropout_seed is None:
+            lo, hi = torch.randint(0, 1 << 32, (2,), dtype=torch.int64).tolist()
+            dropout_seed = (hi << 32) | lo
+        # Plain attribute (see the class docstring): stays a CPU tensor.
+        self.dropout_state = dropout_state(dropout_seed, 0)
 
     def reset_parameters(self):
         bound = 1.0 / math.sqrt(self.a.shape[0])
@@ -882,6 +1094,42 @@ class SingLoraLinear(nn.Module):
     @property
     def merged(self):
         return self.merged_scale is not None
+
+    @property
+    def dropout(self):
+        """The adapter dropout probability p (0: none)."""
+        return self._dropout
+
+    @dropout.setter
+    def dropout(self, p):
+        self._dropout = _check_p(p, "dropout")
+
+    @property
+    def dropout_seed(self):
+        """The masks' Philox seed (a u64)."""
+        return _as_u64(self.dropout_state[0].item())
+
+    @property
+    def dropout_offset(self):
+        """The offset the next training-mode forward with p > 0 uses (a u64)."""
+        return _as_u64(self.dropout_state[1].item())
+
+    def set_dropout_seed(self, seed, offset=0):
+        """Sets the masks' seed and restarts their offset at ``offset`` (e.g.
+        to resume a run: the same seed, the offset reached)."""
+        with torch.no_grad():
+            self.dropout_state.copy_(dropout_state(seed, offset))
+
+    def _next_dropout(self):
+        """(p, state) of this forward: (0, None) in eval mode or with p = 0;
+        in training mode a copy of the (seed, offset) pair, then the offset
+        advanced by one (int64 add: wraps as the u64 would)."""
+        if not self.training or self._dropout == 0.0:
+            return 0.0, None
+        state = self.dropout_state.clone()
+        with torch.no_grad():
+            self.dropout_state[1:].add_(1)
+        return self._dropout, state
 
     @property
     def steps(self):
@@ -931,7 +1179,8 @@ class SingLoraLinear(nn.Module):
                     "(or run under torch.no_grad())"
                 )
             return self.base(x)
-        return singlora_linear(x, self.base.weight, self.base.bias, self.a, self.scale_tensor())
+        p, state = self._next_dropout()
+        return singlora_linear(x, self.base.weight, self.base.bias, self.a, self.scale_tensor(), p, state)
 
     @torch.no_grad()
     def merge(self):
@@ -966,12 +1215,15 @@ class SingLoraLinear(nn.Module):
         self.merged_scale = None
 
     def get_extra_state(self):
-        return {"steps": self.steps, "merged_scale": self.merged_scale, "merged_a": self.merged_a}
+        return {"steps": self.steps, "merged_scale": self.merged_scale, "merged_a": self.merged_a,
+                "dropout_seed": self.dropout_seed, "dropout_offset": self.dropout_offset}
 
     def set_extra_state(self, state):
         # Runs after this module's own parameters (A) are loaded, before its
         # children's (base.weight).
         self.steps = int(state.get("steps", 0))
+        if "dropout_seed" in state:
+            self.set_dropout_seed(state["dropout_seed"], state.get("dropout_offset", 0))
         scale = state.get("merged_scale")
         self.merged_scale = None if scale is None else float(scale)
         if self.merged_scale is None:
@@ -995,5 +1247,5 @@ class SingLoraLinear(nn.Module):
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"rank={self.rank}, alpha={self.alpha}, warmup_steps={self.warmup_steps}, "
-            f"steps={self.steps}, merged={self.merged}"
+            f"dropout={self.dropout}, steps={self.steps}, merged={self.merged}"
         )

@@ -60,17 +60,17 @@ d_out × d_in update every forward; we never form it). Where they differ:
   ours over D (bound 1/√D); this matters only for new adapters.
 
 Dropout (peft's ``lora_dropout``: the adapter sees ``drop(x)``, the frozen
-path ``x``) is carried in every conversion. Where ``SingLoraLinear`` takes
-no ``dropout`` argument (the kernels have none yet), the value is kept as
-the layer's ``dropout`` attribute and a forward in training mode with
-``dropout > 0`` raises NotImplementedError instead of silently training
-without it; eval mode (where dropout does nothing) runs. Set
-``layer.dropout = 0.0`` to train without dropout knowingly.
+path ``x``) is carried in every conversion, as ``SingLoraLinear``'s
+``dropout`` (the kernels' fused dropout, in training mode only). Its masks
+come from our Philox stream (the layer's seed and offset), theirs from
+torch's RNG: in training mode with p > 0 the two give different (equally
+distributed) outputs; in eval mode, or with p = 0, they are equal. The
+seed and offset are ours alone (peft-singlora has none): a conversion or a
+peft-layout state dict neither reads nor writes them.
 
 Only the peft-singlora functions import ``peft_singlora`` (lazily).
 """
 
-import inspect
 import math
 import numbers
 import re
@@ -94,7 +94,6 @@ __all__ = [
 
 #: The key prefix of a ``PeftModel``'s state dict.
 PEFT_PREFIX = "base_model.model."
-_DROPOUT_IN_LAYER = "dropout" in inspect.signature(SingLoraLinear.__init__).parameters
 
 
 # ----------------------------------------------------------------- checks
@@ -144,32 +143,14 @@ def _step_tensor(layer, where, dtype=torch.float32):
 # ---------------------------------------------------------------- dropout
 
 
-def _refuse_dropout(module, args):
-    if module.training and module.dropout > 0:
-        raise NotImplementedError(
-            f"SingLoraLinear: adapter dropout {module.dropout} is set, but this build's kernels "
-            f"have no dropout; refusing to train without it. Call model.eval() for inference, "
-            f"or set layer.dropout = 0.0 to train without dropout knowingly"
-        )
-
-
 def _new_layer(base, r, alpha, ramp_up_steps, dropout):
-    """A SingLoraLinear around ``base`` with dropout ``p`` carried (see the
-    module docstring)."""
-    if _DROPOUT_IN_LAYER:
-        return SingLoraLinear(base, r, alpha, warmup_steps=ramp_up_steps, dropout=float(dropout))
-    layer = SingLoraLinear(base, r, alpha, warmup_steps=ramp_up_steps)
-    layer.dropout = float(dropout)
-    layer.register_forward_pre_hook(_refuse_dropout)
-    return layer
+    """A SingLoraLinear around ``base`` with adapter dropout ``dropout``."""
+    return SingLoraLinear(base, r, alpha, warmup_steps=ramp_up_steps, dropout=float(dropout))
 
 
 def _dropout_p(layer):
-    """The adapter dropout probability of one of our layers (0 if none)."""
-    p = getattr(layer, "dropout", 0.0)
-    if isinstance(p, nn.Module):
-        p = getattr(p, "p", 0.0)
-    return float(p)
+    """The adapter dropout probability of one of our layers."""
+    return float(layer.dropout)
 
 
 # ----------------------------------------------------------------- inject

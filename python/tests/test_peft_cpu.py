@@ -20,8 +20,10 @@ SINGLORA_PEFT_DEVICE=cuda runs the same cases with our layers on the GPU
     outputs, dX and dA equal peft-singlora's on the same weights within the
     dtype's bar (f32 1e-5, bf16 1e-2), the adapter term being a sizeable part
     of the output; to_peft_singlora back gives peft-singlora's outputs again.
-    Dropout, rsLoRA scaling and the ramp length carried; training with
-    dropout refused while the kernels have none.
+    Dropout, rsLoRA scaling and the ramp length carried; in eval mode equal
+    to peft-singlora's, in training mode our dropout (the library's Philox
+    mask, not torch's RNG: not comparable to theirs) against float64
+    autograd of the formula with that mask, the offset advancing per forward.
   * state dicts both ways, bit for bit: ours -> peft-singlora layout -> a
     PeftModel (load_state_dict strict) -> its state_dict -> ours; a
     PeftModel's state_dict and its adapter-only get_peft_model_state_dict ->
@@ -39,7 +41,7 @@ import importlib
 import math
 import os
 
-from torch_harness import BF16_BAR, F32_BAR, Runner, expect, f32, rel_l2, torch
+from torch_harness import BF16_BAR, F32_BAR, Runner, expect, f32, keep_mask, reference_linear, rel_l2, torch
 
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
@@ -350,16 +352,23 @@ def from_peft_singlora_dropout_rslora_ramp(p):
     with torch.no_grad():
         y_o = model(x)
     within(p, {"y (eval)": rel_l2(y_o, y_t)}, F32_BAR, "dropout 0.1 in eval, rsLoRA, ramp 4 of 10 / 7")
+    # Training mode: our dropout (the library's mask at the layer's (seed,
+    # offset)), against float64 autograd of the formula with that mask.
     model.train()
-    if sp._DROPOUT_IN_LAYER:
-        print("    SingLoraLinear takes dropout: training with it runs")
-        model(x)
-    else:
-        raises(p, "training with dropout 0.1 and no dropout kernel", NotImplementedError, "dropout",
-               lambda: model(x))
-        a.dropout = 0.0  # knowingly without
-        model(x)
-    a.dropout = 0.1
+    offset = a.dropout_offset
+    xg = x.clone().requires_grad_(True)
+    g = torch.randn(6, 14, device=DEV)
+    y = a(xg)
+    y.backward(g)
+    keep = keep_mask(0.1, a.dropout_seed, offset, 6, 10).to(DEV)
+    expect(p, 0 < keep.sum().item() < keep.numel(), "the mask drops some elements and keeps some")
+    expect(p, a.dropout_offset == offset + 1, f"offset {offset} -> {a.dropout_offset} (want one step)")
+    yr, dxr, dar = reference_linear(x, a.base.weight, a.base.bias, a.a, f32(a.scale), g, keep=keep, p=0.1)
+    undropped, _, _ = reference_linear(x, a.base.weight, a.base.bias, a.a, f32(a.scale), g)
+    within(p, {"y": rel_l2(y, yr), "dx": rel_l2(xg.grad, dxr), "da": rel_l2(a.a.grad, dar)}, F32_BAR,
+           "training, dropout 0.1 vs float64 with the library's mask")
+    expect(p, rel_l2(y, undropped) > 1e-3, "training output equals the undropped one")
+    a.a.grad = None
     sp.to_peft_singlora(model)
     drop = model[0].lora_dropout["default"]
     expect(p, isinstance(drop, nn.Dropout) and drop.p == 0.1 and model[0].ramp_up_steps == 10,
@@ -394,7 +403,11 @@ def state_dict_ours_to_peft_and_back(p):
         sp.load_peft_singlora_state_dict(fresh, pm.state_dict())
         got, want = fresh.state_dict(), m.state_dict()
         extra = [k for k in want if k.endswith("_extra_state")]
-        expect(p, all(got[k] == want[k] for k in extra), "extra state (steps) differs")
+        # The dropout pair is ours alone: peft-singlora's layout does not carry it (fresh keeps its own).
+        ours_only = ("dropout_seed", "dropout_offset")
+        expect(p, all({n: v for n, v in got[k].items() if n not in ours_only}
+                      == {n: v for n, v in want[k].items() if n not in ours_only} for k in extra),
+               "extra state (steps) differs")
         same_tensors(p, {k: v for k, v in got.items() if k not in extra},
                      {k: v for k, v in want.items() if k not in extra}, f"{str(dtype)[6:]} ours -> peft -> ours")
 

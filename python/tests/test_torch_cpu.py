@@ -16,6 +16,9 @@ the SingLoraLinear merge state machine on CPU tensors. The seam is small:
 
 Every fake launch checks that each buffer's dtype is the one its dtype code
 names (S, dA: f32) and that the dimensions and row strides match the tensor.
+The fakes also apply the adapter dropout they are given (p, seed, offset),
+with the mask of the real library's ``singlora_dropout_mask`` (the dropout
+case needs libsinglora.so for it), and record the three.
 The real device check is used once, to show that CPU tensors are still
 refused without the seam.
 
@@ -25,7 +28,8 @@ Output, exit status and the skip without torch: torch_harness.py.
 import math
 import sys
 
-from torch_harness import BF16_BAR, F32_BAR, Runner, expect, f32, reference_adapter, reference_linear, rel_l2, torch
+from torch_harness import (BF16_BAR, F32_BAR, Runner, expect, f32, keep_mask, reference_adapter, reference_linear,
+                           rel_l2, torch)
 
 from singlora import _lib  # noqa: E402
 from singlora import nn as snn  # noqa: E402
@@ -82,22 +86,29 @@ class FakeLib:
     def workspace_size(self, tokens, d_in, d_out, rank, saved_s=True):
         return 4 * (tokens * rank * (1 if saved_s else 2) + 64)
 
+    @staticmethod
+    def _drop(p, seed, offset, tokens, cols):
+        """(keep mask f32 or None, f32 1/(1 − p)) as the kernels apply them."""
+        if not p:
+            return None, 1.0
+        return keep_mask(p, seed, offset, tokens, cols).float(), f32(1.0 / (1.0 - p))
+
     def forward(self, dtype, device, tokens, d_in, d_out, rank, x, ld_x, a, y, ld_y, s, scale, scale_ptr, beta,
                 dropout_p=0.0, dropout_seed=0, dropout_offset=0, stream=0):
-        if dropout_p:
-            self.problems.append("forward: the fake library has no dropout")
         scale = self._scale_of("forward", scale, scale_ptr)
         X, A, Y, S = self.tensor(x), self.tensor(a), self.tensor(y), self.tensor(s)
         self._record("forward", dtype, {"x": X, "a": A, "y": Y}, {"s": S},
                      tokens=tokens, d_in=d_in, d_out=d_out, rank=rank, scale=scale, beta=beta,
-                     scale_ptr=scale_ptr, ptrs=dict(x=x, a=a, y=y, s=s))
+                     scale_ptr=scale_ptr, ptrs=dict(x=x, a=a, y=y, s=s),
+                     dropout=(dropout_p, dropout_seed, dropout_offset))
+        keep, ks = self._drop(dropout_p, dropout_seed, dropout_offset, tokens, d_in)
         self._mat("forward", "x", X, tokens, d_in, ld_x)
         self._mat("forward", "y", Y, tokens, d_out, ld_y)
         self._mat("forward", "a", A, max(d_in, d_out), rank, rank)
         self._mat("forward", "s", S, tokens, rank, rank)
         with torch.no_grad(), torch.autocast("cpu", enabled=False):
             Af = A.float()
-            Sf = X.float() @ Af[:d_in]
+            Sf = X.float() @ Af[:d_in] if keep is None else (X.float() * keep) @ Af[:d_in] * ks
             out = f32(scale) * (Sf @ Af[:d_out].T)
             if beta != 0.0:
                 out = out + Y.float()
@@ -108,13 +119,13 @@ class FakeLib:
     def backward(self, dtype, device, tokens, d_in, d_out, rank, x, ld_x, g, ld_g, a, saved_s, scale,
                  scale_ptr, dx, ld_dx, dx_beta, da, da_beta, workspace, workspace_bytes,
                  dropout_p=0.0, dropout_seed=0, dropout_offset=0, stream=0):
-        if dropout_p:
-            self.problems.append("backward: the fake library has no dropout")
         scale = self._scale_of("backward", scale, scale_ptr)
         X, G, A, S, DX, DA = (self.tensor(p) for p in (x, g, a, saved_s, dx, da))
         self._record("backward", dtype, {"x": X, "g": G, "a": A, "dx": DX}, {"s": S, "da": DA},
                      tokens=tokens, d_in=d_in, d_out=d_out, rank=rank, scale=scale,
-                     scale_ptr=scale_ptr, ptrs=dict(x=x, g=g, a=a, s=saved_s, dx=dx, da=da))
+                     scale_ptr=scale_ptr, ptrs=dict(x=x, g=g, a=a, s=saved_s, dx=dx, da=da),
+                     dropout=(dropout_p, dropout_seed, dropout_offset))
+        keep, ks = self._drop(dropout_p, dropout_seed, dropout_offset, tokens, d_in)
         need = self.workspace_size(tokens, d_in, d_out, rank, saved_s != 0)
         if workspace_bytes < need:
             self.problems.append(f"backward: workspace {workspace_bytes} < {need}")
@@ -124,17 +135,21 @@ class FakeLib:
         self._mat("backward", "da", DA, max(d_in, d_out), rank, rank)
         with torch.no_grad(), torch.autocast("cpu", enabled=False):
             Af, Xf, Gf = A.float(), X.float(), G.float()
-            Sf = S if S is not None else Xf @ Af[:d_in]
+            if keep is not None:
+                Xf = Xf * keep
+            Sf = S if S is not None else Xf @ Af[:d_in] * ks
             Q = Gf @ Af[:d_out]
             sc = f32(scale)
             if DX is not None:
                 out = sc * (Q @ Af[:d_in].T)
+                if keep is not None:
+                    out = out * ks * keep
                 if dx_beta != 0.0:
                     out = out + DX.float()
                 DX.copy_(out)
             dA = torch.zeros_like(Af)
             dA[:d_out] += Gf.T @ Sf
-            dA[:d_in] += Xf.T @ Q
+            dA[:d_in] += (Xf.T @ Q) * ks
             dA = sc * dA
             if da_beta != 0.0:
                 dA = dA + DA
@@ -381,6 +396,45 @@ def no_autocast_f32_exact(fake, p):
     for k, v in dict(y=rel_l2(y, y_ref), dx=rel_l2(xs.grad[:, 7:], dx_ref), da=rel_l2(layer.a.grad, da_ref)).items():
         expect(p, v <= F32_BAR, f"{k} rel L2 {v:.2e} > {F32_BAR}")
     expect(p, xs.grad[:, :7].abs().max().item() == 0.0, "grad outside the slice must be 0")
+
+
+# ------------------------------------------------------------------ cases: dropout
+
+
+@case
+def dropout_reaches_the_launches(fake, p):
+    """A layer with dropout 0.2: in training mode each forward launch gets
+    (0.2, the layer's seed, the offset before it) and the offset advances by
+    one; its backward launch the same triple, even after another forward;
+    eval launches p = 0 (seed and offset 0, the undropped call) and leaves
+    the offset; results against float64 with the library's mask."""
+    layer = make_layer(24, 36, 4, seed=12)
+    layer.dropout = 0.2
+    layer.set_dropout_seed(2**64 - 3, 41)
+    x = torch.randn(2, 5, 24)
+    g = torch.randn(2, 5, 36)
+    xs = [x.clone().requires_grad_(True) for _ in range(2)]
+    ys = [layer(xi) for xi in xs]
+    expect(p, layer.dropout_offset == 43, f"offset {layer.dropout_offset} after two forwards (want 43)")
+    fwd = [c for c in fake.calls if c["fn"] == "forward"]
+    expect(p, [c["dropout"] for c in fwd] == [(0.2, 2**64 - 3, 41), (0.2, 2**64 - 3, 42)],
+           f"forward launches' dropout {[c['dropout'] for c in fwd]}")
+    fake.calls.clear()
+    ys[1].backward(g)
+    ys[0].backward(g)
+    bwd = [c["dropout"] for c in fake.calls if c["fn"] == "backward"]
+    expect(p, bwd == [(0.2, 2**64 - 3, 42), (0.2, 2**64 - 3, 41)], f"backward launches' dropout {bwd}")
+    for i, off in enumerate((41, 42)):
+        keep = keep_mask(0.2, 2**64 - 3, off, 10, 24)
+        yr, dxr, _ = reference_linear(x, layer.base.weight, layer.base.bias, layer.a, f32(layer.scale), g,
+                                      keep=keep, p=0.2)
+        for k, v in dict(y=rel_l2(ys[i], yr), dx=rel_l2(xs[i].grad, dxr)).items():
+            expect(p, v <= F32_BAR, f"offset {off}: {k} rel L2 {v:.2e} > {F32_BAR}")
+    fake.calls.clear()
+    layer.eval()
+    layer(x.requires_grad_(True)).backward(g)
+    expect(p, [c["dropout"] for c in fake.calls] == [(0.0, 0, 0), (0.0, 0, 0)] and layer.dropout_offset == 43,
+           f"eval launches {[c['dropout'] for c in fake.calls]}, offset {layer.dropout_offset}")
 
 
 # ------------------------------------------------------------------ cases: launch guards

@@ -57,24 +57,43 @@ def expect(problems, cond, what):
         problems.append(what)
 
 
-def reference_linear(x, w, b, a, s, g):
-    """float64 autograd of the formula: y, dX, dA."""
+def keep_mask(p, seed, offset, tokens, cols):
+    """The kernels' dropout keep mask of a tokens × cols input (float64 0/1),
+    from the library (``_lib.dropout_mask``: needs libsinglora.so)."""
+    from singlora import _lib
+
+    keep = _lib.dropout_mask(p, seed, offset, tokens, cols)
+    return torch.tensor(list(keep), dtype=torch.float64).reshape(tokens, cols)  # list: no frombuffer of b""
+
+
+def _dropped(x, keep, p):
+    """drop(x) = keep ⊙ x / (1 − p) (x itself without a mask); keep is
+    tokens × d_in, x any leading shape."""
+    if keep is None:
+        return x
+    return (x.reshape(-1, x.shape[-1]) * keep.double() / (1.0 - p)).reshape(x.shape)
+
+
+def reference_linear(x, w, b, a, s, g, keep=None, p=0.0):
+    """float64 autograd of the formula: y, dX, dA (with ``keep``, the
+    adapter sees drop(x) = keep ⊙ x / (1 − p), the frozen path x)."""
     d_out, d_in = w.shape
     x = x.detach().double().requires_grad_(True)
     a = a.detach().double().requires_grad_(True)
-    y = x @ w.double().T + s * (x @ a[:d_in]) @ a[:d_out].T
+    y = x @ w.double().T + s * (_dropped(x, keep, p) @ a[:d_in]) @ a[:d_out].T
     if b is not None:
         y = y + b.double()
     y.backward(g.double())
     return y.detach(), x.grad, a.grad
 
 
-def reference_adapter(x, a, s, d_out, g, base=None):
-    """float64 autograd of the adapter term (plus base): y, dX, dA."""
+def reference_adapter(x, a, s, d_out, g, base=None, keep=None, p=0.0):
+    """float64 autograd of the adapter term (plus base): y, dX, dA (dropout
+    as in reference_linear)."""
     d_in = x.shape[-1]
     x = x.detach().double().requires_grad_(True)
     a = a.detach().double().requires_grad_(True)
-    y = s * (x @ a[:d_in]) @ a[:d_out].T
+    y = s * (_dropped(x, keep, p) @ a[:d_in]) @ a[:d_out].T
     if base is not None:
         y = y + base.double()
     y.backward(g.double())
