@@ -6,9 +6,11 @@
 use std::sync::Arc;
 
 use cudarc::driver::{CudaSlice, CudaStream};
-use singlora::{backward, backward_workspace_len, forward, reference, DType, Dims, Dropout, DxOut};
+use singlora::{backward, backward_workspace_len, forward, DType, Dims, Dropout, DxOut};
 
-use super::{download_on, poisoned_on, upload_on};
+use super::{
+    download_on, poisoned_on, reference_forward_onto, reference_grads, reference_q, upload_on,
+};
 
 /// A pass's five outputs on the host: Y, S, Q (G·A[:d_out], the first
 /// `s_len` elements of the backward's workspace), dX, dA.
@@ -132,15 +134,8 @@ pub fn reference_pass(
     (y0, y_beta): (&[f64], f64),
     dropout: Dropout,
 ) -> Pass {
-    let (tokens, d_in, d_out, rank) = (dims.tokens(), dims.d_in(), dims.d_out(), dims.rank());
-    let mut y = y0.to_vec();
-    let s = reference::forward(dims, x, a, scale, y_beta, &mut y, dropout).unwrap();
-    let mut dx = vec![0.0; tokens * d_in];
-    let mut da = vec![0.0; dims.a_len()];
-    reference::backward(dims, x, a, g, scale, 0.0, &mut dx, 0.0, &mut da, dropout).unwrap();
-    // Q = G·A[:d_out] is the shrink of the swapped shape.
-    let swapped = Dims::new(tokens, d_out, d_in, rank).unwrap();
-    let mut unused = vec![0.0; tokens * d_in];
-    let q = reference::forward(&swapped, g, a, 0.0, 0.0, &mut unused, Dropout::NONE).unwrap();
+    let (y, s) = reference_forward_onto(dims, [x, a], scale, (y0, y_beta), dropout);
+    let (dx, da) = reference_grads(dims, [x, g, a], scale, dropout);
+    let q = reference_q(dims, g, a);
     Pass { y, s, q, dx, da }
 }
