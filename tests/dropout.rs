@@ -535,7 +535,7 @@ fn refused_gpu_calls_write_nothing() {
     let short = upload::<T>(&gpu, &[1.0; 31]);
     let d = Dropout::new(0.5, 1, 1).unwrap();
     let run = |x: &CudaSlice<T>, y: &mut CudaSlice<T>, s: &mut CudaSlice<f32>| {
-        forward(&gpu.stream, &dims, x, 8, &a, y, 8, Some(s), 1.0, 0.0, d)
+        forward_dense(&gpu.stream, &dims, [x, &a], y, Some(s), (1.0, 0.0), d)
     };
     let e = run(&short, &mut y, &mut s).unwrap_err();
     assert_eq!(argument_named(&e), "x");

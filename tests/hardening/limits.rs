@@ -28,8 +28,8 @@ use singlora::ffi::{
     singlora_backward_workspace_size, SINGLORA_ERROR_INVALID_ARGUMENT, SINGLORA_OK,
 };
 use singlora::{
-    backward, backward_workspace_len, fill_bits, forward, merge, mse, mse_loss, DType, Dims,
-    Dropout, DxOut, Error, MSE_PARTIALS,
+    backward_workspace_len, fill_bits, merge, mse, mse_loss, DType, Dims, Dropout, Error,
+    MSE_PARTIALS,
 };
 
 /// Rows per period of the inputs.
@@ -92,6 +92,22 @@ fn nans<T: DType>(gpu: &Gpu, n: usize) -> CudaSlice<T> {
     let mut d = unsafe { gpu.stream.alloc::<T>(n) }.unwrap();
     fill_bits(&gpu.stream, &mut d, T::NAN_BITS).unwrap();
     d
+}
+
+/// The backward of dense rows into NaN-poisoned dX and dA (betas 0), from
+/// the saved `s` where given, with workspace `ws`: (dX, dA).
+fn dense_backward<T: DType>(
+    gpu: &Gpu,
+    dims: &Dims,
+    xga: [&CudaSlice<T>; 3],
+    s: Option<&CudaSlice<f32>>,
+    ws: &mut CudaSlice<f32>,
+) -> (CudaSlice<T>, CudaSlice<f32>) {
+    let mut dx = nans::<T>(gpu, dims.tokens() * dims.d_in());
+    let mut da = nans::<f32>(gpu, dims.a_len());
+    let outs = (&mut dx, &mut da, ws);
+    backward_dense(&gpu.stream, dims, xga, s, SCALE, outs, Dropout::NONE).unwrap();
+    (dx, da)
 }
 
 /// Row `t` (`cols` elements at `t·ld`) of a device matrix.
@@ -235,17 +251,13 @@ fn forward_backward<T: DType>(gpu: &Gpu, dims: &Dims, seed: u64, with_backward: 
     let mut s = nans::<f32>(gpu, dims.s_len());
     {
         let mut y = nans::<T>(gpu, tokens * d_out);
-        forward(
+        forward_dense(
             &gpu.stream,
             dims,
-            &x,
-            d_in,
-            &a,
+            [&x, &a],
             &mut y,
-            d_out,
             Some(&mut s),
-            SCALE,
-            0.0,
+            (SCALE, 0.0),
             Dropout::NONE,
         )
         .unwrap();
@@ -257,30 +269,8 @@ fn forward_backward<T: DType>(gpu: &Gpu, dims: &Dims, seed: u64, with_backward: 
         return;
     }
     let g = periodic::<T>(gpu, &gp, d_out, tokens);
-    let mut dx = nans::<T>(gpu, tokens * d_in);
-    let mut da = nans::<f32>(gpu, dims.a_len());
     let mut ws = nans::<f32>(gpu, backward_workspace_len(dims, true).unwrap());
-    backward(
-        &gpu.stream,
-        dims,
-        &x,
-        d_in,
-        &g,
-        d_out,
-        &a,
-        Some(&s),
-        SCALE,
-        Some(DxOut {
-            dx: &mut dx,
-            ld_dx: d_in,
-            beta: 0.0,
-        }),
-        &mut da,
-        0.0,
-        &mut ws,
-        Dropout::NONE,
-    )
-    .unwrap();
+    let (dx, da) = dense_backward(gpu, dims, [&x, &g, &a], Some(&s), &mut ws);
     assert_finite_everywhere(gpu, "dX", &dx, tokens, d_in);
     check_rows::<T, T>(gpu, "dX", &dx, tokens, d_in, &want.dx, d_in * elem);
     let q = ws.slice(0..dims.s_len());
@@ -350,30 +340,8 @@ fn backward_with_a_workspace_over_4_gib() {
         let x = periodic::<bf16>(gpu, &xp, 256, tokens);
         let g = periodic::<bf16>(gpu, &gp, 256, tokens);
         let a = upload::<bf16>(gpu, &ap);
-        let mut dx = nans::<bf16>(gpu, tokens * 256);
-        let mut da = nans::<f32>(gpu, dims.a_len());
         let mut ws = nans::<f32>(gpu, ws_len);
-        backward(
-            &gpu.stream,
-            &dims,
-            &x,
-            256,
-            &g,
-            256,
-            &a,
-            None,
-            SCALE,
-            Some(DxOut {
-                dx: &mut dx,
-                ld_dx: 256,
-                beta: 0.0,
-            }),
-            &mut da,
-            0.0,
-            &mut ws,
-            Dropout::NONE,
-        )
-        .unwrap();
+        let (dx, da) = dense_backward(gpu, &dims, [&x, &g, &a], None, &mut ws);
         assert_finite_everywhere(gpu, "dX", &dx, tokens, 256);
         check_rows::<bf16, bf16>(gpu, "dX", &dx, tokens, 256, &want.dx, 512);
         // Q: rows of 1 KiB; element 2³¹ at row 2²³, byte 2³² at row 2²².
