@@ -274,10 +274,6 @@ fn probes<T: DType>() {
     probe_da::<T>(&gpu, 61, 1000, 64, 0, 5);
 }
 
-typed_tests! {
-    mask_probes_f32, mask_probes_f16, mask_probes_bf16 => probes::<T>();
-}
-
 // ---------------------------------------------------------------- accuracy
 
 /// (tokens, d_in, d_out, rank, ld_x padding).
@@ -335,8 +331,12 @@ fn accuracy<T: DType>() {
     }
 }
 
+// The typed tests: mask probes, accuracy and reproducibility per element
+// type (the keep rate and the layer below run bf16 only).
 typed_tests! {
+    mask_probes_f32, mask_probes_f16, mask_probes_bf16 => probes::<T>();
     accuracy_f32, accuracy_f16, accuracy_bf16 => accuracy::<T>();
+    reproducible_f32, reproducible_f16, reproducible_bf16 => reproducible::<T>();
 }
 
 // ---------------------------------------------------------------- keep rate
@@ -418,10 +418,6 @@ fn reproducible<T: DType>() {
         "{}: p = 0",
         T::NAME
     );
-}
-
-typed_tests! {
-    reproducible_f32, reproducible_f16, reproducible_bf16 => reproducible::<T>();
 }
 
 // ---------------------------------------------------------------- the layer
