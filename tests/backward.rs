@@ -13,8 +13,8 @@ use common::*;
 use cudarc::driver::CudaSlice;
 use half::{bf16, f16};
 use singlora::{
-    backward, backward_workspace_len, check_backward, forward, reference, BackwardLens, DType,
-    Dims, DxOut, Error,
+    backward, backward_workspace_len, check_backward, forward, BackwardLens, DType, Dims, Dropout,
+    DxOut, Error,
 };
 
 /// Element offsets of X, G, A, dX, dA and the saved S from a 16-byte
@@ -144,62 +144,15 @@ fn data<T: DType>(sh: Shape, dx_beta: f32, da_beta: f32, seed: u64) -> Data {
     let a = quantize::<T>(&randn(&mut r, dims.a_len(), 1.0 / (dims.d() as f64).sqrt()));
     let g = quantize::<T>(&randn(&mut r, sh.tokens * sh.d_out, 1.0));
     let s = SCALE as f64;
-    let mut dx_term = vec![0.0; sh.tokens * sh.d_in];
-    let mut da_term = vec![0.0; dims.a_len()];
-    reference::backward(
-        dims,
-        &x,
-        &a,
-        &g,
-        s,
-        0.0,
-        &mut dx_term,
-        0.0,
-        &mut da_term,
-        singlora::Dropout::NONE,
-    )
-    .unwrap();
+    let xga = [&x[..], &g, &a];
+    let (dx_term, da_term) = reference_grads(dims, xga, s, Dropout::NONE);
     let dx0 = quantize::<T>(&randn(&mut r, sh.tokens * sh.d_in, rms(&dx_term)));
     let da0 = quantize::<f32>(&randn(&mut r, dims.a_len(), rms(&da_term)));
-    let mut dx = dx0.clone();
-    let mut da = da0.clone();
-    reference::backward(
-        dims,
-        &x,
-        &a,
-        &g,
-        s,
-        dx_beta as f64,
-        &mut dx,
-        da_beta as f64,
-        &mut da,
-        singlora::Dropout::NONE,
-    )
-    .unwrap();
-    let mut scratch = vec![0.0; sh.tokens * sh.d_out];
-    let s_ref = reference::forward(
-        dims,
-        &x,
-        &a,
-        0.0,
-        0.0,
-        &mut scratch,
-        singlora::Dropout::NONE,
-    )
-    .unwrap();
+    let starts = [(&dx0[..], dx_beta as f64), (&da0[..], da_beta as f64)];
+    let (dx, da) = reference_backward_onto(dims, xga, s, starts, Dropout::NONE);
+    let s_ref = reference_s(dims, &x, &a, Dropout::NONE);
     // Q = G·A[:d_out], from the reference's shrink (a forward with X := G).
-    let swapped = Dims::new(sh.tokens, sh.d_out, sh.d_in, sh.rank).unwrap();
-    let mut scratch = vec![0.0; sh.tokens * sh.d_in];
-    let q = reference::forward(
-        &swapped,
-        &g,
-        &a,
-        0.0,
-        0.0,
-        &mut scratch,
-        singlora::Dropout::NONE,
-    )
-    .unwrap();
+    let q = reference_q(dims, &g, &a);
     Data {
         x,
         a,
@@ -292,7 +245,7 @@ fn run_gpu<T: DType>(gpu: &Gpu, c: &Case, dims: &Dims, d: &Data) -> Outputs {
             Some(&mut s.view_mut()),
             SCALE,
             0.0,
-            singlora::Dropout::NONE,
+            Dropout::NONE,
         )
         .unwrap();
         s
@@ -324,7 +277,7 @@ fn run_gpu<T: DType>(gpu: &Gpu, c: &Case, dims: &Dims, d: &Data) -> Outputs {
             &mut dad.view_mut(),
             c.da_beta,
             &mut ws,
-            singlora::Dropout::NONE,
+            Dropout::NONE,
         )
         .unwrap();
     }
@@ -529,7 +482,7 @@ fn backward_round_trip_finite_differences_f32() {
             Some(&mut sd),
             scale,
             0.0,
-            singlora::Dropout::NONE,
+            Dropout::NONE,
         )
         .unwrap();
         let y = download(&gpu, &yd);
@@ -554,7 +507,7 @@ fn backward_round_trip_finite_differences_f32() {
         &mut dad,
         0.0,
         &mut ws,
-        singlora::Dropout::NONE,
+        Dropout::NONE,
     )
     .unwrap();
     let da = download(&gpu, &dad);
@@ -774,7 +727,7 @@ fn profile_backward_bf16() {
             &mut dad,
             0.0,
             &mut ws,
-            singlora::Dropout::NONE,
+            Dropout::NONE,
         )
         .unwrap();
     }

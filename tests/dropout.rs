@@ -155,26 +155,17 @@ fn ref_all(
     dx0: Option<&[f64]>,
     dropout: Dropout,
 ) -> (Vec<f64>, Vec<f64>, Grads) {
+    /// A given start is added onto (beta 1), else the output starts at zero.
+    fn start<'a>(given: Option<&'a [f64]>, zeros: &'a [f64]) -> (&'a [f64], f64) {
+        given.map_or((zeros, 0.0), |v| (v, 1.0))
+    }
     let (t, d_in, d_out) = (dims.tokens(), dims.d_in(), dims.d_out());
-    let mut y = y0.map_or_else(|| vec![0.0; t * d_out], <[f64]>::to_vec);
-    let beta = if y0.is_some() { 1.0 } else { 0.0 };
-    let s = reference::forward(dims, x, a, SCALE as f64, beta, &mut y, dropout).unwrap();
-    let mut dx = dx0.map_or_else(|| vec![0.0; t * d_in], <[f64]>::to_vec);
-    let dx_beta = if dx0.is_some() { 1.0 } else { 0.0 };
-    let mut da = vec![0.0; dims.a_len()];
-    reference::backward(
-        dims,
-        x,
-        a,
-        g,
-        SCALE as f64,
-        dx_beta,
-        &mut dx,
-        0.0,
-        &mut da,
-        dropout,
-    )
-    .unwrap();
+    let (y_zeros, dx_zeros) = (vec![0.0; t * d_out], vec![0.0; t * d_in]);
+    let da_zeros = vec![0.0; dims.a_len()];
+    let scale = SCALE as f64;
+    let (y, s) = reference_forward_onto(dims, [x, a], scale, start(y0, &y_zeros), dropout);
+    let starts = [start(dx0, &dx_zeros), (&da_zeros, 0.0)];
+    let (dx, da) = reference_backward_onto(dims, [x, g, a], scale, starts, dropout);
     (y, s, Grads { dx, da })
 }
 
@@ -283,10 +274,6 @@ fn probes<T: DType>() {
     probe_da::<T>(&gpu, 61, 1000, 64, 0, 5);
 }
 
-typed_tests! {
-    mask_probes_f32, mask_probes_f16, mask_probes_bf16 => probes::<T>();
-}
-
 // ---------------------------------------------------------------- accuracy
 
 /// (tokens, d_in, d_out, rank, ld_x padding).
@@ -297,6 +284,33 @@ const SHAPES: &[(usize, usize, usize, usize, usize)] = &[
     (1100, 96, 300, 8, 0),   // several dA token splits
     (70, 3424, 128, 200, 0), // odd hidden size, rank bucket 256
 ];
+
+/// `dropout`'s forward (Y onto `y0` where given, else poisoned) and backward
+/// (dX onto `dx0` where given, else poisoned; with the forward's saved S and
+/// with a recomputed one) on the GPU, X at row stride d_in + `pad`, against
+/// the reference at T's bars.
+fn check_pass<T: DType>(
+    gpu: &Gpu,
+    name: &str,
+    dims: &Dims,
+    [x, a, g]: [&[f64]; 3],
+    pad: usize,
+    (y0, dx0): (Option<&[f64]>, Option<&[f64]>),
+    dropout: Dropout,
+) {
+    let ld_x = dims.d_in() + pad;
+    let (y_ref, s_ref, gr) = ref_all(dims, x, a, g, y0, dx0, dropout);
+    let (y, s) = gpu_forward::<T>(gpu, dims, x, ld_x, a, y0, dropout);
+    assert_close::<T>("Y", name, &y, &y_ref);
+    assert_close::<f32>("S", name, &s, &s_ref);
+    for saved in [true, false] {
+        let saved_s = saved.then_some(&s[..]);
+        let grads = gpu_backward::<T>(gpu, dims, x, ld_x, a, g, saved_s, dx0, dropout);
+        let name = format!("{name} saved S {saved}");
+        assert_close::<T>("dX", &name, &grads.dx, &gr.dx);
+        assert_close::<f32>("dA", &name, &grads.da, &gr.da);
+    }
+}
 
 fn accuracy<T: DType>() {
     let Some(gpu) = gpu() else { return };
@@ -311,32 +325,18 @@ fn accuracy<T: DType>() {
         for p in [0.1, 0.5] {
             let dropout = Dropout::new(p, 1234 + k as u64, 99).unwrap();
             let name = format!("{} {tokens}x{d_in}->{d_out} r{rank} p {p}", T::NAME);
-            let (y_ref, s_ref, gr) = ref_all(&dims, &x, &a, &g, Some(&y0), Some(&dx0), dropout);
-            let (y, s) = gpu_forward::<T>(&gpu, &dims, &x, d_in + pad, &a, Some(&y0), dropout);
-            assert_close::<T>("Y", &name, &y, &y_ref);
-            assert_close::<f32>("S", &name, &s, &s_ref);
-            for saved in [true, false] {
-                let grads = gpu_backward::<T>(
-                    &gpu,
-                    &dims,
-                    &x,
-                    d_in + pad,
-                    &a,
-                    &g,
-                    saved.then_some(&s[..]),
-                    Some(&dx0),
-                    dropout,
-                );
-                let name = format!("{name} saved S {saved}");
-                assert_close::<T>("dX", &name, &grads.dx, &gr.dx);
-                assert_close::<f32>("dA", &name, &grads.da, &gr.da);
-            }
+            let starts = (Some(&y0[..]), Some(&dx0[..]));
+            check_pass::<T>(&gpu, &name, &dims, [&x, &a, &g], pad, starts, dropout);
         }
     }
 }
 
+// The typed tests: mask probes, accuracy and reproducibility per element
+// type (the keep rate and the layer below run bf16 only).
 typed_tests! {
+    mask_probes_f32, mask_probes_f16, mask_probes_bf16 => probes::<T>();
     accuracy_f32, accuracy_f16, accuracy_bf16 => accuracy::<T>();
+    reproducible_f32, reproducible_f16, reproducible_bf16 => reproducible::<T>();
 }
 
 // ---------------------------------------------------------------- keep rate
@@ -420,10 +420,6 @@ fn reproducible<T: DType>() {
     );
 }
 
-typed_tests! {
-    reproducible_f32, reproducible_f16, reproducible_bf16 => reproducible::<T>();
-}
-
 // ---------------------------------------------------------------- the layer
 
 #[test]
@@ -459,29 +455,17 @@ fn layer_dropout_offsets_and_eval_mode() {
         let ctx = layer.forward(tokens, &xd, &mut yd).unwrap();
         let d = ctx.dropout();
         assert_eq!((d.p(), d.seed(), d.offset()), (0.25, 999, want_offset));
-        let mut y_ref = y0.clone();
-        reference::forward(&dims, &x, &a, scale, 1.0, &mut y_ref, d).unwrap();
+        let (y_ref, _) = reference_forward_onto(&dims, [&x, &a], scale, (&y0, 1.0), d);
         assert_close::<T>("layer Y", "training", &download(&gpu, &yd), &y_ref);
 
         let mut dxd = upload::<T>(&gpu, &vec![0.0; tokens * d_in]);
         layer
             .backward(&ctx, &xd, &gd, Some(&mut dxd), false)
             .unwrap();
-        let mut dx_ref = vec![0.0; tokens * d_in];
-        let mut da_ref = vec![0.0; dims.a_len()];
-        reference::backward(
-            &dims,
-            &x,
-            &a,
-            &g,
-            scale,
-            1.0,
-            &mut dx_ref,
-            0.0,
-            &mut da_ref,
-            d,
-        )
-        .unwrap();
+        // The layer adds dX onto the zeros uploaded above and overwrites dA.
+        let zeros = (vec![0.0; tokens * d_in], vec![0.0; dims.a_len()]);
+        let starts = [(&zeros.0[..], 1.0), (&zeros.1[..], 0.0)];
+        let (dx_ref, da_ref) = reference_backward_onto(&dims, [&x, &g, &a], scale, starts, d);
         assert_close::<T>("layer dX", "training", &download(&gpu, &dxd), &dx_ref);
         assert_close::<f32>(
             "layer dA",
@@ -497,8 +481,7 @@ fn layer_dropout_offsets_and_eval_mode() {
     let ctx = layer.forward(tokens, &xd, &mut yd).unwrap();
     assert_eq!(ctx.dropout(), Dropout::NONE);
     assert_eq!(layer.dropout_offset(), 12, "eval mode consumes no offset");
-    let mut y_ref = y0.clone();
-    reference::forward(&dims, &x, &a, scale, 1.0, &mut y_ref, Dropout::NONE).unwrap();
+    let (y_ref, _) = reference_forward_onto(&dims, [&x, &a], scale, (&y0, 1.0), Dropout::NONE);
     assert_close::<T>("layer Y", "eval", &download(&gpu, &yd), &y_ref);
 }
 
@@ -547,37 +530,14 @@ fn refused_gpu_calls_write_nothing() {
     // A short x with dropout: refused, y and s untouched.
     let short = upload::<T>(&gpu, &[1.0; 31]);
     let d = Dropout::new(0.5, 1, 1).unwrap();
-    let e = forward(
-        &gpu.stream,
-        &dims,
-        &short,
-        8,
-        &a,
-        &mut y,
-        8,
-        Some(&mut s),
-        1.0,
-        0.0,
-        d,
-    )
-    .unwrap_err();
+    let run = |x: &CudaSlice<T>, y: &mut CudaSlice<T>, s: &mut CudaSlice<f32>| {
+        forward_dense(&gpu.stream, &dims, [x, &a], y, Some(s), (1.0, 0.0), d)
+    };
+    let e = run(&short, &mut y, &mut s).unwrap_err();
     assert_eq!(argument_named(&e), "x");
     assert!(download(&gpu, &y).iter().all(|v| v.is_nan()));
     assert!(download(&gpu, &s).iter().all(|v| v.is_nan()));
-    forward(
-        &gpu.stream,
-        &dims,
-        &x,
-        8,
-        &a,
-        &mut y,
-        8,
-        Some(&mut s),
-        1.0,
-        0.0,
-        d,
-    )
-    .unwrap();
+    run(&x, &mut y, &mut s).unwrap();
     assert!(download(&gpu, &y).iter().all(|v| v.is_finite()));
 }
 
@@ -601,25 +561,7 @@ fn sanitizer_dropout_forward_backward() {
             let g = nonzero::<T>(&mut r, tokens * d_out, 1.0);
             let dropout = Dropout::new(0.3, 5, k as u64).unwrap();
             let name = format!("{} sanitizer case {k}", T::NAME);
-            let (y_ref, s_ref, gr) = ref_all(&dims, &x, &a, &g, None, None, dropout);
-            let (y, s) = gpu_forward::<T>(gpu, &dims, &x, d_in + 3, &a, None, dropout);
-            assert_close::<T>("Y", &name, &y, &y_ref);
-            assert_close::<f32>("S", &name, &s, &s_ref);
-            for saved in [true, false] {
-                let grads = gpu_backward::<T>(
-                    gpu,
-                    &dims,
-                    &x,
-                    d_in + 3,
-                    &a,
-                    &g,
-                    saved.then_some(&s[..]),
-                    None,
-                    dropout,
-                );
-                assert_close::<T>("dX", &name, &grads.dx, &gr.dx);
-                assert_close::<f32>("dA", &name, &grads.da, &gr.da);
-            }
+            check_pass::<T>(gpu, &name, &dims, [&x, &a, &g], 3, (None, None), dropout);
         }
     }
     run::<f32>(&gpu);

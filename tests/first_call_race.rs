@@ -19,7 +19,7 @@ use common::*;
 use cudarc::driver::{CudaSlice, DevicePtr};
 use half::bf16;
 use singlora::ffi::{singlora_forward, singlora_last_error, SINGLORA_OK};
-use singlora::{forward, open_device, reference, DType, Dims, Error, Kernels};
+use singlora::{open_device, DType, Dims, Dropout, Error, Kernels};
 
 const THREADS: usize = 8;
 const SCALE: f32 = 0.75;
@@ -42,17 +42,7 @@ fn first_calls_race_for_the_primary_contexts_module() {
     let mut r = rng(3);
     let x = quantize::<bf16>(&randn(&mut r, tokens * d_in, 1.0));
     let a = quantize::<bf16>(&randn(&mut r, dims.a_len(), 1.0 / (d_in as f64).sqrt()));
-    let mut y_ref = vec![0.0; tokens * d_out];
-    reference::forward(
-        &dims,
-        &x,
-        &a,
-        SCALE as f64,
-        0.0,
-        &mut y_ref,
-        singlora::Dropout::NONE,
-    )
-    .unwrap();
+    let (y_ref, _) = reference_forward(&dims, [&x, &a], SCALE as f64, Dropout::NONE);
     let host = |v: &[f64]| -> Vec<bf16> { v.iter().map(|&e| bf16::from_f64(e)).collect() };
     let (x_host, a_host) = (host(&x), host(&a));
 
@@ -75,18 +65,14 @@ fn first_calls_race_for_the_primary_contexts_module() {
                         // primary context), its registry, then a launch.
                         let own = open_device(0).unwrap();
                         let k = Kernels::get(&own).unwrap();
-                        forward(
+                        forward_dense(
                             &stream,
                             &dims,
-                            &xd,
-                            d_in,
-                            &ad,
+                            [&xd, &ad],
                             &mut yd,
-                            d_out,
                             None,
-                            SCALE,
-                            0.0,
-                            singlora::Dropout::NONE,
+                            (SCALE, 0.0),
+                            Dropout::NONE,
                         )
                         .unwrap();
                         Some(k)

@@ -8,7 +8,7 @@ use common::*;
 use cudarc::driver::CudaSlice;
 use half::{bf16, f16};
 use singlora::kaiming_uniform;
-use singlora::{reference, AdamW, DType, Dims, Ramp, SingLoraLinear};
+use singlora::{reference, AdamW, DType, Dims, Dropout, Ramp, SingLoraLinear};
 
 const ALPHA: f64 = 12.0;
 const WARMUP: u64 = 4;
@@ -62,21 +62,13 @@ fn run_case<T: DType>(
         upload::<T>(gpu, &y0)
     };
     let ctx = layer.forward(tokens, &x_dev, &mut y_dev).unwrap();
-    let mut y_ref = if frozen {
+    let y_start = if frozen {
         base(&x, &w0, tokens, d_in, d_out)
     } else {
         y0.clone()
     };
-    let s_ref = reference::forward(
-        &dims,
-        &x,
-        &a,
-        scale,
-        1.0,
-        &mut y_ref,
-        singlora::Dropout::NONE,
-    )
-    .unwrap();
+    let (y_ref, s_ref) =
+        reference_forward_onto(&dims, [&x, &a], scale, (&y_start, 1.0), Dropout::NONE);
     assert_close::<T>("y", &name, &download(gpu, &y_dev), &y_ref);
     assert_close::<f32>("saved S", &name, &download(gpu, ctx.s().unwrap()), &s_ref);
 
@@ -88,25 +80,15 @@ fn run_case<T: DType>(
     layer
         .backward(&ctx, &x_dev, &g_dev, Some(&mut dx_dev), false)
         .unwrap();
-    let mut dx_ref = if frozen {
+    let dx_start = if frozen {
         base_dx(&g, &w0, tokens, d_in, d_out)
     } else {
         dx0.clone()
     };
-    let mut da_ref = vec![0.0; dims.a_len()];
-    reference::backward(
-        &dims,
-        &x,
-        &a,
-        &g,
-        scale,
-        1.0,
-        &mut dx_ref,
-        0.0,
-        &mut da_ref,
-        singlora::Dropout::NONE,
-    )
-    .unwrap();
+    // dX adds onto the frozen part, dA is overwritten.
+    let starts = [(&dx_start[..], 1.0), (&vec![0.0; dims.a_len()][..], 0.0)];
+    let (dx_ref, da_ref) =
+        reference_backward_onto(&dims, [&x, &g, &a], scale, starts, Dropout::NONE);
     assert_close::<T>("dx", &name, &download(gpu, &dx_dev), &dx_ref);
     assert_close::<T>("dA", &name, &download(gpu, layer.grad()), &da_ref);
 

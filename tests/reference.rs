@@ -12,7 +12,7 @@ use singlora::{reference, Dims, Dropout, Error, Ramp};
 
 mod common;
 
-use common::transpose;
+use common::{reference_grads, transpose};
 
 // ---------------------------------------------------------------- helpers
 
@@ -92,8 +92,7 @@ fn forward_matches_dense_delta_w() {
 
         // beta = 0 overwrites a NaN-poisoned output.
         let mut y = vec![f64::NAN; t * d_out];
-        let s =
-            reference::forward(&dm, &x, &a, scale, 0.0, &mut y, singlora::Dropout::NONE).unwrap();
+        let s = reference::forward(&dm, &x, &a, scale, 0.0, &mut y, Dropout::NONE).unwrap();
         let err = reference::relative_l2(&y, &want);
         assert!(err <= 1e-12, "{dm:?} beta=0: rel err {err}");
 
@@ -106,7 +105,7 @@ fn forward_matches_dense_delta_w() {
         // beta = 1 adds onto the frozen layer's output.
         let y_old = randn(&mut rng, t * d_out);
         let mut y = y_old.clone();
-        reference::forward(&dm, &x, &a, scale, 1.0, &mut y, singlora::Dropout::NONE).unwrap();
+        reference::forward(&dm, &x, &a, scale, 1.0, &mut y, Dropout::NONE).unwrap();
         let want1: Vec<f64> = want.iter().zip(&y_old).map(|(w, o)| w + o).collect();
         let err = reference::relative_l2(&y, &want1);
         assert!(err <= 1e-12, "{dm:?} beta=1: rel err {err}");
@@ -119,7 +118,7 @@ fn forward_zero_tokens_is_a_no_op() {
     let mut rng = StdRng::seed_from_u64(2);
     let a = rand_a(&mut rng, &dm);
     let mut y: Vec<f64> = vec![];
-    let s = reference::forward(&dm, &[], &a, 1.0, 1.0, &mut y, singlora::Dropout::NONE).unwrap();
+    let s = reference::forward(&dm, &[], &a, 1.0, 1.0, &mut y, Dropout::NONE).unwrap();
     assert!(s.is_empty());
 }
 
@@ -127,7 +126,7 @@ fn forward_zero_tokens_is_a_no_op() {
 fn longer_slices_use_only_their_prefix() {
     let (_, dm, x, a) = seeded(3, dims(3, 5, 8, 2));
     let mut y = vec![0.0; 3 * 8];
-    reference::forward(&dm, &x, &a, 1.5, 0.0, &mut y, singlora::Dropout::NONE).unwrap();
+    reference::forward(&dm, &x, &a, 1.5, 0.0, &mut y, Dropout::NONE).unwrap();
 
     let mut x_long = x.clone();
     x_long.extend_from_slice(&[7.0; 4]);
@@ -135,16 +134,7 @@ fn longer_slices_use_only_their_prefix() {
     a_long.extend_from_slice(&[9.0; 3]);
     let mut y_long = vec![0.0; 3 * 8 + 5];
     y_long[3 * 8..].fill(-1.0);
-    reference::forward(
-        &dm,
-        &x_long,
-        &a_long,
-        1.5,
-        0.0,
-        &mut y_long,
-        singlora::Dropout::NONE,
-    )
-    .unwrap();
+    reference::forward(&dm, &x_long, &a_long, 1.5, 0.0, &mut y_long, Dropout::NONE).unwrap();
     assert_eq!(&y_long[..3 * 8], &y[..]);
     assert!(
         y_long[3 * 8..].iter().all(|&v| v == -1.0),
@@ -332,39 +322,32 @@ fn backward_accumulates_and_overwrites_poison() {
         let g = randn(&mut rng, t * d_out);
         let scale = 0.5;
 
+        // One backward onto (dX, dA) with their betas.
+        let backward = |dx: &mut [f64], dx_beta: f64, da: &mut [f64], da_beta: f64| {
+            reference::backward(
+                &dm,
+                &x,
+                &a,
+                &g,
+                scale,
+                dx_beta,
+                dx,
+                da_beta,
+                da,
+                Dropout::NONE,
+            )
+            .unwrap();
+        };
+
         // beta = 0 on clean (zero) outputs ...
         let mut dx0 = vec![0.0; t * d_in];
         let mut da0 = vec![0.0; dm.a_len()];
-        reference::backward(
-            &dm,
-            &x,
-            &a,
-            &g,
-            scale,
-            0.0,
-            &mut dx0,
-            0.0,
-            &mut da0,
-            singlora::Dropout::NONE,
-        )
-        .unwrap();
+        backward(&mut dx0, 0.0, &mut da0, 0.0);
 
         // ... equals beta = 0 on NaN-poisoned outputs, bit for bit.
         let mut dx = vec![f64::NAN; t * d_in];
         let mut da = vec![f64::NAN; dm.a_len()];
-        reference::backward(
-            &dm,
-            &x,
-            &a,
-            &g,
-            scale,
-            0.0,
-            &mut dx,
-            0.0,
-            &mut da,
-            singlora::Dropout::NONE,
-        )
-        .unwrap();
+        backward(&mut dx, 0.0, &mut da, 0.0);
         assert!(dx.iter().chain(&da).all(|v| v.is_finite()));
         assert_eq!(dx, dx0);
         assert_eq!(da, da0);
@@ -373,19 +356,7 @@ fn backward_accumulates_and_overwrites_poison() {
         let dx_old = randn(&mut rng, t * d_in);
         let da_old = randn(&mut rng, dm.a_len());
         let (mut dx, mut da) = (dx_old.clone(), da_old.clone());
-        reference::backward(
-            &dm,
-            &x,
-            &a,
-            &g,
-            scale,
-            1.0,
-            &mut dx,
-            1.0,
-            &mut da,
-            singlora::Dropout::NONE,
-        )
-        .unwrap();
+        backward(&mut dx, 1.0, &mut da, 1.0);
         let dx_want: Vec<f64> = dx0.iter().zip(&dx_old).map(|(n, o)| o + n).collect();
         let da_want: Vec<f64> = da0.iter().zip(&da_old).map(|(n, o)| o + n).collect();
         assert_eq!(dx, dx_want);
@@ -393,19 +364,7 @@ fn backward_accumulates_and_overwrites_poison() {
 
         // The two betas are independent.
         let (mut dx, mut da) = (dx_old.clone(), vec![f64::NAN; dm.a_len()]);
-        reference::backward(
-            &dm,
-            &x,
-            &a,
-            &g,
-            scale,
-            1.0,
-            &mut dx,
-            0.0,
-            &mut da,
-            singlora::Dropout::NONE,
-        )
-        .unwrap();
+        backward(&mut dx, 1.0, &mut da, 0.0);
         assert_eq!(dx, dx_want);
         assert_eq!(da, da0);
     }
@@ -415,13 +374,13 @@ fn backward_accumulates_and_overwrites_poison() {
 fn forward_beta_zero_overwrites_poison_exactly() {
     let (mut rng, dm, x, a) = seeded(31, dims(3, 7, 12, 3));
     let mut y0 = vec![0.0; 3 * 12];
-    reference::forward(&dm, &x, &a, 2.0, 0.0, &mut y0, singlora::Dropout::NONE).unwrap();
+    reference::forward(&dm, &x, &a, 2.0, 0.0, &mut y0, Dropout::NONE).unwrap();
     let mut y = vec![f64::NAN; 3 * 12];
-    reference::forward(&dm, &x, &a, 2.0, 0.0, &mut y, singlora::Dropout::NONE).unwrap();
+    reference::forward(&dm, &x, &a, 2.0, 0.0, &mut y, Dropout::NONE).unwrap();
     assert_eq!(y, y0);
     let y_old = randn(&mut rng, 3 * 12);
     let mut y = y_old.clone();
-    reference::forward(&dm, &x, &a, 2.0, 1.0, &mut y, singlora::Dropout::NONE).unwrap();
+    reference::forward(&dm, &x, &a, 2.0, 1.0, &mut y, Dropout::NONE).unwrap();
     let want: Vec<f64> = y0.iter().zip(&y_old).map(|(n, o)| o + n).collect();
     assert_eq!(y, want);
 }
@@ -441,21 +400,7 @@ fn backward_square_identity() {
         let m: Vec<f64> = gtx.iter().zip(&xtg).map(|(p, q)| p + q).collect();
         let want: Vec<f64> = matmul(&m, &a, d, d, r).iter().map(|v| scale * v).collect();
 
-        let mut dx = vec![0.0; t * d];
-        let mut da = vec![0.0; dm.a_len()];
-        reference::backward(
-            &dm,
-            &x,
-            &a,
-            &g,
-            scale,
-            0.0,
-            &mut dx,
-            0.0,
-            &mut da,
-            singlora::Dropout::NONE,
-        )
-        .unwrap();
+        let (_, da) = reference_grads(&dm, [&x, &g, &a], scale, Dropout::NONE);
         let err = reference::relative_l2(&da, &want);
         assert!(err <= 1e-12, "{dm:?}: rel err {err}");
     }
@@ -549,39 +494,16 @@ fn forward_rejects_short_slices_without_writing() {
     let (mut rng, dm, x, a) = seeded(50, dims(3, 5, 9, 2));
     let y0 = randn(&mut rng, 3 * 9);
 
+    let forward = |x: &[f64], a: &[f64], y: &mut [f64]| {
+        reference::forward(&dm, x, a, 1.0, 0.0, y, Dropout::NONE)
+    };
+
     let mut y = y0.clone();
-    let r = reference::forward(
-        &dm,
-        &x[..x.len() - 1],
-        &a,
-        1.0,
-        0.0,
-        &mut y,
-        singlora::Dropout::NONE,
-    );
-    assert_too_small(r, "x", x.len());
+    assert_too_small(forward(&x[..x.len() - 1], &a, &mut y), "x", x.len());
     assert_eq!(y, y0);
-    let r = reference::forward(
-        &dm,
-        &x,
-        &a[..a.len() - 1],
-        1.0,
-        0.0,
-        &mut y,
-        singlora::Dropout::NONE,
-    );
-    assert_too_small(r, "a", a.len());
+    assert_too_small(forward(&x, &a[..a.len() - 1], &mut y), "a", a.len());
     assert_eq!(y, y0);
-    let r = reference::forward(
-        &dm,
-        &x,
-        &a,
-        1.0,
-        0.0,
-        &mut y[..3 * 9 - 1],
-        singlora::Dropout::NONE,
-    );
-    assert_too_small(r, "y", 3 * 9);
+    assert_too_small(forward(&x, &a, &mut y[..3 * 9 - 1]), "y", 3 * 9);
     assert_eq!(y, y0);
 
     // Invalid dims cannot be built, so they never reach the reference.
@@ -602,71 +524,20 @@ fn backward_rejects_short_slices_without_writing() {
     let (nx, na, ng) = (x.len(), a.len(), g.len());
     let (ndx, nda) = (dx.len(), da.len());
 
-    let r = reference::backward(
-        &dm,
-        &x[..nx - 1],
-        &a,
-        &g,
-        1.0,
-        0.0,
-        &mut dx,
-        0.0,
-        &mut da,
-        singlora::Dropout::NONE,
-    );
+    let backward = |x: &[f64], a: &[f64], g: &[f64], dx: &mut [f64], da: &mut [f64]| {
+        reference::backward(&dm, x, a, g, 1.0, 0.0, dx, 0.0, da, Dropout::NONE)
+    };
+
+    let r = backward(&x[..nx - 1], &a, &g, &mut dx, &mut da);
     assert_too_small(r, "x", nx);
-    let r = reference::backward(
-        &dm,
-        &x,
-        &a[..na - 1],
-        &g,
-        1.0,
-        0.0,
-        &mut dx,
-        0.0,
-        &mut da,
-        singlora::Dropout::NONE,
-    );
+    let r = backward(&x, &a[..na - 1], &g, &mut dx, &mut da);
     assert_too_small(r, "a", na);
-    let r = reference::backward(
-        &dm,
-        &x,
-        &a,
-        &g[..ng - 1],
-        1.0,
-        0.0,
-        &mut dx,
-        0.0,
-        &mut da,
-        singlora::Dropout::NONE,
-    );
+    let r = backward(&x, &a, &g[..ng - 1], &mut dx, &mut da);
     assert_too_small(r, "g", ng);
-    let r = reference::backward(
-        &dm,
-        &x,
-        &a,
-        &g,
-        1.0,
-        0.0,
-        &mut dx[..ndx - 1],
-        0.0,
-        &mut da,
-        singlora::Dropout::NONE,
-    );
+    let r = backward(&x, &a, &g, &mut dx[..ndx - 1], &mut da);
     assert_too_small(r, "dx", ndx);
     assert_eq!(da, da0, "da written although dx was refused");
-    let r = reference::backward(
-        &dm,
-        &x,
-        &a,
-        &g,
-        1.0,
-        0.0,
-        &mut dx,
-        0.0,
-        &mut da[..nda - 1],
-        singlora::Dropout::NONE,
-    );
+    let r = backward(&x, &a, &g, &mut dx, &mut da[..nda - 1]);
     assert_too_small(r, "da", nda);
     assert_eq!(dx, dx0, "dx written although da was refused");
     assert_eq!(da, da0);

@@ -12,7 +12,7 @@ mod common;
 use common::*;
 use half::{bf16, f16};
 use singlora::runtime::registry::SMEM_LIMIT_ENV;
-use singlora::{DType, Dims, Kernels};
+use singlora::{DType, Dims, Dropout, Kernels};
 
 /// What sm_86 and sm_89 grant per block.
 const LIMIT: u32 = singlora::params::SINGLORA_SMALL_SMEM_BYTES;
@@ -29,7 +29,7 @@ fn bucket(rank: usize) -> usize {
         .unwrap()
 }
 
-fn case<T: DType>(gpu: &Gpu, rank: usize, seed: u64, dropout: singlora::Dropout) -> bool {
+fn case<T: DType>(gpu: &Gpu, rank: usize, seed: u64, dropout: Dropout) -> bool {
     let (tokens, d_in, d_out) = (150, 200, 136);
     let dims = Dims::new(tokens, d_in, d_out, rank).unwrap();
     let name = format!("{} rank {rank} dropout {}", T::NAME, dropout.p());
@@ -38,26 +38,11 @@ fn case<T: DType>(gpu: &Gpu, rank: usize, seed: u64, dropout: singlora::Dropout)
     let a = quantize::<T>(&randn(&mut r, dims.a_len(), 1.0 / (rank as f64).sqrt()));
     let g = quantize::<T>(&randn(&mut r, tokens * d_out, 1.0));
     let scale = 0.75;
-    let (x_d, a_d, g_d) = (
-        upload::<T>(gpu, &x),
-        upload::<T>(gpu, &a),
-        upload::<T>(gpu, &g),
-    );
-
     // Forward with beta = 0 (Y is the adapter term itself), backward with
     // dx_beta = da_beta = 0 (dX and dA are the gradient terms), outputs
     // poisoned first.
-    let mut out = PassBufs::<T>::new(&gpu.stream, &dims, f64::NAN, true);
-    out.run(
-        &gpu.stream,
-        &dims,
-        [&x_d, &g_d, &a_d],
-        scale,
-        0.0,
-        true,
-        dropout,
-    );
-    let got = out.read(&gpu.stream, &dims);
+    let xga = [&x[..], &g, &a];
+    let got = gpu_pass::<T>(&gpu.stream, &dims, xga, (f64::NAN, true), scale, dropout);
     let y0 = vec![0.0; tokens * d_out];
     let want = reference_pass(&dims, [&x, &g, &a], scale as f64, (&y0, 0.0), dropout);
     assert_close::<T>("y", &name, &got.y, &want.y);
@@ -79,9 +64,9 @@ fn every_rank_runs_within_99_kib_and_matches_the_reference() {
     let Some(gpu) = gpu_with_limit() else { return };
     let mut small = 0;
     for (i, rank) in [16, 48, 100, 200].into_iter().enumerate() {
-        small += case::<f32>(&gpu, rank, 10 + i as u64, singlora::Dropout::NONE) as usize;
-        small += case::<f16>(&gpu, rank, 20 + i as u64, singlora::Dropout::NONE) as usize;
-        small += case::<bf16>(&gpu, rank, 30 + i as u64, singlora::Dropout::NONE) as usize;
+        small += case::<f32>(&gpu, rank, 10 + i as u64, Dropout::NONE) as usize;
+        small += case::<f16>(&gpu, rank, 20 + i as u64, Dropout::NONE) as usize;
+        small += case::<bf16>(&gpu, rank, 30 + i as u64, Dropout::NONE) as usize;
     }
     // Ranks 100 and 200 (buckets 128 and 256) need the small dA kernel in
     // every element type: the small configurations really ran.

@@ -17,6 +17,7 @@ use cudarc::driver::{
 use half::bf16;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use singlora::Dropout;
 
 /// The hidden size of the forward and backward benchmarks.
 pub const D: usize = 4096;
@@ -269,6 +270,22 @@ impl<'a> Bench<'a> {
             copy_bw: self.copy_bw,
             peer: self.peer,
             peer_s,
+        });
+    }
+
+    /// [`compare`](Self::compare) of one launch with `dropout` (ours)
+    /// against the same launch without it (the peer).
+    pub fn compare_dropout(
+        &mut self,
+        shape: (String, f64),
+        dropout: Dropout,
+        mut launch: impl FnMut(Dropout),
+    ) {
+        self.compare(shape, |side| {
+            launch(match side {
+                Side::Ours => dropout,
+                Side::Peer => Dropout::NONE,
+            })
         });
     }
 

@@ -2,7 +2,8 @@
 //! NaN poisoning, matrices placed at chosen strides and offsets, and
 //! comparison against the f64 reference: relative L2 and per-element bounds
 //! (bounds.rs); tables of cases run per element type (cases.rs); one dense
-//! forward + backward and its reference, as a whole (pass.rs); the C ABI's
+//! forward + backward and its reference, as a whole (pass.rs); the f64
+//! reference's forward, backward, S and Q as values (host.rs); the C ABI's
 //! calls as structs (capi.rs); the frozen layer's products on the host
 //! (frozen.rs).
 #![allow(dead_code)]
@@ -11,6 +12,7 @@ pub mod bounds;
 pub mod capi;
 pub mod cases;
 pub mod frozen;
+pub mod host;
 pub mod pass;
 
 #[allow(unused_imports)]
@@ -19,6 +21,8 @@ pub use bounds::*;
 pub use cases::*;
 #[allow(unused_imports)]
 pub use frozen::*;
+#[allow(unused_imports)]
+pub use host::*;
 #[allow(unused_imports)]
 pub use pass::*;
 

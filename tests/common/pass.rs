@@ -5,10 +5,64 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::{CudaSlice, CudaStream};
-use singlora::{backward, backward_workspace_len, forward, reference, DType, Dims, Dropout, DxOut};
+use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
+use singlora::{backward, backward_workspace_len, forward, DType, Dims, Dropout, DxOut, Error};
 
-use super::{download_on, poisoned_on, upload_on};
+use super::{
+    download_on, poisoned_on, reference_forward_onto, reference_grads, reference_q, upload_on,
+};
+
+/// The forward on dense rows (row strides d_in and d_out): Y ← y_beta·Y +
+/// scale·X·A[:d_in]·A[:d_out]ᵀ, S into `s` where given.
+pub fn forward_dense<T: DType>(
+    stream: &Arc<CudaStream>,
+    dims: &Dims,
+    [x, a]: [&CudaSlice<T>; 2],
+    y: &mut CudaSlice<T>,
+    s: Option<&mut CudaSlice<f32>>,
+    (scale, y_beta): (f32, f32),
+    dropout: Dropout,
+) -> Result<(), Error> {
+    let (d_in, d_out) = (dims.d_in(), dims.d_out());
+    let s = s.map(|s| s as &mut dyn DevicePtrMut<f32>);
+    forward(
+        stream, dims, x, d_in, a, y, d_out, s, scale, y_beta, dropout,
+    )
+}
+
+/// The backward on dense rows into dX and dA (betas 0), from the saved `s`
+/// where given, else recomputing S, with workspace `ws`.
+pub fn backward_dense<T: DType>(
+    stream: &Arc<CudaStream>,
+    dims: &Dims,
+    [x, g, a]: [&CudaSlice<T>; 3],
+    s: Option<&CudaSlice<f32>>,
+    scale: f32,
+    (dx, da, ws): (&mut CudaSlice<T>, &mut CudaSlice<f32>, &mut CudaSlice<f32>),
+    dropout: Dropout,
+) -> Result<(), Error> {
+    let (d_in, d_out) = (dims.d_in(), dims.d_out());
+    backward(
+        stream,
+        dims,
+        x,
+        d_in,
+        g,
+        d_out,
+        a,
+        s.map(|s| s as &dyn DevicePtr<f32>),
+        scale,
+        Some(DxOut {
+            dx,
+            ld_dx: d_in,
+            beta: 0.0,
+        }),
+        da,
+        0.0,
+        ws,
+        dropout,
+    )
+}
 
 /// A pass's five outputs on the host: Y, S, Q (G·A[:d_out], the first
 /// `s_len` elements of the backward's workspace), dX, dA.
@@ -72,42 +126,11 @@ impl<T: DType> PassBufs<T> {
         saved_s: bool,
         dropout: Dropout,
     ) {
-        let (d_in, d_out) = (dims.d_in(), dims.d_out());
-        forward(
-            stream,
-            dims,
-            x,
-            d_in,
-            a,
-            &mut self.y,
-            d_out,
-            Some(&mut self.s),
-            scale,
-            y_beta,
-            dropout,
-        )
-        .unwrap();
-        backward(
-            stream,
-            dims,
-            x,
-            d_in,
-            g,
-            d_out,
-            a,
-            if saved_s { Some(&self.s) } else { None },
-            scale,
-            Some(DxOut {
-                dx: &mut self.dx,
-                ld_dx: d_in,
-                beta: 0.0,
-            }),
-            &mut self.da,
-            0.0,
-            &mut self.ws,
-            dropout,
-        )
-        .unwrap();
+        let (y, s) = (&mut self.y, Some(&mut self.s));
+        forward_dense(stream, dims, [x, a], y, s, (scale, y_beta), dropout).unwrap();
+        let s = saved_s.then_some(&self.s);
+        let outs = (&mut self.dx, &mut self.da, &mut self.ws);
+        backward_dense(stream, dims, [x, g, a], s, scale, outs, dropout).unwrap();
     }
 
     /// The outputs, read back (synchronises).
@@ -122,6 +145,23 @@ impl<T: DType> PassBufs<T> {
     }
 }
 
+/// One pass on host inputs: X, G and A uploaded as T, [`PassBufs::run`]
+/// with Y's beta 0 on outputs that start as `start` (NaN: poisoned), read
+/// back.
+pub fn gpu_pass<T: DType>(
+    stream: &Arc<CudaStream>,
+    dims: &Dims,
+    [x, g, a]: [&[f64]; 3],
+    (start, saved_s): (f64, bool),
+    scale: f32,
+    dropout: Dropout,
+) -> Pass {
+    let [xd, gd, ad] = [x, g, a].map(|v| upload_on::<T>(stream, v));
+    let mut out = PassBufs::<T>::new(stream, dims, start, saved_s);
+    out.run(stream, dims, [&xd, &gd, &ad], scale, 0.0, saved_s, dropout);
+    out.read(stream, dims)
+}
+
 /// The f64 reference of a pass over `x`, `g` and `a`: Y from `y0` (Y's
 /// start, used where `y_beta` ≠ 0), S, Q, and dX and dA overwritten, with
 /// `dropout` (Q = G·A[:d_out] has none).
@@ -132,15 +172,8 @@ pub fn reference_pass(
     (y0, y_beta): (&[f64], f64),
     dropout: Dropout,
 ) -> Pass {
-    let (tokens, d_in, d_out, rank) = (dims.tokens(), dims.d_in(), dims.d_out(), dims.rank());
-    let mut y = y0.to_vec();
-    let s = reference::forward(dims, x, a, scale, y_beta, &mut y, dropout).unwrap();
-    let mut dx = vec![0.0; tokens * d_in];
-    let mut da = vec![0.0; dims.a_len()];
-    reference::backward(dims, x, a, g, scale, 0.0, &mut dx, 0.0, &mut da, dropout).unwrap();
-    // Q = G·A[:d_out] is the shrink of the swapped shape.
-    let swapped = Dims::new(tokens, d_out, d_in, rank).unwrap();
-    let mut unused = vec![0.0; tokens * d_in];
-    let q = reference::forward(&swapped, g, a, 0.0, 0.0, &mut unused, Dropout::NONE).unwrap();
+    let (y, s) = reference_forward_onto(dims, [x, a], scale, (y0, y_beta), dropout);
+    let (dx, da) = reference_grads(dims, [x, g, a], scale, dropout);
+    let q = reference_q(dims, g, a);
     Pass { y, s, q, dx, da }
 }

@@ -28,8 +28,8 @@ use singlora::ffi::{
     singlora_backward_workspace_size, SINGLORA_ERROR_INVALID_ARGUMENT, SINGLORA_OK,
 };
 use singlora::{
-    backward, backward_workspace_len, fill_bits, forward, merge, mse, mse_loss, reference, DType,
-    Dims, DxOut, Error, MSE_PARTIALS,
+    backward_workspace_len, fill_bits, merge, mse, mse_loss, DType, Dims, Dropout, Error,
+    MSE_PARTIALS,
 };
 
 /// Rows per period of the inputs.
@@ -92,6 +92,22 @@ fn nans<T: DType>(gpu: &Gpu, n: usize) -> CudaSlice<T> {
     let mut d = unsafe { gpu.stream.alloc::<T>(n) }.unwrap();
     fill_bits(&gpu.stream, &mut d, T::NAN_BITS).unwrap();
     d
+}
+
+/// The backward of dense rows into NaN-poisoned dX and dA (betas 0), from
+/// the saved `s` where given, with workspace `ws`: (dX, dA).
+fn dense_backward<T: DType>(
+    gpu: &Gpu,
+    dims: &Dims,
+    xga: [&CudaSlice<T>; 3],
+    s: Option<&CudaSlice<f32>>,
+    ws: &mut CudaSlice<f32>,
+) -> (CudaSlice<T>, CudaSlice<f32>) {
+    let mut dx = nans::<T>(gpu, dims.tokens() * dims.d_in());
+    let mut da = nans::<f32>(gpu, dims.a_len());
+    let outs = (&mut dx, &mut da, ws);
+    backward_dense(&gpu.stream, dims, xga, s, SCALE, outs, Dropout::NONE).unwrap();
+    (dx, da)
 }
 
 /// Row `t` (`cols` elements at `t·ld`) of a device matrix.
@@ -173,42 +189,14 @@ fn copies(tokens: usize, p: usize) -> f64 {
     (tokens / P + usize::from(p < tokens % P)) as f64
 }
 
-/// The reference of one period: S, Y (beta 0), Q, dX (beta 0), and dA over
+/// The reference of one period: Y (beta 0), S, Q, dX (beta 0), and dA over
 /// all `tokens` rows (period rows weighted by their copies).
-struct PeriodRef {
-    s: Vec<f64>,
-    y: Vec<f64>,
-    q: Vec<f64>,
-    dx: Vec<f64>,
-    da: Vec<f64>,
-}
-
-fn period_reference(dims: &Dims, x: &[f64], g: &[f64], a: &[f64]) -> PeriodRef {
+fn period_reference(dims: &Dims, x: &[f64], g: &[f64], a: &[f64]) -> Pass {
     let (d_in, d_out, rank) = (dims.d_in(), dims.d_out(), dims.rank());
     let pd = Dims::new(P, d_in, d_out, rank).unwrap();
-    let mut y = vec![0.0; P * d_out];
-    let s = reference::forward(
-        &pd,
-        x,
-        a,
-        SCALE as f64,
-        0.0,
-        &mut y,
-        singlora::Dropout::NONE,
-    )
-    .unwrap();
-    let swapped = Dims::new(P, d_out, d_in, rank).unwrap();
-    let mut dx = vec![0.0; P * d_in];
-    let q = reference::forward(
-        &swapped,
-        g,
-        a,
-        SCALE as f64,
-        0.0,
-        &mut dx,
-        singlora::Dropout::NONE,
-    )
-    .unwrap();
+    let (y, s) = reference_forward(&pd, [x, a], SCALE as f64, Dropout::NONE);
+    // The swapped shape's forward of G: its shrink is Q, its output dX.
+    let (dx, q) = reference_forward(&swapped(&pd), [g, a], SCALE as f64, Dropout::NONE);
     let mut da = vec![0.0; dims.a_len()];
     for p in 0..P {
         let n = copies(dims.tokens(), p) * SCALE as f64;
@@ -224,7 +212,7 @@ fn period_reference(dims: &Dims, x: &[f64], g: &[f64], a: &[f64]) -> PeriodRef {
             }
         }
     }
-    PeriodRef { s, y, q, dx, da }
+    Pass { y, s, q, dx, da }
 }
 
 /// Spot rows of a device output against the period reference, each at T's
@@ -263,18 +251,14 @@ fn forward_backward<T: DType>(gpu: &Gpu, dims: &Dims, seed: u64, with_backward: 
     let mut s = nans::<f32>(gpu, dims.s_len());
     {
         let mut y = nans::<T>(gpu, tokens * d_out);
-        forward(
+        forward_dense(
             &gpu.stream,
             dims,
-            &x,
-            d_in,
-            &a,
+            [&x, &a],
             &mut y,
-            d_out,
             Some(&mut s),
-            SCALE,
-            0.0,
-            singlora::Dropout::NONE,
+            (SCALE, 0.0),
+            Dropout::NONE,
         )
         .unwrap();
         assert_finite_everywhere(gpu, "Y", &y, tokens, d_out);
@@ -285,30 +269,8 @@ fn forward_backward<T: DType>(gpu: &Gpu, dims: &Dims, seed: u64, with_backward: 
         return;
     }
     let g = periodic::<T>(gpu, &gp, d_out, tokens);
-    let mut dx = nans::<T>(gpu, tokens * d_in);
-    let mut da = nans::<f32>(gpu, dims.a_len());
     let mut ws = nans::<f32>(gpu, backward_workspace_len(dims, true).unwrap());
-    backward(
-        &gpu.stream,
-        dims,
-        &x,
-        d_in,
-        &g,
-        d_out,
-        &a,
-        Some(&s),
-        SCALE,
-        Some(DxOut {
-            dx: &mut dx,
-            ld_dx: d_in,
-            beta: 0.0,
-        }),
-        &mut da,
-        0.0,
-        &mut ws,
-        singlora::Dropout::NONE,
-    )
-    .unwrap();
+    let (dx, da) = dense_backward(gpu, dims, [&x, &g, &a], Some(&s), &mut ws);
     assert_finite_everywhere(gpu, "dX", &dx, tokens, d_in);
     check_rows::<T, T>(gpu, "dX", &dx, tokens, d_in, &want.dx, d_in * elem);
     let q = ws.slice(0..dims.s_len());
@@ -378,30 +340,8 @@ fn backward_with_a_workspace_over_4_gib() {
         let x = periodic::<bf16>(gpu, &xp, 256, tokens);
         let g = periodic::<bf16>(gpu, &gp, 256, tokens);
         let a = upload::<bf16>(gpu, &ap);
-        let mut dx = nans::<bf16>(gpu, tokens * 256);
-        let mut da = nans::<f32>(gpu, dims.a_len());
         let mut ws = nans::<f32>(gpu, ws_len);
-        backward(
-            &gpu.stream,
-            &dims,
-            &x,
-            256,
-            &g,
-            256,
-            &a,
-            None,
-            SCALE,
-            Some(DxOut {
-                dx: &mut dx,
-                ld_dx: 256,
-                beta: 0.0,
-            }),
-            &mut da,
-            0.0,
-            &mut ws,
-            singlora::Dropout::NONE,
-        )
-        .unwrap();
+        let (dx, da) = dense_backward(gpu, &dims, [&x, &g, &a], None, &mut ws);
         assert_finite_everywhere(gpu, "dX", &dx, tokens, 256);
         check_rows::<bf16, bf16>(gpu, "dX", &dx, tokens, 256, &want.dx, 512);
         // Q: rows of 1 KiB; element 2³¹ at row 2²³, byte 2³² at row 2²².
@@ -557,52 +497,23 @@ fn period_reference_is_the_whole_matrix_reference() {
             .collect()
     };
     let (x, g) = (whole(&xp, d_in), whole(&gp, d_out));
-    let mut y = vec![0.0; tokens * d_out];
-    let s = reference::forward(
+    let zeros = vec![0.0; tokens * d_out];
+    let whole_ref = reference_pass(
         &dims,
-        &x,
-        &ap,
+        [&x, &g, &ap],
         SCALE as f64,
-        0.0,
-        &mut y,
-        singlora::Dropout::NONE,
-    )
-    .unwrap();
-    let mut dx = vec![0.0; tokens * d_in];
-    let mut da = vec![0.0; dims.a_len()];
-    reference::backward(
-        &dims,
-        &x,
-        &ap,
-        &g,
-        SCALE as f64,
-        0.0,
-        &mut dx,
-        0.0,
-        &mut da,
-        singlora::Dropout::NONE,
-    )
-    .unwrap();
+        (&zeros, 0.0),
+        Dropout::NONE,
+    );
     let same = |what: &str, got: &[f64], want: &[f64]| {
         let err = rel_l2(got, want);
         assert!(err < 1e-12, "{what}: {err:e}");
     };
-    same("Y", &y, &whole(&want.y, d_out));
-    same("S", &s, &whole(&want.s, rank));
-    same("dX", &dx, &whole(&want.dx, d_in));
-    same("dA", &da, &want.da);
-    let swapped = Dims::new(tokens, d_out, d_in, rank).unwrap();
-    let q = reference::forward(
-        &swapped,
-        &g,
-        &ap,
-        0.0,
-        0.0,
-        &mut vec![0.0; tokens * d_in],
-        singlora::Dropout::NONE,
-    )
-    .unwrap();
-    same("Q", &q, &whole(&want.q, rank));
+    same("Y", &whole_ref.y, &whole(&want.y, d_out));
+    same("S", &whole_ref.s, &whole(&want.s, rank));
+    same("dX", &whole_ref.dx, &whole(&want.dx, d_in));
+    same("dA", &whole_ref.da, &want.da);
+    same("Q", &whole_ref.q, &whole(&want.q, rank));
 
     let rows = (1usize << 23) + 37;
     let v = spot_rows(rows, 256, 1024);

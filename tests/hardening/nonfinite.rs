@@ -223,22 +223,15 @@ fn run_case<T: DType>(gpu: &Gpu, c: Case, seed: u64, saved_s: bool) {
 
     // Every output starts finite (beta = 0 never reads Y); the backward
     // from the forward's S, or recomputing it.
-    let (xd, gd, ad) = (
-        upload::<T>(gpu, &x_bad),
-        upload::<T>(gpu, &g_bad),
-        upload::<T>(gpu, &a),
-    );
-    let mut out = PassBufs::<T>::new(&gpu.stream, &dims, START, saved_s);
-    out.run(
+    let xga = [&x_bad[..], &g_bad, &a];
+    let got = gpu_pass::<T>(
         &gpu.stream,
         &dims,
-        [&xd, &gd, &ad],
+        xga,
+        (START, saved_s),
         SCALE,
-        0.0,
-        saved_s,
         Dropout::NONE,
     );
-    let got = out.read(&gpu.stream, &dims);
     assert_patterns(&name, &c, got.all());
 
     let x_row_bad = |t: usize| c.x_row_bad(t);
@@ -393,22 +386,15 @@ fn f16_inputs_near_65504_do_not_overflow_s_or_q() {
             "{name}: Y and dX must fit f16"
         );
 
-        let (xd, gd, ad) = (
-            upload::<f16>(&gpu, &x),
-            upload::<f16>(&gpu, &g),
-            upload::<f16>(&gpu, &a),
-        );
-        let mut out = PassBufs::<f16>::new(&gpu.stream, &dims, f64::NAN, true);
-        out.run(
+        let xga = [&x[..], &g, &a];
+        let got = gpu_pass::<f16>(
             &gpu.stream,
             &dims,
-            [&xd, &gd, &ad],
+            xga,
+            (f64::NAN, true),
             scale,
-            0.0,
-            true,
             Dropout::NONE,
         );
-        let got = out.read(&gpu.stream, &dims);
         // relative_l2 is infinite when any element is non-finite.
         let names = ["Y", "S", "Q", "dX", "dA"];
         for ((what, got), want) in names.into_iter().zip(got.all()).zip(want.all()) {

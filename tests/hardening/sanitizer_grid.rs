@@ -38,8 +38,8 @@ use crate::common::*;
 use half::{bf16, f16};
 use singlora::{
     adamw, adamw_device_step, advance_step, backward, backward_workspace_len, kernel_names, merge,
-    merge_with, mse, mse_loss, reference, unmerge, AdamW, AdamWState, DType, Dims, DxOut, Kernels,
-    MergeKernel, Scale, MSE_PARTIALS, RANK_BUCKETS,
+    merge_with, mse, mse_loss, reference, unmerge, AdamW, AdamWState, DType, Dims, Dropout, DxOut,
+    Kernels, MergeKernel, Scale, MSE_PARTIALS, RANK_BUCKETS,
 };
 
 /// One rank per bucket (32, 64, 128, 256).
@@ -192,31 +192,10 @@ fn run_case<T: DType>(gpu: &Gpu, c: Case, rank: usize, seed: u64) {
     let dx0 = quantize::<T>(&randn(&mut r, c.tokens * c.d_in, 1.0));
     let da0 = quantize::<f32>(&randn(&mut r, dims.a_len(), 1.0));
     let b = c.beta as f64;
-    let mut y_ref = y0.clone();
-    let s_ref = reference::forward(
-        &dims,
-        &x,
-        &a,
-        s as f64,
-        b,
-        &mut y_ref,
-        singlora::Dropout::NONE,
-    )
-    .unwrap();
-    let (mut dx_ref, mut da_ref) = (dx0.clone(), da0.clone());
-    reference::backward(
-        &dims,
-        &x,
-        &a,
-        &g,
-        s as f64,
-        b,
-        &mut dx_ref,
-        b,
-        &mut da_ref,
-        singlora::Dropout::NONE,
-    )
-    .unwrap();
+    let (y_ref, s_ref) = reference_forward_onto(&dims, [&x, &a], s as f64, (&y0, b), Dropout::NONE);
+    let starts = [(&dx0[..], b), (&da0[..], b)];
+    let (dx_ref, da_ref) =
+        reference_backward_onto(&dims, [&x, &g, &a], s as f64, starts, Dropout::NONE);
 
     let scale_f32 = upload_f32(gpu, &[s as f64]);
     let step = gpu.stream.clone_htod(&[STEP]).unwrap();
@@ -271,7 +250,7 @@ fn run_case<T: DType>(gpu: &Gpu, c: Case, rank: usize, seed: u64) {
             &mut dad.view_mut(),
             c.beta,
             &mut ws,
-            singlora::Dropout::NONE,
+            Dropout::NONE,
         )
         .unwrap();
     }
