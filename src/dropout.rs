@@ -18,6 +18,8 @@
 //! and checks this one against Random123's known-answer vectors), so the
 //! f64 reference ([`crate::reference`]) computes bitwise the kernels' mask.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use crate::error::{Error, Result};
 use crate::params::singlora_dropout;
 
@@ -294,5 +296,92 @@ mod tests {
         }
         let d = Dropout::new(0.5, 9, 0).unwrap();
         assert_ne!(d.mask(16, 16), d.at_offset(1).mask(16, 16));
+    }
+}
+
+/// A layer's adapter dropout over a run: the probability, the masks' seed,
+/// the offset the next training-mode forward takes, and training or eval
+/// mode. Each training-mode forward draws its [`Dropout`] with
+/// [`next`](Self::next) (the offset advances once; atomically, because a
+/// layer's forward takes `&self`); eval mode draws [`Dropout::NONE`] and no
+/// offset. [`crate::SingLoraLinear`] and singlora-candle's layer keep one.
+#[derive(Debug)]
+pub struct DropoutSchedule {
+    p: f64,
+    seed: u64,
+    offset: AtomicU64,
+    training: bool,
+}
+
+impl DropoutSchedule {
+    /// No dropout (p = 0), masks keyed by `seed` from offset 0, training
+    /// mode.
+    pub fn new(seed: u64) -> Self {
+        Self {
+            p: 0.0,
+            seed,
+            offset: AtomicU64::new(0),
+            training: true,
+        }
+    }
+
+    /// Sets the probability; refused (naming `p`, nothing changed) outside
+    /// `[0, 1)` or not finite.
+    pub fn set_p(&mut self, p: f64) -> Result<()> {
+        check_p("p", p)?;
+        self.p = p;
+        Ok(())
+    }
+
+    /// The drop probability.
+    pub fn p(&self) -> f64 {
+        self.p
+    }
+
+    /// Sets the masks' seed and restarts the offset at `offset` (to resume a
+    /// run: the same seed, the offset reached).
+    pub fn set_seed(&mut self, seed: u64, offset: u64) {
+        self.seed = seed;
+        *self.offset.get_mut() = offset;
+    }
+
+    pub fn seed(&self) -> u64 {
+        self.seed
+    }
+
+    /// The offset the next training-mode forward takes.
+    pub fn offset(&self) -> u64 {
+        self.offset.load(Ordering::Relaxed)
+    }
+
+    /// Training mode (dropout on, the default) or eval mode (no dropout).
+    pub fn set_training(&mut self, training: bool) {
+        self.training = training;
+    }
+
+    pub fn is_training(&self) -> bool {
+        self.training
+    }
+
+    /// The dropout of a forward in training (`train`, taking the next
+    /// offset) or eval mode ([`Dropout::NONE`], no offset taken).
+    pub fn next(&self, train: bool) -> Result<Dropout> {
+        if !train {
+            return Ok(Dropout::NONE);
+        }
+        let offset = self.offset.fetch_add(1, Ordering::Relaxed);
+        Dropout::new(self.p, self.seed, offset)
+    }
+
+    /// Gives back the offset of `taken` (a forward that was then refused),
+    /// unless another forward has taken the next one meanwhile.
+    pub fn give_back(&self, taken: Dropout) {
+        let offset = taken.offset();
+        let _ = self.offset.compare_exchange(
+            offset.wrapping_add(1),
+            offset,
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+        );
     }
 }

@@ -35,7 +35,7 @@ pub mod reference;
 pub mod runtime;
 
 pub use dims::{Dims, Matrix, MAX_RANK};
-pub use dropout::Dropout;
+pub use dropout::{Dropout, DropoutSchedule};
 pub use dtype::DType;
 pub use error::{Error, Result};
 pub use nn::{kaiming_uniform, ForwardCtx, Ramp, SingLoraLinear, SplitMix64};

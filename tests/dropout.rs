@@ -440,7 +440,7 @@ fn layer_dropout_offsets_and_eval_mode() {
         .unwrap()
         .with_dropout(0.25)
         .unwrap();
-    layer.set_dropout_seed(999, 10);
+    layer.dropout_mut().set_seed(999, 10);
     let mut r = rng(21);
     let x = nonzero::<T>(&mut r, tokens * d_in, 1.0);
     let g = nonzero::<T>(&mut r, tokens * d_out, 1.0);
@@ -474,13 +474,13 @@ fn layer_dropout_offsets_and_eval_mode() {
             &da_ref,
         );
     }
-    assert_eq!(layer.dropout_offset(), 12);
+    assert_eq!(layer.dropout().offset(), 12);
 
-    layer.set_training(false);
+    layer.dropout_mut().set_training(false);
     let mut yd = upload::<T>(&gpu, &y0);
     let ctx = layer.forward(tokens, &xd, &mut yd).unwrap();
     assert_eq!(ctx.dropout(), Dropout::NONE);
-    assert_eq!(layer.dropout_offset(), 12, "eval mode consumes no offset");
+    assert_eq!(layer.dropout().offset(), 12, "eval mode consumes no offset");
     let (y_ref, _) = reference_forward_onto(&dims, [&x, &a], scale, (&y0, 1.0), Dropout::NONE);
     assert_close::<T>("layer Y", "eval", &download(&gpu, &yd), &y_ref);
 }

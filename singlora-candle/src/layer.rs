@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device, Module, Result, Tensor, Var};
 use half::{bf16, f16};
-use singlora::{kaiming_uniform, Dropout, Ramp};
+use singlora::{kaiming_uniform, DropoutSchedule, Ramp};
 
 use crate::checks::{check_float, refuse, wrap, Geometry};
 use crate::merge::MergeOp;
@@ -56,7 +56,7 @@ impl Default for SingLoraConfig {
 ///   `drop(x) = M ⊙ x / (1 − p)`, the frozen path `x`. candle has no global
 ///   training flag: [`forward_t`](Self::forward_t)`(x, train)` chooses per
 ///   call (candle_nn's `ModuleT` convention), and [`Module::forward`] uses
-///   the layer's mode ([`set_training`](Self::set_training), training by
+///   the layer's mode ([`DropoutSchedule::set_training`], training by
 ///   default). Every training-mode forward that runs the adapter draws a
 ///   fresh mask: it takes the layer's dropout offset and advances it by
 ///   one, and the graph node keeps that `(seed, offset)` pair for its
@@ -71,13 +71,8 @@ pub struct SingLoraLinear {
     steps: Arc<AtomicU64>,
     /// `Some(scale)` while the adapter is folded into `weight`.
     merged: Option<f32>,
-    /// Adapter dropout probability (0: none), its Philox seed, and the
-    /// offset of the next training-mode forward (atomic: forward takes
-    /// `&self`).
-    dropout_p: f64,
-    dropout_seed: u64,
-    dropout_offset: AtomicU64,
-    training: bool,
+    /// Adapter dropout: probability, seed, offset, training or eval mode.
+    dropout: DropoutSchedule,
 }
 
 impl SingLoraLinear {
@@ -112,7 +107,7 @@ impl SingLoraLinear {
             cfg.alpha,
             cfg.warmup_steps,
         )?;
-        layer.dropout_seed = cfg.seed;
+        layer.dropout.set_seed(cfg.seed, 0);
         Ok(layer)
     }
 
@@ -124,7 +119,7 @@ impl SingLoraLinear {
 
     /// A layer with a given `A` (`D × rank`, `weight`'s dtype and device),
     /// e.g. one loaded from a checkpoint. Its dropout seed is 0 (see
-    /// [`set_dropout_seed`](Self::set_dropout_seed)).
+    /// [`DropoutSchedule::set_seed`]).
     pub fn with_a(
         weight: Tensor,
         bias: Option<Tensor>,
@@ -195,69 +190,37 @@ impl SingLoraLinear {
             ramp,
             steps,
             merged: None,
-            dropout_p: 0.0,
-            dropout_seed: 0,
-            dropout_offset: AtomicU64::new(0),
-            training: true,
+            dropout: DropoutSchedule::new(0),
         })
     }
 
     /// Adapter dropout with probability `p` in `[0, 1)` (0: none) in
     /// training mode. The mask's seed is the layer's `cfg.seed` (0 for
     /// [`with_a`](Self::with_a)) until
-    /// [`set_dropout_seed`](Self::set_dropout_seed).
+    /// [`DropoutSchedule::set_seed`].
     ///
     /// # Errors
     /// A refusal naming `p` when it is outside `[0, 1)` or not finite.
     pub fn with_dropout(mut self, p: f64) -> Result<Self> {
-        self.set_dropout(p)?;
+        self.dropout.set_p(p).map_err(wrap)?;
         Ok(self)
     }
 
-    /// Sets the dropout probability (see [`with_dropout`](Self::with_dropout));
-    /// refused (naming `p`, the layer unchanged) outside `[0, 1)`.
-    pub fn set_dropout(&mut self, p: f64) -> Result<()> {
-        Dropout::new(p, 0, 0).map_err(wrap)?;
-        self.dropout_p = p;
-        Ok(())
+    /// The layer's dropout: its probability, seed, offset and mode (the
+    /// mode [`Module::forward`] uses).
+    pub fn dropout(&self) -> &DropoutSchedule {
+        &self.dropout
     }
 
-    /// The dropout probability.
-    pub fn dropout_p(&self) -> f64 {
-        self.dropout_p
-    }
-
-    /// Sets the Philox seed of the dropout masks and restarts their offset
-    /// at `offset` (e.g. to resume a run: same seed, the offset reached).
-    pub fn set_dropout_seed(&mut self, seed: u64, offset: u64) {
-        self.dropout_seed = seed;
-        *self.dropout_offset.get_mut() = offset;
-    }
-
-    /// The dropout seed.
-    pub fn dropout_seed(&self) -> u64 {
-        self.dropout_seed
-    }
-
-    /// The offset the next training-mode forward will use.
-    pub fn dropout_offset(&self) -> u64 {
-        self.dropout_offset.load(Ordering::Relaxed)
-    }
-
-    /// Training mode (dropout on, the default) or eval mode (no dropout)
-    /// for [`Module::forward`]; [`forward_t`](Self::forward_t) takes the
-    /// mode per call instead.
-    pub fn set_training(&mut self, training: bool) {
-        self.training = training;
-    }
-
-    /// The layer is in training mode.
-    pub fn is_training(&self) -> bool {
-        self.training
+    /// The layer's dropout, to change: [`DropoutSchedule::set_p`] (refused,
+    /// naming `p`, outside `[0, 1)`), [`set_seed`](DropoutSchedule::set_seed),
+    /// [`set_training`](DropoutSchedule::set_training).
+    pub fn dropout_mut(&mut self) -> &mut DropoutSchedule {
+        &mut self.dropout
     }
 
     /// The forward in training (`train`: with dropout, a fresh mask) or
-    /// eval mode, whatever [`set_training`](Self::set_training) says (the
+    /// eval mode, whatever [`DropoutSchedule::set_training`] says (the
     /// convention of candle_nn's `ModuleT`; the `ModuleT` that candle
     /// derives from [`Module`] ignores `train`, so call this one).
     /// `x` is `(…, d_in)` in the layer's dtype; the result `(…, d_out)`.
@@ -275,27 +238,11 @@ impl SingLoraLinear {
             candle_nn::Linear::new(self.weight.clone(), None).forward(x)?
         } else {
             let (a, w, scale) = (self.a.as_tensor(), &self.weight, self.scale());
-            if train {
-                // p was checked by set_dropout.
-                let offset = self.dropout_offset.fetch_add(1, Ordering::Relaxed);
-                let dropout = Dropout::new(self.dropout_p, self.dropout_seed, offset).map_err(wrap);
-                match dropout.and_then(|d| singlora_linear_dropout(x, a, w, scale, d)) {
-                    Ok(y) => y,
-                    Err(e) => {
-                        // A refused forward consumes no offset (unless
-                        // another forward took the next one meanwhile).
-                        let _ = self.dropout_offset.compare_exchange(
-                            offset.wrapping_add(1),
-                            offset,
-                            Ordering::Relaxed,
-                            Ordering::Relaxed,
-                        );
-                        return Err(e);
-                    }
-                }
-            } else {
-                singlora_linear_dropout(x, a, w, scale, Dropout::NONE)?
-            }
+            let dropout = self.dropout.next(train).map_err(wrap)?;
+            singlora_linear_dropout(x, a, w, scale, dropout).inspect_err(|_| {
+                // A refused forward consumes no offset.
+                self.dropout.give_back(dropout)
+            })?
         };
         match &self.bias {
             Some(b) => y.broadcast_add(b),
@@ -392,9 +339,9 @@ impl SingLoraLinear {
 
 impl Module for SingLoraLinear {
     /// [`forward_t`](SingLoraLinear::forward_t) in the layer's mode
-    /// ([`is_training`](SingLoraLinear::is_training)).
+    /// ([`DropoutSchedule::is_training`]).
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.forward_t(x, self.training)
+        self.forward_t(x, self.dropout.is_training())
     }
 }
 

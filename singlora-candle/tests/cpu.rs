@@ -9,95 +9,12 @@ use candle_core::{DType, Device, Module, Tensor, Var, D};
 use candle_nn::Optimizer;
 use common::*;
 use rand::{rngs::StdRng, SeedableRng};
-use singlora::{reference, AdamW, Dims};
+use singlora::{reference, AdamW, Dims, Dropout};
 use singlora_candle::{
     singlora_adapter, singlora_linear, FusedAdamW, SingLoraConfig, SingLoraLinear,
 };
 
-struct Case {
-    lead: Vec<usize>,
-    d_in: usize,
-    d_out: usize,
-    rank: usize,
-    scale: f64,
-    x: Vec<f64>,
-    a: Vec<f64>,
-    w: Vec<f64>,
-    g: Vec<f64>,
-}
-
 impl Case {
-    fn new(lead: &[usize], d_in: usize, d_out: usize, rank: usize, seed: u64) -> Self {
-        let mut rng = StdRng::seed_from_u64(seed);
-        let tokens: usize = lead.iter().product();
-        let d = d_in.max(d_out);
-        Self {
-            lead: lead.to_vec(),
-            d_in,
-            d_out,
-            rank,
-            scale: 0.75,
-            x: randn(&mut rng, tokens * d_in, 1.0),
-            a: randn(&mut rng, d * rank, 1.0 / (d as f64).sqrt()),
-            w: randn(&mut rng, d_out * d_in, 1.0 / (d_in as f64).sqrt()),
-            g: randn(&mut rng, tokens * d_out, 1.0),
-        }
-    }
-
-    fn tokens(&self) -> usize {
-        self.lead.iter().product()
-    }
-
-    fn shape(&self, last: usize) -> Vec<usize> {
-        let mut s = self.lead.clone();
-        s.push(last);
-        s
-    }
-
-    fn dims(&self) -> Dims {
-        Dims::new(self.tokens(), self.d_in, self.d_out, self.rank).unwrap()
-    }
-
-    /// The f64 reference on the inputs as `dtype` rounds them:
-    /// `(y, dX, dA)` for upstream gradient G, with the frozen W0.
-    fn reference(&self, dtype: DType) -> R<(Vec<f64>, Vec<f64>, Vec<f64>)> {
-        let (x, a, w, g) = (
-            rounded(&self.x, dtype)?,
-            rounded(&self.a, dtype)?,
-            rounded(&self.w, dtype)?,
-            rounded(&self.g, dtype)?,
-        );
-        let (t, di, dout) = (self.tokens(), self.d_in, self.d_out);
-        let dims = self.dims();
-        let mut y = base(&x, &w, t, di, dout);
-        reference::forward(
-            &dims,
-            &x,
-            &a,
-            self.scale,
-            1.0,
-            &mut y,
-            singlora::Dropout::NONE,
-        )
-        .unwrap();
-        let mut dx = base_dx(&g, &w, t, di, dout);
-        let mut da = vec![0.0; dims.a_len()];
-        reference::backward(
-            &dims,
-            &x,
-            &a,
-            &g,
-            self.scale,
-            1.0,
-            &mut dx,
-            0.0,
-            &mut da,
-            singlora::Dropout::NONE,
-        )
-        .unwrap();
-        Ok((y, dx, da))
-    }
-
     /// Our op through candle's autograd: `(y, dX, dA)` for the loss
     /// `sum(y ⊙ G)` (so ∂L/∂y = G).
     fn ours(&self, dtype: DType, x: &Var) -> R<(Vec<f64>, Vec<f64>, Vec<f64>)> {
@@ -130,7 +47,7 @@ fn forward_and_backward_match_the_f64_reference() -> R {
             let c = Case::new(&[2, 5], d_in, d_out, rank, 10 + i as u64);
             let x = Var::from_tensor(&tensor(&c.x, &c.shape(d_in), dtype)?)?;
             let (y, dx, da) = c.ours(dtype, &x)?;
-            let (ry, rdx, rda) = c.reference(dtype)?;
+            let (ry, rdx, rda) = c.reference(dtype, true, Dropout::NONE)?;
             let what = format!("{d_in}x{d_out} rank {rank} {dtype:?}");
             assert_close(&format!("y {what}"), &y, &ry, tol(dtype));
             assert_close(&format!("dX {what}"), &dx, &rdx, tol(dtype));
@@ -216,7 +133,7 @@ fn strided_transposed_and_batched_inputs_give_the_same_results() -> R {
         .sum_all()?
         .backward()?;
     let dwide = grads.get(wide_var.as_tensor()).unwrap();
-    let (_, rdx, _) = c.reference(DType::F32)?;
+    let (_, rdx, _) = c.reference(DType::F32, true, Dropout::NONE)?;
     let dx = host(&dwide.narrow(D::Minus1, c.d_in, c.d_in)?.contiguous()?)?;
     assert_close("dX of a slice", &dx, &rdx, 1e-5);
     assert_eq!(
@@ -235,7 +152,7 @@ fn the_adapter_alone_plus_the_frozen_product_is_the_linear_op() -> R {
     let a = Var::from_tensor(&tensor(&c.a, &[d, c.rank], DType::F32)?)?;
     let w = tensor(&c.w, &[c.d_out, c.d_in], DType::F32)?;
     let y = (x.matmul(&w.t()?)? + singlora_adapter(x.as_tensor(), a.as_tensor(), c.d_out, s)?)?;
-    let (ry, rdx, rda) = c.reference(DType::F32)?;
+    let (ry, rdx, rda) = c.reference(DType::F32, true, Dropout::NONE)?;
     assert_close("y", &host(&y)?, &ry, 1e-5);
     let g = tensor(&c.g, &c.shape(c.d_out), DType::F32)?;
     let grads = (&y * &g)?.sum_all()?.backward()?;

@@ -378,7 +378,7 @@ fn dropout_matches_the_f64_reference_and_the_cpu_path() -> R {
             layer.forward(&xt)?,
             layer.forward_t(&xt, false)?,
         ];
-        assert_eq!(layer.dropout_offset(), 2);
+        assert_eq!(layer.dropout().offset(), 2);
         outs.push(ys.iter().map(host).collect::<R<Vec<_>>>()?);
     }
     for (k, (g, c)) in outs[0].iter().zip(&outs[1]).enumerate() {

@@ -10,84 +10,13 @@ mod common;
 
 use candle_core::{DType, Device, Module, Tensor, Var};
 use common::*;
-use rand::{rngs::StdRng, SeedableRng};
-use singlora::{reference, Dims};
+use singlora::reference;
 use singlora_candle::{
     singlora_adapter, singlora_adapter_dropout, singlora_linear, singlora_linear_dropout, Dropout,
     SingLoraConfig, SingLoraLinear,
 };
 
-/// Random inputs of one call (never zeros).
-struct Case {
-    lead: Vec<usize>,
-    d_in: usize,
-    d_out: usize,
-    rank: usize,
-    scale: f64,
-    x: Vec<f64>,
-    a: Vec<f64>,
-    w: Vec<f64>,
-    g: Vec<f64>,
-}
-
 impl Case {
-    fn new(lead: &[usize], d_in: usize, d_out: usize, rank: usize, seed: u64) -> Self {
-        let mut rng = StdRng::seed_from_u64(seed);
-        let tokens: usize = lead.iter().product();
-        let d = d_in.max(d_out);
-        Self {
-            lead: lead.to_vec(),
-            d_in,
-            d_out,
-            rank,
-            scale: 0.75,
-            x: randn(&mut rng, tokens * d_in, 1.0),
-            a: randn(&mut rng, d * rank, 1.0 / (d as f64).sqrt()),
-            w: randn(&mut rng, d_out * d_in, 1.0 / (d_in as f64).sqrt()),
-            g: randn(&mut rng, tokens * d_out, 1.0),
-        }
-    }
-
-    fn tokens(&self) -> usize {
-        self.lead.iter().product()
-    }
-
-    fn shape(&self, last: usize) -> Vec<usize> {
-        let mut s = self.lead.clone();
-        s.push(last);
-        s
-    }
-
-    /// The f64 reference (frozen product included when `frozen`) on the
-    /// inputs as `dtype` rounds them: `(y, dX, dA)` for upstream G.
-    fn reference(
-        &self,
-        dtype: DType,
-        frozen: bool,
-        dropout: Dropout,
-    ) -> R<(Vec<f64>, Vec<f64>, Vec<f64>)> {
-        let (x, a, w, g) = (
-            rounded(&self.x, dtype)?,
-            rounded(&self.a, dtype)?,
-            rounded(&self.w, dtype)?,
-            rounded(&self.g, dtype)?,
-        );
-        let (t, di, dout) = (self.tokens(), self.d_in, self.d_out);
-        let dims = Dims::new(t, di, dout, self.rank).unwrap();
-        let (mut y, mut dx) = if frozen {
-            (base(&x, &w, t, di, dout), base_dx(&g, &w, t, di, dout))
-        } else {
-            (vec![0.0; t * dout], vec![0.0; t * di])
-        };
-        reference::forward(&dims, &x, &a, self.scale, 1.0, &mut y, dropout).unwrap();
-        let mut da = vec![0.0; dims.a_len()];
-        reference::backward(
-            &dims, &x, &a, &g, self.scale, 1.0, &mut dx, 0.0, &mut da, dropout,
-        )
-        .unwrap();
-        Ok((y, dx, da))
-    }
-
     fn vars(&self, dtype: DType) -> R<(Var, Var, Tensor, Tensor)> {
         let x = Var::from_tensor(&tensor(&self.x, &self.shape(self.d_in), dtype)?)?;
         let d = self.d_in.max(self.d_out);
@@ -284,29 +213,29 @@ fn the_layer_draws_a_fresh_mask_per_training_forward_and_none_in_eval() -> R {
     let x = tensor(&c.x, &c.shape(c.d_in), DType::F32)?;
     let mut l = layer(&c, 0.1)?;
     assert_eq!(
-        (l.dropout_p(), l.dropout_seed(), l.dropout_offset()),
+        (l.dropout().p(), l.dropout().seed(), l.dropout().offset()),
         (0.1, 17, 0)
     );
-    assert!(l.is_training());
+    assert!(l.dropout().is_training());
     // Eval: no dropout, no offset; bitwise the p = 0 layer.
     let undropped = layer(&c, 0.0)?.forward_t(&x, false)?;
     let e1 = l.forward_t(&x, false)?;
-    l.set_training(false);
+    l.dropout_mut().set_training(false);
     let e2 = l.forward(&x)?;
-    assert_eq!(l.dropout_offset(), 0);
+    assert_eq!(l.dropout().offset(), 0);
     assert_eq!(bits(&host(&e1)?), bits(&host(&undropped)?));
     assert_eq!(bits(&host(&e2)?), bits(&host(&undropped)?));
     // p = 0 in training mode: bitwise eval (the offset still advances).
     let mut z = layer(&c, 0.0)?;
     assert_eq!(bits(&host(&z.forward(&x)?)?), bits(&host(&undropped)?));
-    assert_eq!(z.dropout_offset(), 1);
-    z.set_training(false);
+    assert_eq!(z.dropout().offset(), 1);
+    z.dropout_mut().set_training(false);
     // Training: one offset per forward, a fresh mask each time.
-    l.set_training(true);
+    l.dropout_mut().set_training(true);
     let t0 = host(&l.forward(&x)?)?;
-    assert_eq!(l.dropout_offset(), 1);
+    assert_eq!(l.dropout().offset(), 1);
     let t1 = host(&l.forward_t(&x, true)?)?;
-    assert_eq!(l.dropout_offset(), 2);
+    assert_eq!(l.dropout().offset(), 2);
     assert_ne!(bits(&t0), bits(&t1), "two forwards, two masks");
     assert_ne!(bits(&t0), bits(&host(&undropped)?));
     // Each is the op with (seed, offset) = (17, 0) and (17, 1).
@@ -318,17 +247,17 @@ fn the_layer_draws_a_fresh_mask_per_training_forward_and_none_in_eval() -> R {
         assert_eq!(bits(&host(&y)?), bits(t), "offset {off}");
     }
     // The same (seed, offset) again: bitwise the same result.
-    l.set_dropout_seed(17, 0);
+    l.dropout_mut().set_seed(17, 0);
     assert_eq!(bits(&host(&l.forward(&x)?)?), bits(&t0));
-    assert_eq!(l.dropout_offset(), 1);
+    assert_eq!(l.dropout().offset(), 1);
     // Another seed: another mask.
-    l.set_dropout_seed(18, 0);
+    l.dropout_mut().set_seed(18, 0);
     assert_ne!(bits(&host(&l.forward(&x)?)?), bits(&t0));
     // Merged: the plain product, no dropout, no offset.
-    l.set_dropout_seed(17, 5);
+    l.dropout_mut().set_seed(17, 5);
     l.merge()?;
     let m = host(&l.forward(&x)?)?;
-    assert_eq!(l.dropout_offset(), 5);
+    assert_eq!(l.dropout().offset(), 5);
     assert_close("merged", &m, &host(&undropped)?, 1e-5);
     Ok(())
 }
@@ -343,7 +272,7 @@ fn the_backward_keeps_the_pair_of_its_forward() -> R {
     let g = tensor(&c.g, &c.shape(c.d_out), DType::F32)?;
     let y0 = l.forward(x.as_tensor())?;
     let y1 = l.forward(x.as_tensor())?; // offset 1, not differentiated
-    assert_eq!(l.dropout_offset(), 2);
+    assert_eq!(l.dropout().offset(), 2);
     let (dx, da) = grads(&y0, &g, &x, l.a())?;
     let (dx1, _) = grads(&y1, &g, &x, l.a())?;
     assert_ne!(bits(&dx), bits(&dx1));
@@ -368,10 +297,10 @@ fn refusals_of_p_name_it_and_change_nothing() -> R {
     let mut l = layer(&c, 0.25)?;
     l.forward(&x)?;
     for p in [1.0, -0.1, f64::NAN, f64::INFINITY, 1.5] {
-        let e = l.set_dropout(p).unwrap_err().to_string();
+        let e = l.dropout_mut().set_p(p).unwrap_err().to_string();
         assert!(e.contains("`p`"), "p = {p}: {e}");
-        assert_eq!(l.dropout_p(), 0.25);
-        assert_eq!(l.dropout_offset(), 1);
+        assert_eq!(l.dropout().p(), 0.25);
+        assert_eq!(l.dropout().offset(), 1);
         let e = layer(&c, 0.0)
             .and_then(|l| l.with_dropout(p))
             .err()
@@ -383,6 +312,6 @@ fn refusals_of_p_name_it_and_change_nothing() -> R {
     // A refused forward (x of the wrong width) consumes no offset.
     let bad = Tensor::zeros((2, 7), DType::F32, &Device::Cpu)?;
     assert!(l.forward(&bad).is_err());
-    assert_eq!(l.dropout_offset(), 1);
+    assert_eq!(l.dropout().offset(), 1);
     Ok(())
 }

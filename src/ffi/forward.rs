@@ -21,7 +21,7 @@ use crate::ops::forward::{forward_raw, ForwardPtrs, ForwardShape};
 ///   `D × rank` contiguous, `D = max(d_in, d_out)`; `y`: `tokens × d_out`,
 ///   row stride `ld_y ≥ d_out`; `s`: `tokens × rank` f32 contiguous, or 0.
 /// * `scale`, `scale_ptr`: the scale by value (`scale_ptr` = 0), or a device
-///   `float` read when the kernels run (see [`scale`]).
+///   `float` read when the kernels run (include/singlora.h, "The scale").
 /// * `beta`: 0 (Y is overwritten, never read) or 1 (added onto).
 /// * `dropout_p`, `dropout_seed`, `dropout_offset`: the adapter's dropout
 ///   (`S = drop(X)·A[:d_in]`; see [`crate::Dropout`]); `dropout_p` 0: none.

@@ -6,14 +6,13 @@
 //! Every buffer is a `CudaSlice` freed with the layer. All work is enqueued
 //! on the layer's stream; several layers may share one stream.
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use cudarc::cublas::{CudaBlas, Gemm};
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
 
 use crate::dims::{check_len, Dims};
-use crate::dropout::{check_p, Dropout};
+use crate::dropout::{Dropout, DropoutSchedule};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::nn::frozen::{Frozen, Product};
@@ -71,7 +70,7 @@ impl ForwardCtx {
 /// `s = (alpha / rank)·u(step)`.
 ///
 /// Adapter dropout ([`with_dropout`](Self::with_dropout)): in training mode
-/// (the default, [`set_training`](Self::set_training)) the adapter sees
+/// (the default; [`DropoutSchedule::set_training`] through [`dropout_mut`](Self::dropout_mut)) the adapter sees
 /// `drop(x)` (`y = x·W0ᵀ + s·(drop(x)·A_in)·A_outᵀ`, PEFT's
 /// `lora_dropout`), with a fresh mask per forward: the layer's dropout
 /// offset advances once per training-mode forward that runs the adapter,
@@ -113,13 +112,8 @@ pub struct SingLoraLinear<T: DType> {
     v: CudaSlice<f32>,
     workspace: Option<CudaSlice<f32>>,
     frozen: Option<Frozen<T>>,
-    /// Adapter dropout probability (0: none), its Philox seed, and the
-    /// offset of the next training-mode forward (atomic: forward takes
-    /// `&self`).
-    dropout_p: f64,
-    dropout_seed: u64,
-    dropout_offset: AtomicU64,
-    training: bool,
+    /// Adapter dropout: probability, seed, offset, training or eval mode.
+    dropout: DropoutSchedule,
 }
 
 impl<T: DType> SingLoraLinear<T>
@@ -133,7 +127,7 @@ where
     /// fan-in `D` — uniform in `±1/√D` — from `seed` (never zero: the ramp's
     /// `u(0) = 0` is what makes the adapted layer start equal to the frozen
     /// one). `D = max(d_in, d_out)`. `seed` is also the dropout mask's
-    /// seed until [`set_dropout_seed`](Self::set_dropout_seed).
+    /// seed until [`DropoutSchedule::set_seed`].
     pub fn new(
         stream: &Arc<CudaStream>,
         d_in: usize,
@@ -172,10 +166,7 @@ where
             v: stream.alloc_zeros(n)?,
             workspace: None,
             frozen: None,
-            dropout_p: 0.0,
-            dropout_seed: seed,
-            dropout_offset: AtomicU64::new(0),
-            training: true,
+            dropout: DropoutSchedule::new(seed),
         })
     }
 
@@ -185,57 +176,20 @@ where
     /// # Errors
     /// [`Error::InvalidArgument`] naming `p` outside `[0, 1)` or not finite.
     pub fn with_dropout(mut self, p: f64) -> Result<Self> {
-        self.set_dropout(p)?;
+        self.dropout.set_p(p)?;
         Ok(self)
     }
 
-    /// Sets the dropout probability (see [`with_dropout`](Self::with_dropout)).
-    pub fn set_dropout(&mut self, p: f64) -> Result<()> {
-        check_p("p", p)?;
-        self.dropout_p = p;
-        Ok(())
+    /// The layer's dropout: its probability, seed, offset and mode.
+    pub fn dropout(&self) -> &DropoutSchedule {
+        &self.dropout
     }
 
-    /// The dropout probability.
-    pub fn dropout_p(&self) -> f64 {
-        self.dropout_p
-    }
-
-    /// Sets the Philox seed of the dropout masks and restarts their offset
-    /// at `offset` (e.g. to resume a run: same seed, the offset reached).
-    pub fn set_dropout_seed(&mut self, seed: u64, offset: u64) {
-        self.dropout_seed = seed;
-        *self.dropout_offset.get_mut() = offset;
-    }
-
-    /// The dropout seed.
-    pub fn dropout_seed(&self) -> u64 {
-        self.dropout_seed
-    }
-
-    /// The offset the next training-mode forward will use.
-    pub fn dropout_offset(&self) -> u64 {
-        self.dropout_offset.load(Ordering::Relaxed)
-    }
-
-    /// Training mode (dropout on, the default) or eval mode (no dropout).
-    pub fn set_training(&mut self, training: bool) {
-        self.training = training;
-    }
-
-    /// The layer is in training mode.
-    pub fn is_training(&self) -> bool {
-        self.training
-    }
-
-    /// The dropout of the next forward, advancing the offset in training
-    /// mode.
-    fn next_dropout(&self) -> Result<Dropout> {
-        if !self.training {
-            return Ok(Dropout::NONE);
-        }
-        let offset = self.dropout_offset.fetch_add(1, Ordering::Relaxed);
-        Dropout::new(self.dropout_p, self.dropout_seed, offset)
+    /// The layer's dropout, to change: [`DropoutSchedule::set_p`],
+    /// [`set_seed`](DropoutSchedule::set_seed) (resuming a run),
+    /// [`set_training`](DropoutSchedule::set_training) (eval mode: none).
+    pub fn dropout_mut(&mut self) -> &mut DropoutSchedule {
+        &mut self.dropout
     }
 
     /// Gives the layer its frozen base weight `W0` (`d_out × d_in`,
@@ -391,7 +345,7 @@ where
         let dropout = if merged {
             Dropout::NONE
         } else {
-            self.next_dropout()?
+            self.dropout.next(self.dropout.is_training())?
         };
         dropout.check_tokens(tokens)?;
         if let Some(f) = &self.frozen {

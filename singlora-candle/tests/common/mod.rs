@@ -4,6 +4,9 @@
 //! tests/common/frozen.rs).
 #![allow(dead_code)]
 
+mod case;
+pub use case::Case;
+
 #[path = "../../../tests/common/frozen.rs"]
 mod frozen;
 #[allow(unused_imports)]
