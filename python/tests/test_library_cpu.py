@@ -133,15 +133,24 @@ def opcheck_all(p, dtype):
         "unmerge": [(t(d_out, d_in), t(d, rank), s)],
     }
     expect(p, set(samples) == set(snn.OPS), f"samples for {sorted(samples)}, ops {sorted(snn.OPS)}")
-    n = 0
+    n, res = run_opchecks(p, samples, lambda name, args: [
+        tuple(a.shape) if isinstance(a, torch.Tensor) else a for a in args])
+    print(f"    {n} opcheck calls ({', '.join(sorted(res))})")
+
+
+def run_opchecks(p, samples, describe):
+    """opcheck over every ``{op name: [args, ...]}`` sample, each failure
+    described by ``describe(name, args)``; (the number of calls, the last
+    result)."""
+    n, res = 0, {}
     for name, cases in samples.items():
         op = getattr(ops, name).default
         for args in cases:
             res = opcheck(op, args, raise_exception=False)
             bad = {k: v for k, v in res.items() if v != "SUCCESS"}
-            expect(p, not bad, f"opcheck {name} {[tuple(a.shape) if isinstance(a, torch.Tensor) else a for a in args]}: {bad}")
+            expect(p, not bad, f"opcheck {name} {describe(name, args)}: {bad}")
             n += 1
-    print(f"    {n} opcheck calls ({', '.join(sorted(res))})")
+    return n, res
 
 
 @case
@@ -228,16 +237,23 @@ def compiled_grads_match_eager(p):
 # ------------------------------------------------------------------ numerics
 
 
+def linear_inputs(dtype, d_in, d_out, rank, bias, seed):
+    """Random inputs of a (3, 7)-token layer (never zeros): x and A requiring
+    grad, W0, the bias (or None), and the upstream gradient."""
+    torch.manual_seed(seed)
+    x = torch.randn(3, 7, d_in).to(dtype).requires_grad_(True)
+    w = (torch.randn(d_out, d_in) / math.sqrt(d_in)).to(dtype)
+    b = torch.randn(d_out).to(dtype) if bias else None
+    a = (torch.randn(max(d_in, d_out), rank) * 0.3).to(dtype).requires_grad_(True)
+    g = torch.randn(3, 7, d_out).to(dtype)
+    return x, w, b, a, g
+
+
 @case
 def linear_vs_float64(p):
     for dtype in (torch.float32, torch.bfloat16):
         for d_in, d_out, rank, bias in [(40, 24, 6, True), (24, 40, 5, False), (33, 33, 8, True)]:
-            torch.manual_seed(d_in + d_out)
-            x = torch.randn(3, 7, d_in).to(dtype).requires_grad_(True)
-            w = (torch.randn(d_out, d_in) / math.sqrt(d_in)).to(dtype)
-            b = torch.randn(d_out).to(dtype) if bias else None
-            a = (torch.randn(max(d_in, d_out), rank) * 0.3).to(dtype).requires_grad_(True)
-            g = torch.randn(3, 7, d_out).to(dtype)
+            x, w, b, a, g = linear_inputs(dtype, d_in, d_out, rank, bias, seed=d_in + d_out)
             s = f32(1.3)
             y = singlora_linear(x, w, b, a, scale_t(s))
             y.backward(g)
@@ -406,13 +422,7 @@ def opcheck_dropout(p):
                  st),
             ],
         }
-        for name, cases in samples.items():
-            op = getattr(ops, name).default
-            for args in cases:
-                res = opcheck(op, args, raise_exception=False)
-                bad = {k: v for k, v in res.items() if v != "SUCCESS"}
-                expect(p, not bad, f"opcheck {name} {dtype} p={args[-2]}: {bad}")
-                n += 1
+        n += run_opchecks(p, samples, lambda name, args: f"{dtype} p={args[-2]}")[0]
     print(f"    {n} opcheck calls with dropout")
 
 
@@ -423,12 +433,8 @@ def dropout_vs_float64(p):
     for dtype in (torch.float32, torch.bfloat16):
         for drop_p in (0.1, 0.5):
             for d_in, d_out, rank, bias in [(40, 24, 6, True), (23, 37, 5, False)]:
-                torch.manual_seed(d_in + d_out + int(drop_p * 10))
-                x = torch.randn(3, 7, d_in).to(dtype).requires_grad_(True)
-                w = (torch.randn(d_out, d_in) / math.sqrt(d_in)).to(dtype)
-                b = torch.randn(d_out).to(dtype) if bias else None
-                a = (torch.randn(max(d_in, d_out), rank) * 0.3).to(dtype).requires_grad_(True)
-                g = torch.randn(3, 7, d_out).to(dtype)
+                x, w, b, a, g = linear_inputs(dtype, d_in, d_out, rank, bias,
+                                              seed=d_in + d_out + int(drop_p * 10))
                 s = f32(1.3)
                 seed, offset = 2**64 - 5, 17
                 keep = keep_mask(drop_p, seed, offset, 21, d_in)

@@ -192,20 +192,31 @@ fn strided_rows_in_place_and_other_layouts_copied() -> R {
     Ok(())
 }
 
+/// `(d_in, d_out)` of the layers the GPU and CPU paths run side by side.
+const LAYER: (usize, usize) = (96, 64);
+
+/// Such a layer's weight, `tokens` rows of input, and its config (rank 8,
+/// alpha 8, seed 9, a warm-up of `warmup_steps`), drawn from `seed`.
+fn layer_case(seed: u64, tokens: usize, warmup_steps: u64) -> (Vec<f64>, Vec<f64>, SingLoraConfig) {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let (d_in, d_out) = LAYER;
+    let w = randn(&mut rng, d_out * d_in, 0.1);
+    let x = randn(&mut rng, tokens * d_in, 1.0);
+    let cfg = SingLoraConfig {
+        rank: 8,
+        alpha: 8.0,
+        warmup_steps,
+        seed: 9,
+    };
+    (w, x, cfg)
+}
+
 #[test]
 fn merge_unmerge_and_fused_adamw_match_the_cpu_path() -> R {
     let Some(dev) = gpu() else { return Ok(()) };
     for dtype in [DType::F32, DType::BF16] {
-        let mut rng = StdRng::seed_from_u64(3);
-        let (d_in, d_out) = (96, 64);
-        let w = randn(&mut rng, d_out * d_in, 0.1);
-        let x = randn(&mut rng, 5 * d_in, 1.0);
-        let cfg = SingLoraConfig {
-            rank: 8,
-            alpha: 8.0,
-            warmup_steps: 3,
-            seed: 9,
-        };
+        let (d_in, d_out) = LAYER;
+        let (w, x, cfg) = layer_case(3, 5, 3);
         let mut layers = Vec::new();
         for d in [&dev, &Device::Cpu] {
             let layer = SingLoraLinear::new(tensor_on(&w, &[d_out, d_in], dtype, d)?, None, cfg)?;
@@ -358,16 +369,8 @@ fn dropout_matches_the_f64_reference_and_the_cpu_path() -> R {
         assert_eq!(plain, z, "p = 0");
     }
     // The layer: the GPU's masks are the CPU's (same seed, same offsets).
-    let mut rng = StdRng::seed_from_u64(5);
-    let (d_in, d_out) = (96, 64);
-    let w = randn(&mut rng, d_out * d_in, 0.1);
-    let x = randn(&mut rng, 7 * d_in, 1.0);
-    let cfg = SingLoraConfig {
-        rank: 8,
-        alpha: 8.0,
-        warmup_steps: 0,
-        seed: 9,
-    };
+    let (d_in, d_out) = LAYER;
+    let (w, x, cfg) = layer_case(5, 7, 0);
     let mut outs = Vec::new();
     for d in [&dev, &Device::Cpu] {
         let layer = SingLoraLinear::new(tensor_on(&w, &[d_out, d_in], DType::F32, d)?, None, cfg)?

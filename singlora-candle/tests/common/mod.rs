@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 mod case;
+#[allow(unused_imports)]
 pub use case::Case;
 
 #[path = "../../../tests/common/frozen.rs"]
