@@ -373,8 +373,9 @@ impl DropoutSchedule {
         Dropout::new(self.p, self.seed, offset)
     }
 
-    /// Gives back the offset of `taken` (a forward that was then refused),
-    /// unless another forward has taken the next one meanwhile.
+    /// Gives back the offset of `taken`, drawn by `next(true)` for a forward
+    /// that was then refused, unless another forward has taken the next one
+    /// meanwhile. Not for an eval-mode draw, which took no offset.
     pub fn give_back(&self, taken: Dropout) {
         let offset = taken.offset();
         let _ = self.offset.compare_exchange(

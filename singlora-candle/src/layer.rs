@@ -240,8 +240,11 @@ impl SingLoraLinear {
             let (a, w, scale) = (self.a.as_tensor(), &self.weight, self.scale());
             let dropout = self.dropout.next(train).map_err(wrap)?;
             singlora_linear_dropout(x, a, w, scale, dropout).inspect_err(|_| {
-                // A refused forward consumes no offset.
-                self.dropout.give_back(dropout)
+                // A refused training forward consumes no offset (an eval
+                // forward took none).
+                if train {
+                    self.dropout.give_back(dropout)
+                }
             })?
         };
         match &self.bias {

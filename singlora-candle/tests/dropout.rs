@@ -313,5 +313,8 @@ fn refusals_of_p_name_it_and_change_nothing() -> R {
     let bad = Tensor::zeros((2, 7), DType::F32, &Device::Cpu)?;
     assert!(l.forward(&bad).is_err());
     assert_eq!(l.dropout().offset(), 1);
+    // Nor does a refused eval forward give back an offset it never took.
+    assert!(l.forward_t(&bad, false).is_err());
+    assert_eq!(l.dropout().offset(), 1);
     Ok(())
 }
