@@ -92,8 +92,9 @@ impl SingLoraOp {
         let t = |r: usize, k: usize, ld: usize| Layout::new(Shape::from((k, r)), vec![1, ld], 0);
         let x32 = x.0.to_dtype(x.1, DType::F32)?; // tokens × d_in, contiguous
         let a32 = a.0.to_dtype(a.1, DType::F32)?; // D × rank
-                                                  // The adapter's input: drop(X) = M ⊙ X / (1 − p), X itself without
-                                                  // dropout (the frozen product below always reads X).
+
+        // The adapter's input: drop(X) = M ⊙ X / (1 − p), X itself without
+        // dropout (the frozen product below always reads X).
         let xd = if self.dropout.is_active() {
             let m = CpuStorage::F32(mask_values(&self.dropout, tokens, d_in));
             Some(x32.binary_impl::<candle_core::op::Mul>(&m, &c(tokens, d_in), &c(tokens, d_in))?)
@@ -173,7 +174,6 @@ impl SingLoraOp {
             return Ok((dx, da));
         }
         let scale = self.scale as f64;
-        let x2 = x.detach().reshape((tokens, d_in))?.to_dtype(DType::F32)?;
         let g2 = g.detach().reshape((tokens, d_out))?.to_dtype(DType::F32)?;
         let a32 = a.detach().to_dtype(DType::F32)?;
         let a_in = a32.narrow(0, 0, d_in)?;
@@ -201,6 +201,8 @@ impl SingLoraOp {
             None
         };
         let da = if need_da {
+            // X in f32 only here: dX does not read it.
+            let x2 = x.detach().reshape((tokens, d_in))?.to_dtype(DType::F32)?;
             let x2 = match &m {
                 Some(m) => (x2 * m)?, // drop(X)
                 None => x2,
