@@ -273,7 +273,7 @@ def dropout_mask(dropout_p, dropout_seed, dropout_offset, tokens, cols):
     """The dropout mask the kernels apply to a ``tokens × cols`` input, on
     the host: a ``bytearray`` of ``tokens·cols`` bytes, row-major, 1 where
     an element is kept (see the header's "Dropout")."""
-    keep = (ctypes.c_uint8 * max(tokens * cols, 1))()
+    keep = (_u8 * max(tokens * cols, 1))()
     _check(lib().singlora_dropout_mask(dropout_p, dropout_seed, dropout_offset, tokens, cols, keep),
            "singlora_dropout_mask")
     return bytearray(keep)[: tokens * cols]

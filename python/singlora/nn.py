@@ -119,16 +119,6 @@ def _same_dtype(ref, ref_name, *named):
             )
 
 
-def _checked(name, t, *named):
-    """The checks every entry point opens with: ``t`` and the ``named``
-    tensors (``(name, tensor or None)``) on one CUDA device, ``t`` of a
-    kernel dtype and the others of ``t``'s. Returns (the device, its code)."""
-    dev = _device_check((name, t), *named)
-    code = _dtype_code(t, name)
-    _same_dtype(t, name, *named)
-    return dev, code
-
-
 def _check_buffers(code, named, f32_named=()):
     """Every buffer handed to a launch of dtype ``code``: those in ``named``
     must be of that dtype, those in ``f32_named`` float32 (None: not passed).
@@ -442,7 +432,6 @@ def _launch_backward(x2, ld_x, g2, ld_g, a, s, scale, dx2, dx_beta, dropout=(0.0
     d_out = g2.shape[1]
     d, rank = a.shape
     da = torch.empty((d, rank), dtype=torch.float32, device=dev)
-    _check_buffers(code, (), (("da", da),))
     nbytes = _lib.workspace_size(tokens, d_in, d_out, rank, saved_s=s is not None)
     # A fresh allocation of the caching allocator is 512-byte aligned (the
     # C ABI checks the 16 it needs), and is released only to later work on
@@ -740,7 +729,6 @@ def _check_fold(weight, a, scale):
 def _fold_launch(weight, a, scale, undo):
     dev = _device_check(("weight", weight), ("a", a), ("scale", scale))
     code, d_out, d_in, a_c, ld_w = _check_fold(weight, a, scale)
-    _check_buffers(code, (), (("scale", scale),))
     _ensure_init(dev)
     fn = _lib.unmerge if undo else _lib.merge
     fn(code, dev.index, d_in, d_out, a_c.shape[1], weight.data_ptr(), ld_w, a_c.data_ptr(),
@@ -975,8 +963,7 @@ def singlora_adapter(x, a, scale, base=None, d_out=None, dropout_p=0.0, dropout_
 
 def _fold(weight, a, scale, undo):
     """merge (undo False) or unmerge ``a`` at ``scale`` into ``weight`` in place."""
-    a_c = _check_a(a, weight.shape[-1], weight.shape[0]) if weight.dim() == 2 else a
-    (unmerge if undo else merge)(weight, a_c, _as_scale(scale, weight))
+    (unmerge if undo else merge)(weight, a, _as_scale(scale, weight))
 
 
 class SingLoraLinear(nn.Module):

@@ -247,6 +247,18 @@ def singlora_layers(model):
     return [(n, m) for n, m in model.named_modules() if isinstance(m, SingLoraLinear)]
 
 
+def _unmerged_layers(model, of=""):
+    """``{name: layer}`` of ``model``'s SingLoraLinears; ValueError when it
+    holds none or one is merged (``of``: words after the layer's name)."""
+    layers = dict(singlora_layers(model))
+    if not layers:
+        raise ValueError(f"singlora.peft: `model` ({type(model).__name__}) holds no SingLoraLinear")
+    for name, layer in layers.items():
+        if layer.merged:
+            raise ValueError(f"singlora.peft: layer {name!r}{of} is merged; unmerge() it first")
+    return layers
+
+
 def step(model, n=1):
     """Counts ``n`` optimizer steps on every SingLoRA layer of ``model`` (call
     after ``optimizer.step()``)."""
@@ -358,14 +370,9 @@ def to_peft_singlora(model, adapter_name="default"):
     a step float32 cannot hold (above 2^24), T = 0 at step 0 (peft-singlora computes NaN
     there)."""
     ps = _peft_singlora()
-    layers = singlora_layers(model)
-    if not layers:
-        raise ValueError(f"singlora.peft: `model` ({type(model).__name__}) holds no SingLoraLinear")
     plans = []
-    for name, layer in layers:
+    for name, layer in _unmerged_layers(model).items():
         where = f"layer {name!r}"
-        if layer.merged:
-            raise ValueError(f"singlora.peft: {where} is merged; unmerge() it first")
         t = _step_tensor(layer, where)
         if layer.warmup_steps == 0 and layer.steps == 0:
             raise ValueError(
@@ -415,12 +422,7 @@ def to_peft_singlora_state_dict(model, adapter_name="default", prefix=PEFT_PREFI
     ``.to(torch.bfloat16)`` holds bfloat16 steps). A merged layer, or a step
     ``step_dtype`` cannot hold exactly (float32: above 2^24), is refused
     (ValueError)."""
-    layers = dict(singlora_layers(model))
-    if not layers:
-        raise ValueError(f"singlora.peft: `model` ({type(model).__name__}) holds no SingLoraLinear")
-    for name, layer in layers.items():
-        if layer.merged:
-            raise ValueError(f"singlora.peft: layer {name!r} is merged; unmerge() it first")
+    layers = _unmerged_layers(model)
     out = {}
     for key, value in model.state_dict(keep_vars=True).items():
         owner, rest = _owner(key, layers)
@@ -454,12 +456,7 @@ def load_peft_singlora_state_dict(model, state_dict, adapter_name=None, prefix=P
     that maps to nothing in ``model``, a layer without its A or step, a
     missing frozen weight (full layout), a step that is not a whole number,
     a merged layer of ``model``: ValueError naming it."""
-    layers = dict(singlora_layers(model))
-    if not layers:
-        raise ValueError(f"singlora.peft: `model` ({type(model).__name__}) holds no SingLoraLinear")
-    for name, layer in layers.items():
-        if layer.merged:
-            raise ValueError(f"singlora.peft: layer {name!r} of `model` is merged; unmerge() it first")
+    layers = _unmerged_layers(model, " of `model`")
     ours, a_of, step_of, full = {}, {}, {}, False  # a_of / step_of: {(layer, adapter or None): value}
     for key, value in state_dict.items():
         k = key[len(prefix):] if prefix and key.startswith(prefix) else key
