@@ -310,7 +310,6 @@ __device__ __forceinline__ void forward_kernel(const singlora_forward_params& p)
 #pragma unroll
             for (int h = 0; h < 2; ++h) rs[mt][h] *= p.dropout.scale;
     }
-    static_assert(C::EMT * C::ENT * 4 <= 32, "keep bits of a thread's expand tile fit a word");
 
     for (int j = 0; j < chunks; ++j) {
         const int buf = j % STAGES;
@@ -329,45 +328,18 @@ __device__ __forceinline__ void forward_kernel(const singlora_forward_params& p)
             for (int k0 = 0; k0 < rpad; k0 += 16) {
                 tile_mma_k16<T, C::EMT, C::ENT, true, true>(eacc, st, C::ST_LD, at, C::A_LD, em0, en0, k0, BN);
             }
-            // Keep bits of this thread's element pairs: bit 4·(mt·ENT + nt) +
-            // 2·h + e for row em0 + mt·16 + g + 8h, column en0 + nt·8 +
-            // 2·(lane % 4) + e. Lanes 2i and 2i+1 own the two halves of the
-            // same four columns: lane parity b draws rows h = b and hands the
-            // partner its half through one shuffle.
-            uint32_t keep = 0;
-            if (drop_out) {
-                const int b = lane & 1;
-                const uint32_t col4 =
-                    (uint32_t)((col_begin + (int64_t)j * BN + en0 + 2 * (lane & 3)) >> 2);
-                uint32_t give = 0;
-#pragma unroll
-                for (int mt = 0; mt < C::EMT; ++mt)
-#pragma unroll
-                    for (int nt = 0; nt < C::ENT; ++nt) {
-                        const uint32_t token = (uint32_t)(row0 + em0 + mt * 16 + g + 8 * b);
-                        const Philox4 w = dropout_words(p.dropout.seed, p.dropout.offset, token, col4 + 2 * nt);
-                        const uint32_t th = p.dropout.threshold;
-                        const int bit = 4 * (mt * C::ENT + nt) + 2 * b;
-                        // Selects, not w.v[2·b]: a runtime index would put w on the stack.
-                        const uint32_t k01 = (uint32_t)(w.v[0] >= th) | (uint32_t)(w.v[1] >= th) << 1;
-                        const uint32_t k23 = (uint32_t)(w.v[2] >= th) | (uint32_t)(w.v[3] >= th) << 1;
-                        const uint32_t mine = b ? k23 : k01;
-                        const uint32_t theirs = b ? k01 : k23;
-                        keep |= mine << bit;
-                        give |= theirs << bit;
-                    }
-                // The partner drew the rows h = 1 − b and put this lane's
-                // columns at exactly the bits of this lane's h = 1 − b slots.
-                keep |= __shfl_xor_sync(0xffffffffu, give, 1);
-            }
+            // Keep bits of this thread's element pairs (tile_keep_bits's layout).
+            const uint32_t keep = drop_out ? tile_keep_bits<C::EMT, C::ENT>(p.dropout, row0 + em0,
+                                                                           col_begin + (int64_t)j * BN + en0)
+                                           : 0u;
             // Epilogue in place in the Y tile: each element pair has one owner.
             for_each_pair_nt(eacc, em0, en0, [&](int mt, int nt, int h, int r, int c, float v0, float v1) {
                 T* y = yt + r * C::Y_LD + c;
                 float2 v = make_float2(v0 * rs[mt][h], v1 * rs[mt][h]);
                 if (drop_out) {
                     const int bit = 4 * (mt * C::ENT + nt) + 2 * h;
-                    if (!(keep >> bit & 1u)) v.x = 0.0f;
-                    if (!(keep >> (bit + 1) & 1u)) v.y = 0.0f;
+                    if (!kept(keep, bit)) v.x = 0.0f;
+                    if (!kept(keep, bit + 1)) v.y = 0.0f;
                 }
                 if (accumulate) {
                     const float2 old = load2(y);
