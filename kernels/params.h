@@ -50,6 +50,11 @@
 #define SINGLORA_SMALL_DA_RANK_BUCKETS(X, tname, T) \
     X(tname, T, 128)                                \
     X(tname, T, 256)
+/* The fused backward exists for ranks up to 32 (its dA rows live in
+ * registers, 2·rank f32 per thread and term). */
+#define SINGLORA_BACKWARD_FUSED_RANK_BUCKETS(X, tname, T) \
+    X(tname, T, 16)                                       \
+    X(tname, T, 32)
 
 /* Kernel families: X(name, by_dtype, buckets). A kernel is named
  * name[_<dtype>][_r<bucket>]: by_dtype 1 adds the element type; buckets,
@@ -59,7 +64,11 @@
  * alone, and is absent from the module on every other GPU (the host then
  * takes the portable path). A family whose name ends in _small is the same
  * kernel in a configuration that fits SINGLORA_SMALL_SMEM_BYTES, which the
- * host takes where the regular one does not fit. */
+ * host takes where the regular one does not fit. The fused backward
+ * (backward_fused_bf16_sm90) is bf16 alone, so its element type is part of
+ * its name: f16 would need S and Q scaled into range per column over a whole
+ * token range (the split path's dA kernel does that), and f32 runs on CUDA
+ * cores, where the split path is the one to keep. */
 #define SINGLORA_FAMILIES(X)                                          \
     X(fill, 0, NONE)                                                  \
     X(forward, 1, SINGLORA_RANK_BUCKETS)                              \
@@ -68,6 +77,7 @@
     X(backward_da_partial, 1, SINGLORA_RANK_BUCKETS)                  \
     X(backward_da_partial_small, 1, SINGLORA_SMALL_DA_RANK_BUCKETS)   \
     X(backward_da_reduce, 0, NONE)                                    \
+    X(backward_fused_bf16_sm90, 0, SINGLORA_BACKWARD_FUSED_RANK_BUCKETS) \
     X(merge, 1, NONE)                                                 \
     X(merge_mma, 1, NONE)                                             \
     X(adamw, 1, NONE)                                                 \
@@ -100,6 +110,20 @@
  * order, hence dA's bits, are the same on every GPU. */
 #define SINGLORA_DA_TARGET_BLOCKS 256
 #define SINGLORA_DA_MIN_SPLIT_TOKENS 256
+
+/* The fused backward on sm_90a (backward_fused_bf16_sm90; opt-in until a
+ * GPU run proves it): a thread-block cluster of SINGLORA_BACKWARD_FUSED_CLUSTER
+ * CTAs spans d for one block of token rows at a time. CTA q owns the columns
+ * [q·band, (q+1)·band) of d_out (of G) and of d_in (of X and dX), band =
+ * ⌈d / CLUSTER⌉ rounded up to 64 and at most SINGLORA_BACKWARD_FUSED_BAND,
+ * so d_in, d_out <= CLUSTER × BAND. The grid is persistent over token
+ * ranges: at most SINGLORA_BACKWARD_FUSED_MAX_CLUSTERS clusters, each at
+ * least SINGLORA_BACKWARD_FUSED_MIN_CLUSTER_TOKENS tokens, a count that
+ * follows from Dims alone (so dA's bits do not depend on the GPU). */
+#define SINGLORA_BACKWARD_FUSED_CLUSTER 8
+#define SINGLORA_BACKWARD_FUSED_BAND 512
+#define SINGLORA_BACKWARD_FUSED_MAX_CLUSTERS 16
+#define SINGLORA_BACKWARD_FUSED_MIN_CLUSTER_TOKENS 256
 
 /* What a kernel tells the host about its own launch shape: every kernel
  * `name` has a __constant__ `name_info` of this type, read once when the
@@ -231,6 +255,43 @@ typedef struct singlora_da_params {
     int32_t pad_;
     singlora_dropout dropout;
 } singlora_da_params;
+
+/* The fused backward (sm_90a, bf16, rank <= 32), one pass over G and X:
+ *   Q  = G · A[:d_out],  S = drop(X) · A[:d_in]   (f32, never leave the chip
+ *        but for Q's copy in q)
+ *   dX = dx_beta·dX + scale · M ⊙ (Q · A[:d_in]ᵀ) / (1 − p)   (dx != 0)
+ *   partial[((0·clusters + c)·D + row)·rank_pad + col] = (Gᵀ·S)[row, col]
+ *   partial[((1·clusters + c)·D + row)·rank_pad + col] = (drop(X)ᵀ·Q)[row, col]
+ * over cluster c's tokens [c·tokens_per_cluster, (c+1)·tokens_per_cluster):
+ * the layout of singlora_da_params's partials with splits = clusters, which
+ * backward_da_reduce sums. S is always formed on chip from the X tiles (the
+ * dA pass reads them anyway), so a saved S is not read. */
+typedef struct singlora_backward_fused_params {
+    uint64_t x;              /* T, tokens × d_in, row stride ld_x */
+    uint64_t g;              /* T, tokens × d_out, row stride ld_g */
+    uint64_t a;              /* T, D × rank, contiguous */
+    uint64_t dx;             /* T, tokens × d_in, row stride ld_dx; 0: none */
+    uint64_t q;              /* f32, tokens × rank */
+    uint64_t partial;        /* f32, 2 × clusters × D × rank_pad */
+    int64_t tokens;
+    int64_t ld_x;
+    int64_t ld_g;
+    int64_t ld_dx;
+    int64_t tokens_per_cluster;
+    int32_t d_in;
+    int32_t d_out;
+    int32_t d;               /* D = max(d_in, d_out) */
+    int32_t rank;
+    int32_t rank_pad;
+    int32_t clusters;
+    singlora_scale scale;
+    float dx_beta;           /* 0: overwrite dX (never read), 1: add into it */
+    int32_t x_vec;           /* 1: x and ld_x allow 16-byte loads */
+    int32_t g_vec;
+    int32_t a_vec;           /* 1: A rows allow 16-byte loads */
+    int32_t dx_pair;         /* 1: dx and ld_dx allow 2-element accesses */
+    singlora_dropout dropout;
+} singlora_backward_fused_params;
 
 /* The smoke kernel: every element of out (n elements of elem_bytes = 2 or 4)
  * is set to the bit pattern `bits`. Proves the module loads and launches;

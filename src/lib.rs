@@ -41,8 +41,8 @@ pub use error::{Error, Result};
 pub use nn::{kaiming_uniform, ForwardCtx, Ramp, SingLoraLinear, SplitMix64};
 pub use ops::adamw::{adamw, adamw_device_step, advance_step, AdamW, AdamWState};
 pub use ops::backward::{
-    backward, backward_raw, backward_workspace_len, check_backward, BackwardLens, BackwardPtrs,
-    BackwardShape, DxOut,
+    backward, backward_raw, backward_workspace_len, check_backward, BackwardKernel, BackwardLens,
+    BackwardOptions, BackwardPtrs, BackwardShape, DxOut,
 };
 pub use ops::fill::fill_bits;
 pub use ops::forward::{check_forward, forward, forward_raw, ForwardPtrs, ForwardShape};

@@ -8,6 +8,11 @@
 //! ```
 //! dA is reduced over token splits into per-block f32 partials that a second
 //! kernel sums in a fixed order: the result is bitwise reproducible.
+//!
+//! Two ways to get there ([`BackwardKernel`]): the split path above (the
+//! default, on every GPU), which reads G twice, and the fused sm_90a kernel
+//! (kernels/backward/backward_fused_sm90.cu, opt-in), which forms Q, S, dX
+//! and both dA terms in one pass over G and X.
 
 use std::sync::Arc;
 
@@ -21,7 +26,10 @@ use crate::ops::forward::{forward_kernels, ShrinkExpand};
 use crate::ops::regions::{check_disjoint, Region};
 use crate::ops::scale::{RawScale, Scale};
 use crate::params::{
-    singlora_da_params, SINGLORA_DA_BD, SINGLORA_DA_MIN_SPLIT_TOKENS, SINGLORA_DA_TARGET_BLOCKS,
+    singlora_backward_fused_params, singlora_da_params, singlora_dtype,
+    SINGLORA_BACKWARD_FUSED_BAND, SINGLORA_BACKWARD_FUSED_CLUSTER,
+    SINGLORA_BACKWARD_FUSED_MAX_CLUSTERS, SINGLORA_BACKWARD_FUSED_MIN_CLUSTER_TOKENS,
+    SINGLORA_DA_BD, SINGLORA_DA_MIN_SPLIT_TOKENS, SINGLORA_DA_TARGET_BLOCKS,
 };
 use crate::runtime::launch::{launch, or_null, vec_ok, THREADS};
 use crate::runtime::registry::{Family, Kernel, KernelId, Kernels};
@@ -29,6 +37,73 @@ use crate::runtime::registry::{Family, Kernel, KernelId, Kernels};
 /// f32 elements of each workspace segment are rounded up to this (256 bytes)
 /// so every segment starts 16-byte aligned.
 const SEGMENT_ALIGN: usize = 64;
+
+/// Which kernels form a backward. Both give dA bitwise reproducibly (fixed
+/// summation orders that depend on [`Dims`] alone) and meet the same error
+/// bars; their bits differ from each other.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum BackwardKernel {
+    /// Q and dX by the forward kernel, S when not saved, then the dA
+    /// partials and their reduction (kernels/backward/backward.cu): G is
+    /// read twice. Every GPU, every shape: the proven default.
+    #[default]
+    Split,
+    /// One pass over G and X (kernels/backward/backward_fused_sm90.cu): a
+    /// thread-block cluster spans d, sums partial Q and S through
+    /// distributed shared memory, writes dX and keeps its band's dA rows on
+    /// chip. Runs where [`BackwardKernel::resolve`] says so (bf16, rank
+    /// ≤ 32, d_in and d_out ≤ 4096, the sm_90a module loaded, at least one
+    /// token); elsewhere the call takes [`BackwardKernel::Split`]. Opt-in
+    /// until a GPU run proves it correct and faster.
+    Fused,
+}
+
+impl BackwardKernel {
+    /// The kernels a backward of element type `T` at `dims` runs when this
+    /// one is asked for, on the device `kernels` belongs to.
+    pub fn resolve<T: DType>(self, kernels: &Kernels, dims: &Dims) -> BackwardKernel {
+        match self {
+            BackwardKernel::Fused if fused_kernel::<T>(kernels, dims).is_some() => self,
+            _ => BackwardKernel::Split,
+        }
+    }
+}
+
+/// What a [`backward`] call takes beyond its buffers: the forward's
+/// dropout and the kernels to run. A [`Dropout`] converts into it with the
+/// default kernels.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct BackwardOptions {
+    pub dropout: Dropout,
+    pub kernel: BackwardKernel,
+}
+
+impl Default for BackwardOptions {
+    fn default() -> Self {
+        Self {
+            dropout: Dropout::NONE,
+            kernel: BackwardKernel::default(),
+        }
+    }
+}
+
+impl From<Dropout> for BackwardOptions {
+    fn from(dropout: Dropout) -> Self {
+        Self {
+            dropout,
+            ..Self::default()
+        }
+    }
+}
+
+impl From<BackwardKernel> for BackwardOptions {
+    fn from(kernel: BackwardKernel) -> Self {
+        Self {
+            kernel,
+            ..Self::default()
+        }
+    }
+}
 
 /// The workspace layout for given dims, in f32 elements.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -39,6 +114,55 @@ struct Workspace {
     len: usize,
     splits: usize,
     tokens_per_split: usize,
+    /// The fused kernel's grid where it can run (its partials share the
+    /// split path's region, sized for the larger of the two).
+    fused: Option<FusedPlan>,
+}
+
+/// The fused backward's persistent grid: `clusters` clusters, each over
+/// `tokens_per_cluster` consecutive tokens (the last one fewer).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct FusedPlan {
+    clusters: usize,
+    tokens_per_cluster: usize,
+}
+
+/// The fused kernel's grid for `dims`, or `None` where its bands cannot
+/// span d (d_in or d_out above cluster × band), the rank exceeds its largest
+/// bucket, or there are no tokens. Depends on dims only, never on the
+/// device: the cluster count fixes dA's summation order.
+fn fused_plan(dims: &Dims) -> Option<FusedPlan> {
+    let max_d = (SINGLORA_BACKWARD_FUSED_CLUSTER * SINGLORA_BACKWARD_FUSED_BAND) as usize;
+    let max_rank = *Family::BackwardFusedBf16Sm90.spec().buckets.last()?;
+    if dims.tokens() == 0 || dims.d_in() > max_d || dims.d_out() > max_d || dims.rank() > max_rank {
+        return None;
+    }
+    let clusters = dims
+        .tokens()
+        .div_ceil(SINGLORA_BACKWARD_FUSED_MIN_CLUSTER_TOKENS as usize)
+        .clamp(1, SINGLORA_BACKWARD_FUSED_MAX_CLUSTERS as usize);
+    Some(FusedPlan {
+        clusters,
+        tokens_per_cluster: dims.tokens().div_ceil(clusters),
+    })
+}
+
+/// The fused kernel for `T` at `dims` with its grid, where it applies and
+/// this device's modules have it (sm_90a, and its shared memory granted).
+fn fused_kernel<'k, T: DType>(
+    kernels: &'k Kernels,
+    dims: &Dims,
+) -> Option<(&'k Kernel, FusedPlan)> {
+    if !matches!(T::CODE, singlora_dtype::SINGLORA_DTYPE_BF16) {
+        return None;
+    }
+    let plan = fused_plan(dims)?;
+    let id = KernelId::of::<T>(Family::BackwardFusedBf16Sm90, dims.rank())?;
+    kernels
+        .has(id)
+        .then(|| kernels.kernel(id).ok())
+        .flatten()
+        .map(|k| (k, plan))
 }
 
 /// Token splits of the dA reduction: about SINGLORA_DA_TARGET_BLOCKS
@@ -63,9 +187,11 @@ fn workspace(dims: &Dims, saved_s: bool) -> Result<Workspace> {
             .ok_or(Error::Overflow { what: "workspace" })
     };
     let (splits, tokens_per_split) = da_splits(dims);
+    let fused = fused_plan(dims);
+    let slots = splits.max(fused.map_or(0, |f| f.clusters));
     let tr = seg(dims.s_len())?;
     let partial_len = mul(
-        mul(2 * splits, dims.d(), "workspace")?,
+        mul(2 * slots, dims.d(), "workspace")?,
         dims.rank_pad(),
         "workspace",
     )?;
@@ -87,13 +213,16 @@ fn workspace(dims: &Dims, saved_s: bool) -> Result<Workspace> {
         len,
         splits,
         tokens_per_split,
+        fused,
     })
 }
 
 /// f32 elements of workspace [`backward`] needs for `dims`: Q (tokens × rank),
 /// S when no saved S is passed (tokens × rank), and the dA partials
 /// (2 × splits × D × rank rounded up to 16, splits ≤ 256 / ⌈D/128⌉ and
-/// ≤ ⌈tokens/256⌉). That is O(tokens·rank + splits·D·rank), never O(d²):
+/// ≤ ⌈tokens/256⌉, or, where [`BackwardKernel::Fused`] could run, at least
+/// its cluster count, ≤ 16). The same for both kernels, so a workspace
+/// sized once serves either. That is O(tokens·rank + splits·D·rank), never O(d²):
 /// for d = 4096, rank 64, 16384 tokens it is 4 MiB for Q (8 MiB with S) plus
 /// 16 MiB of partials.
 pub fn backward_workspace_len(dims: &Dims, saved_s: bool) -> Result<usize> {
@@ -119,6 +248,7 @@ pub struct BackwardShape {
     da_beta: f32,
     ws: Workspace,
     dropout: Dropout,
+    kernel: BackwardKernel,
 }
 
 impl BackwardShape {
@@ -155,7 +285,14 @@ impl BackwardShape {
             da_beta,
             ws: workspace(dims, saved_s)?,
             dropout: Dropout::NONE,
+            kernel: BackwardKernel::default(),
         })
+    }
+
+    /// The same shape run by `kernel` where it applies (default
+    /// [`BackwardKernel::Split`]; see [`BackwardKernel::resolve`]).
+    pub fn with_kernel(self, kernel: BackwardKernel) -> Self {
+        Self { kernel, ..self }
     }
 
     /// The same shape with the adapter dropout of the forward it
@@ -245,8 +382,9 @@ impl BackwardShape {
 }
 
 /// Runs the adapter backward on `stream`, for the forward that ran with
-/// `dropout` (the same seed and offset: the mask is regenerated, see
-/// [`Dropout`]; [`Dropout::NONE`] without dropout).
+/// `options`' dropout (the same seed and offset: the mask is regenerated,
+/// see [`Dropout`]; pass [`Dropout::NONE`] without dropout), by `options`'
+/// kernels ([`BackwardKernel`]; a bare [`Dropout`] takes the default).
 ///
 /// * `g` = ∂L/∂Y (`tokens × d_out`, row stride `ld_g`), `x` the forward's
 ///   input (`tokens × d_in`, `ld_x`), `a` (`D × rank`).
@@ -277,8 +415,9 @@ pub fn backward<'s, T: DType>(
     da: &mut impl DevicePtrMut<f32>,
     da_beta: f32,
     workspace_buf: &mut impl DevicePtrMut<f32>,
-    dropout: Dropout,
+    options: impl Into<BackwardOptions>,
 ) -> Result<()> {
+    let options = options.into();
     let lens = BackwardLens {
         x: x.len(),
         ld_x,
@@ -301,7 +440,8 @@ pub fn backward<'s, T: DType>(
         raw_scale,
         da_beta,
     )?
-    .with_dropout(dropout)?;
+    .with_dropout(options.dropout)?
+    .with_kernel(options.kernel);
     shape.check_lens(&lens)?;
     let (x_ptr, _x_rec) = x.device_ptr(stream);
     let (g_ptr, _g_rec) = g.device_ptr(stream);
@@ -432,6 +572,77 @@ unsafe fn launch_backward<T: DType>(
         Some(off) => f32_at(off),
         None => p.saved_s,
     };
+    let da_params = |splits: usize, tokens_per_split: usize| singlora_da_params {
+        x: p.x,
+        g: p.g,
+        s,
+        q,
+        partial: f32_at(ws.partial),
+        da: p.da,
+        tokens: dims.tokens() as i64,
+        ld_x: shape.x.ld() as i64,
+        ld_g: shape.g.ld() as i64,
+        tokens_per_split: tokens_per_split as i64,
+        d_in: dims.d_in() as i32,
+        d_out: dims.d_out() as i32,
+        d: dims.d() as i32,
+        rank: dims.rank() as i32,
+        rank_pad: dims.rank_pad() as i32,
+        splits: splits as i32,
+        scale: shape.scale.param(1.0),
+        da_beta: shape.da_beta,
+        x_vec: vec_ok::<T>(p.x, shape.x.ld()),
+        g_vec: vec_ok::<T>(p.g, shape.g.ld()),
+        pad_: 0,
+        dropout: shape.dropout.param(),
+    };
+    let reduce_grid =
+        u32::try_from(dims.a_len().div_ceil(THREADS as usize)).map_err(|_| Error::Overflow {
+            what: "dA reduce grid",
+        })?;
+    if shape.kernel == BackwardKernel::Fused {
+        if let Some((fused, plan)) = fused_kernel::<T>(kernels, dims) {
+            let elem = std::mem::size_of::<T>() as u64;
+            let params = singlora_backward_fused_params {
+                x: p.x,
+                g: p.g,
+                a: p.a,
+                dx: p.dx,
+                q,
+                partial: f32_at(ws.partial),
+                tokens: dims.tokens() as i64,
+                ld_x: shape.x.ld() as i64,
+                ld_g: shape.g.ld() as i64,
+                ld_dx: ld_dx as i64,
+                tokens_per_cluster: plan.tokens_per_cluster as i64,
+                d_in: dims.d_in() as i32,
+                d_out: dims.d_out() as i32,
+                d: dims.d() as i32,
+                rank: dims.rank() as i32,
+                rank_pad: dims.rank_pad() as i32,
+                clusters: plan.clusters as i32,
+                scale: shape.scale.param(1.0),
+                dx_beta,
+                x_vec: vec_ok::<T>(p.x, shape.x.ld()),
+                g_vec: vec_ok::<T>(p.g, shape.g.ld()),
+                a_vec: vec_ok::<T>(p.a, dims.rank()),
+                dx_pair: (p.dx % (2 * elem) == 0 && ld_dx % 2 == 0) as i32,
+                dropout: shape.dropout.param(),
+            };
+            // Grid: the cluster's CTAs along x (the kernel's compile-time
+            // cluster shape), the clusters along y.
+            let grid = (SINGLORA_BACKWARD_FUSED_CLUSTER, plan.clusters as u32, 1);
+            launch(stream, fused, grid, &params)?;
+            // The partials' layout is the split path's with one split per
+            // cluster.
+            return launch(
+                stream,
+                reduce,
+                (reduce_grid, 1, 1),
+                &da_params(plan.clusters, 0),
+            );
+        }
+    }
     if dims.tokens() > 0 {
         // Q = G·A[:d_out] and dX = dx_beta·dX + s·Q·A[:d_in]ᵀ: the forward
         // kernel with G in X's place.
@@ -473,30 +684,7 @@ unsafe fn launch_backward<T: DType>(
             .launch::<T>(stream, kernels)?;
         }
     }
-    let params = singlora_da_params {
-        x: p.x,
-        g: p.g,
-        s,
-        q,
-        partial: f32_at(ws.partial),
-        da: p.da,
-        tokens: dims.tokens() as i64,
-        ld_x: shape.x.ld() as i64,
-        ld_g: shape.g.ld() as i64,
-        tokens_per_split: ws.tokens_per_split as i64,
-        d_in: dims.d_in() as i32,
-        d_out: dims.d_out() as i32,
-        d: dims.d() as i32,
-        rank: dims.rank() as i32,
-        rank_pad: dims.rank_pad() as i32,
-        splits: ws.splits as i32,
-        scale: shape.scale.param(1.0),
-        da_beta: shape.da_beta,
-        x_vec: vec_ok::<T>(p.x, shape.x.ld()),
-        g_vec: vec_ok::<T>(p.g, shape.g.ld()),
-        pad_: 0,
-        dropout: shape.dropout.param(),
-    };
+    let params = da_params(ws.splits, ws.tokens_per_split);
     let bands = dims.d().div_ceil(partial.info.block_rows as usize) as u32;
     let rank_splits = partial.info.rank_cap / partial.info.block_cols;
     launch(
@@ -505,9 +693,5 @@ unsafe fn launch_backward<T: DType>(
         (bands, ws.splits as u32, 2 * rank_splits),
         &params,
     )?;
-    let blocks =
-        u32::try_from(dims.a_len().div_ceil(THREADS as usize)).map_err(|_| Error::Overflow {
-            what: "dA reduce grid",
-        })?;
-    launch(stream, reduce, (blocks, 1, 1), &params)
+    launch(stream, reduce, (reduce_grid, 1, 1), &params)
 }
