@@ -13,8 +13,8 @@ use common::*;
 use cudarc::driver::CudaSlice;
 use half::{bf16, f16};
 use singlora::{
-    backward, backward_workspace_len, check_backward, forward, BackwardLens, DType, Dims, Dropout,
-    DxOut, Error,
+    backward, backward_workspace_len, check_backward, forward, BackwardKernel, BackwardLens,
+    BackwardOptions, DType, Dims, Dropout, DxOut, Error, Kernels,
 };
 
 /// Element offsets of X, G, A, dX, dA and the saved S from a 16-byte
@@ -39,6 +39,8 @@ struct Case {
     saved_s: bool,
     with_dx: bool,
     off: Off,
+    /// The kernels asked for (the fused one runs only where it applies).
+    kernel: BackwardKernel,
 }
 
 /// Base offsets of (X, G, A, dX, dA, S).
@@ -65,12 +67,21 @@ const fn case(
         saved_s,
         with_dx: true,
         off: NO_OFF,
+        kernel: BackwardKernel::Split,
     }
 }
 
 /// `case` with a layout: row stride and base offsets.
 const fn layout(c: Case, ld: Ld, off: Off) -> Case {
     Case { ld, off, ..c }
+}
+
+/// `c` asking for the fused kernel.
+const fn fused(c: Case) -> Case {
+    Case {
+        kernel: BackwardKernel::Fused,
+        ..c
+    }
 }
 
 #[rustfmt::skip]
@@ -112,6 +123,27 @@ const LAYOUT_CASES: &[Case] = &[
         with_dx: false,
         ..layout(case((65, 104, 77, 16), 0, 0.0, 1.0, false), Ld::Aligned, off(1, 3, 4, 0, 3, 0))
     },
+];
+
+/// Shapes for the fused kernel (bf16, rank ≤ 32, d ≤ 4096) beyond the grids
+/// above: d = 4096 and non-square both ways, bands that end inside a warp's
+/// columns (d not a multiple of 8 or of 64), token ranges over several
+/// clusters ending inside a step (16 clusters from 4096 tokens on), ranks
+/// 1, 17 and 32 (both buckets, padded columns), misaligned bases and padded
+/// strides (the element-wise copies and dX's unpaired stores).
+#[rustfmt::skip]
+const FUSED_CASES: &[Case] = &[
+    case((1100, 4096, 4096, 32), 0, 0.0, 0.0, true),
+    case((300, 4096, 1000, 16), 0, 1.0, 1.0, false),
+    case((520, 1000, 4096, 24), 0, 0.0, 1.0, true),
+    case((257, 333, 517, 8), 0, 1.0, 0.0, false),
+    case((1, 64, 64, 1), 0, 0.0, 0.0, true),
+    case((5000, 512, 384, 17), 0, 1.0, 1.0, true),
+    case((4100, 72, 4096, 16), 0, 0.0, 0.0, false),
+    Case { with_dx: false, ..case((600, 2048, 2048, 32), 0, 0.0, 1.0, true) },
+    layout(case((333, 1001, 999, 16), 0, 1.0, 1.0, true), Ld::Aligned, off(1, 3, 1, 1, 1, 0)),
+    layout(case((200, 4000, 4095, 8), 0, 0.0, 0.0, false), Ld::Pad(8), off(0, 0, 3, 0, 0, 0)),
+    layout(case((77, 130, 90, 32), 0, 1.0, 0.0, true), Ld::Dense, off(3, 1, 3, 3, 3, 1)),
 ];
 
 const SCALE: f32 = 0.625;
@@ -277,7 +309,10 @@ fn run_gpu<T: DType>(gpu: &Gpu, c: &Case, dims: &Dims, d: &Data) -> Outputs {
             &mut dad.view_mut(),
             c.da_beta,
             &mut ws,
-            Dropout::NONE,
+            BackwardOptions {
+                dropout: Dropout::NONE,
+                kernel: c.kernel,
+            },
         )
         .unwrap();
     }
@@ -434,6 +469,117 @@ fn sanitizer_backward_small() {
         layout(case((70, 72, 33, 40), 0, 0.0, 0.0, false), Ld::Aligned, NO_OFF),
     ];
     run_typed!(&cases, run_case: bf16 => 7, f16 => 17, f32 => 27);
+}
+
+/// Whether this device runs the fused kernel at all (the sm_90a module is
+/// loaded: compute capability 9.0); prints why a fused test skips.
+fn fused_available(gpu: &Gpu) -> Option<std::sync::Arc<Kernels>> {
+    let kernels = Kernels::for_stream(&gpu.stream).unwrap();
+    if kernels.contains("backward_fused_bf16_sm90_r16") {
+        Some(kernels)
+    } else {
+        println!("skipped: no sm_90a module on this device (the fused backward is sm_90a code)");
+        None
+    }
+}
+
+/// The fused kernel against the reference on every case of the grids and
+/// on FUSED_CASES, bf16; where it applies (rank ≤ 32, d_in and d_out
+/// ≤ 4096, tokens > 0: the documented rule, restated here) it is the one
+/// that runs, elsewhere the split path does.
+#[test]
+fn backward_fused_matches_reference_bf16() {
+    let Some(gpu) = gpu() else { return };
+    let Some(kernels) = fused_available(&gpu) else {
+        return;
+    };
+    let mut ran = 0;
+    for (i, c) in CASES
+        .iter()
+        .chain(LAYOUT_CASES)
+        .chain(FUSED_CASES)
+        .enumerate()
+    {
+        let c = fused(*c);
+        let dims = c.sh.dims();
+        let applies =
+            dims.tokens() > 0 && dims.d_in() <= 4096 && dims.d_out() <= 4096 && dims.rank() <= 32;
+        let runs = BackwardKernel::Fused.resolve::<bf16>(&kernels, &dims);
+        assert_eq!(runs == BackwardKernel::Fused, applies, "{c:?}");
+        ran += usize::from(applies);
+        run_case::<bf16>(&gpu, c, 700 + i as u64);
+    }
+    assert!(ran >= 20, "only {ran} cases ran the fused kernel");
+    // Other element types always take the split path.
+    let dims = Dims::new(64, 256, 256, 16).unwrap();
+    assert_eq!(
+        BackwardKernel::Fused.resolve::<f16>(&kernels, &dims),
+        BackwardKernel::Split
+    );
+}
+
+/// The fused kernel's dA is bitwise identical over three runs, and when its
+/// launches share the GPU with another stream's work (the cluster count,
+/// hence the summation order, follows from Dims alone).
+#[test]
+fn backward_fused_da_is_deterministic_beside_other_work() {
+    let Some(gpu) = gpu() else { return };
+    if fused_available(&gpu).is_none() {
+        return;
+    }
+    let c = fused(case((4096, 2048, 1536, 16), 0, 0.0, 0.0, true));
+    let dims = c.sh.dims();
+    let inp = data::<bf16>(c.sh, c.dx_beta, c.da_beta, 98);
+    let bits = |out: Outputs| -> Vec<u64> { out.da.iter().map(|v| v.to_bits()).collect() };
+    let solo: Vec<Vec<u64>> = (0..3)
+        .map(|_| bits(run_gpu::<bf16>(&gpu, &c, &dims, &inp)))
+        .collect();
+    assert_eq!(solo[0], solo[1]);
+    assert_eq!(solo[0], solo[2]);
+    // Another stream keeps the SMs busy with forwards while the case runs.
+    let other = gpu.stream.context().new_stream().unwrap();
+    let big = Dims::new(16384, 4096, 4096, 64).unwrap();
+    let xo = other.alloc_zeros::<bf16>(16384 * 4096).unwrap();
+    let ao = other.alloc_zeros::<bf16>(big.a_len()).unwrap();
+    let mut yo = other.alloc_zeros::<bf16>(16384 * 4096).unwrap();
+    for _ in 0..20 {
+        forward(
+            &other,
+            &big,
+            &xo,
+            4096,
+            &ao,
+            &mut yo,
+            4096,
+            None,
+            SCALE,
+            1.0,
+            Dropout::NONE,
+        )
+        .unwrap();
+    }
+    let busy = bits(run_gpu::<bf16>(&gpu, &c, &dims, &inp));
+    other.synchronize().unwrap();
+    assert_eq!(solo[0], busy, "dA changed with other work on the GPU");
+}
+
+/// Small fused cases for compute-sanitizer (bf16): several clusters, steps
+/// that end inside a tile, misaligned bases, dx_beta 1.
+#[test]
+fn sanitizer_backward_fused_small() {
+    let Some(gpu) = gpu() else { return };
+    if fused_available(&gpu).is_none() {
+        return;
+    }
+    #[rustfmt::skip]
+    let cases = [
+        fused(case((37, 72, 40, 24), 0, 1.0, 1.0, true)),
+        fused(case((600, 520, 200, 16), 0, 0.0, 0.0, false)),
+        fused(case((5, 1000, 64, 32), 0, 1.0, 0.0, true)),
+        fused(layout(case((70, 45, 72, 8), 0, 1.0, 1.0, true), Ld::Aligned, off(1, 3, 3, 1, 1, 1))),
+        fused(Case { with_dx: false, ..case((300, 64, 96, 16), 0, 0.0, 1.0, false) }),
+    ];
+    run_typed!(&cases, run_case: bf16 => 37);
 }
 
 /// dA is bitwise identical across runs (fixed-order reduction, no atomics).
@@ -692,11 +838,24 @@ fn workspace_is_linear_in_tokens_and_d() {
     }
 }
 
-/// Not a check: a fixed workload for `ncu` in the GPU run (SINGLORA_NCU=1):
-/// bf16 backward at 16384 tokens, d = 4096, rank 16, with a saved S.
+/// Not a check: a fixed workload for `ncu` in the GPU run (SINGLORA_NCU=1,
+/// and the DRAM-bytes step): bf16 backward at 16384 tokens, d = 4096, rank
+/// 16, with a saved S, by the split kernels (three launches per backward).
 #[test]
 #[ignore = "profiling workload, run by scripts/gpu/run.sh under ncu"]
 fn profile_backward_bf16() {
+    profile_backward(BackwardKernel::Split);
+}
+
+/// [`profile_backward_bf16`] by the fused kernel (two launches per
+/// backward: the fused pass and the dA reduction).
+#[test]
+#[ignore = "profiling workload, run by scripts/gpu/run.sh under ncu"]
+fn profile_backward_fused_bf16() {
+    profile_backward(BackwardKernel::Fused);
+}
+
+fn profile_backward(kernel: BackwardKernel) {
     let Some(gpu) = gpu() else { return };
     let dims = Dims::new(16384, 4096, 4096, 16).unwrap();
     let mut r = rng(1);
@@ -727,7 +886,7 @@ fn profile_backward_bf16() {
             &mut dad,
             0.0,
             &mut ws,
-            Dropout::NONE,
+            kernel,
         )
         .unwrap();
     }

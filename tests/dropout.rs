@@ -25,8 +25,8 @@ mod common;
 use common::*;
 use cudarc::driver::CudaSlice;
 use singlora::{
-    backward, forward, reference, BackwardShape, DType, Dims, Dropout, DxOut, ForwardShape,
-    SingLoraLinear,
+    backward, forward, reference, BackwardKernel, BackwardOptions, BackwardShape, DType, Dims,
+    Dropout, DxOut, ForwardShape, SingLoraLinear,
 };
 
 const SCALE: f32 = 0.75;
@@ -103,7 +103,7 @@ fn gpu_backward<T: DType>(
     g: &[f64],
     saved_s: Option<&[f64]>,
     dx0: Option<&[f64]>,
-    dropout: Dropout,
+    options: impl Into<BackwardOptions>,
 ) -> Grads {
     let (t, d_in, d_out) = (dims.tokens(), dims.d_in(), dims.d_out());
     let xd = upload::<T>(gpu, &restride(x, t, d_in, ld_x, f64::NAN));
@@ -135,7 +135,7 @@ fn gpu_backward<T: DType>(
         &mut dad,
         0.0,
         &mut ws,
-        dropout,
+        options,
     )
     .unwrap();
     Grads {
@@ -234,10 +234,23 @@ fn probe_da<T: DType>(
     ld_pad: usize,
     seed: u64,
 ) {
+    probe_da_with::<T>(gpu, tokens, d_in, rank, ld_pad, seed, BackwardKernel::Split);
+}
+
+/// `probe_da` by `kernel`.
+fn probe_da_with<T: DType>(
+    gpu: &Gpu,
+    tokens: usize,
+    d_in: usize,
+    rank: usize,
+    ld_pad: usize,
+    seed: u64,
+    kernel: BackwardKernel,
+) {
     let d_out = rank;
     let dims = Dims::new(tokens, d_in, d_out, rank).unwrap();
     let name = format!(
-        "{} dA probe tokens {tokens} d_in {d_in} rank {rank}",
+        "{} dA probe tokens {tokens} d_in {d_in} rank {rank} {kernel:?}",
         T::NAME
     );
     let mut r = rng(seed);
@@ -248,7 +261,8 @@ fn probe_da<T: DType>(
     }
     let a = one_hot(&dims);
     let dropout = Dropout::new(0.5, 7 + seed, u64::MAX - seed).unwrap();
-    let grads = gpu_backward::<T>(gpu, &dims, &x, d_in + ld_pad, &a, &g, None, None, dropout);
+    let options = BackwardOptions { dropout, kernel };
+    let grads = gpu_backward::<T>(gpu, &dims, &x, d_in + ld_pad, &a, &g, None, None, options);
     for c in d_out..d_in {
         for t in 0..tokens {
             let v = grads.da[c * rank + t];
@@ -296,8 +310,9 @@ fn check_pass<T: DType>(
     [x, a, g]: [&[f64]; 3],
     pad: usize,
     (y0, dx0): (Option<&[f64]>, Option<&[f64]>),
-    dropout: Dropout,
+    options: BackwardOptions,
 ) {
+    let BackwardOptions { dropout, kernel } = options;
     let ld_x = dims.d_in() + pad;
     let (y_ref, s_ref, gr) = ref_all(dims, x, a, g, y0, dx0, dropout);
     let (y, s) = gpu_forward::<T>(gpu, dims, x, ld_x, a, y0, dropout);
@@ -305,8 +320,8 @@ fn check_pass<T: DType>(
     assert_close::<f32>("S", name, &s, &s_ref);
     for saved in [true, false] {
         let saved_s = saved.then_some(&s[..]);
-        let grads = gpu_backward::<T>(gpu, dims, x, ld_x, a, g, saved_s, dx0, dropout);
-        let name = format!("{name} saved S {saved}");
+        let grads = gpu_backward::<T>(gpu, dims, x, ld_x, a, g, saved_s, dx0, options);
+        let name = format!("{name} saved S {saved} {kernel:?}");
         assert_close::<T>("dX", &name, &grads.dx, &gr.dx);
         assert_close::<f32>("dA", &name, &grads.da, &gr.da);
     }
@@ -326,7 +341,67 @@ fn accuracy<T: DType>() {
             let dropout = Dropout::new(p, 1234 + k as u64, 99).unwrap();
             let name = format!("{} {tokens}x{d_in}->{d_out} r{rank} p {p}", T::NAME);
             let starts = (Some(&y0[..]), Some(&dx0[..]));
-            check_pass::<T>(&gpu, &name, &dims, [&x, &a, &g], pad, starts, dropout);
+            check_pass::<T>(
+                &gpu,
+                &name,
+                &dims,
+                [&x, &a, &g],
+                pad,
+                starts,
+                dropout.into(),
+            );
+        }
+    }
+}
+
+/// The fused backward (sm_90a, bf16) with dropout: the dA probe (zero
+/// exactly where dropped) and the accuracy shapes it applies to, p = 0.1
+/// and 0.5, against the reference with the library's mask.
+#[test]
+fn fused_backward_with_dropout_bf16() {
+    type T = half::bf16;
+    let Some(gpu) = gpu() else { return };
+    let kernels = singlora::Kernels::for_stream(&gpu.stream).unwrap();
+    if !kernels.contains("backward_fused_bf16_sm90_r16") {
+        println!("skipped: no sm_90a module on this device");
+        return;
+    }
+    probe_da_with::<T>(&gpu, 30, 331, 32, 3, 6, BackwardKernel::Fused);
+    probe_da_with::<T>(&gpu, 16, 1000, 16, 0, 7, BackwardKernel::Fused);
+    let shapes = [
+        (300, 515, 260, 24, 5),
+        (1100, 96, 300, 8, 0),
+        (9, 1000, 777, 16, 8),
+        (700, 4096, 2000, 32, 0),
+    ];
+    for (k, &(tokens, d_in, d_out, rank, pad)) in shapes.iter().enumerate() {
+        let dims = Dims::new(tokens, d_in, d_out, rank).unwrap();
+        assert_eq!(
+            BackwardKernel::Fused.resolve::<T>(&kernels, &dims),
+            BackwardKernel::Fused
+        );
+        let mut r = rng(400 + k as u64);
+        let x = nonzero::<T>(&mut r, tokens * d_in, 1.0);
+        let a = nonzero::<T>(&mut r, dims.a_len(), 1.0 / (dims.d() as f64).sqrt());
+        let g = nonzero::<T>(&mut r, tokens * d_out, 1.0);
+        let y0 = nonzero::<T>(&mut r, tokens * d_out, 0.5);
+        let dx0 = nonzero::<T>(&mut r, tokens * d_in, 0.5);
+        for p in [0.1, 0.5] {
+            let dropout = Dropout::new(p, 4321 + k as u64, 7).unwrap();
+            let name = format!("fused {tokens}x{d_in}->{d_out} r{rank} p {p}");
+            let starts = (Some(&y0[..]), Some(&dx0[..]));
+            check_pass::<T>(
+                &gpu,
+                &name,
+                &dims,
+                [&x, &a, &g],
+                pad,
+                starts,
+                BackwardOptions {
+                    dropout,
+                    kernel: BackwardKernel::Fused,
+                },
+            );
         }
     }
 }
@@ -561,7 +636,15 @@ fn sanitizer_dropout_forward_backward() {
             let g = nonzero::<T>(&mut r, tokens * d_out, 1.0);
             let dropout = Dropout::new(0.3, 5, k as u64).unwrap();
             let name = format!("{} sanitizer case {k}", T::NAME);
-            check_pass::<T>(gpu, &name, &dims, [&x, &a, &g], 3, (None, None), dropout);
+            check_pass::<T>(
+                gpu,
+                &name,
+                &dims,
+                [&x, &a, &g],
+                3,
+                (None, None),
+                dropout.into(),
+            );
         }
     }
     run::<f32>(&gpu);

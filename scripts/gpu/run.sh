@@ -287,6 +287,29 @@ else
     record "python finetune_lm.py (cuda)" "$(status_of "$py_rc" "$py_log")"
 fi
 
+# --------------------------------- the backward's DRAM bytes (issue 13)
+# Nsight Compute's DRAM bytes per kernel of one bf16 backward at 16384 ×
+# 4096, rank 16, saved S, dX at beta 0, by each path (the second backward of
+# each workload; into bench-table.md), beside the byte model of benches/RESULTS.md: split 512 MiB
+# (G twice, X, dX) + partials; fused 384 MiB (G, X, dX once) + Q (1 MiB) +
+# partials (8 MiB written, then read by the reduction).
+ncu_bin="$(command -v ncu 2>/dev/null || ls /usr/local/cuda/bin/ncu 2>/dev/null)"
+if [[ -n "$ncu_bin" && -x bin/test-backward ]]; then
+    section "backward DRAM bytes (ncu)"
+    {
+        echo "### backward DRAM bytes, rank 16, 16384 x 4096 bf16 (model: split 512 MiB + partials, fused 384 MiB + 9 MiB)"
+        for w in "profile_backward_bf16 3 3" "profile_backward_fused_bf16 2 2"; do
+            read -r name skip count <<<"$w"
+            echo "#### $name"
+            timeout --kill-after=10 90 "$ncu_bin" --clock-control none --kernel-name "regex:forward|backward" \
+                --launch-skip "$skip" --launch-count "$count" \
+                --metrics dram__bytes_read.sum,dram__bytes_write.sum,gpu__time_duration.sum \
+                bin/test-backward --ignored --exact "$name" 2>&1 |
+                grep -E "forward_|backward_|dram__bytes|gpu__time_duration" || echo "(ncu failed for $name)"
+        done
+    } | tee -a "$OUT/bench-table.md"
+fi
+
 # ------------------------------------------------- optional: ncu profile
 # SINGLORA_NCU=1: Nsight Compute over the `profile_*` workloads of
 # bin/test-forward and bin/test-backward -> ncu.txt.

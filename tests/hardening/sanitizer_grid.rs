@@ -11,6 +11,8 @@
 //!   ≤ 64 tokens, forward and the backward's dX launch);
 //! * `backward_da_partial_<t>_r<b>` and `backward_da_reduce`, overwriting
 //!   and accumulating;
+//! * the opt-in fused backward (`backward_fused_bf16_sm90_r<b>`, bf16, on
+//!   sm_90 only) in both of its buckets over the same layouts;
 //! * each with 16-byte aligned row strides whose rows end in a tail (the
 //!   vector paths), dense rows, and row strides and base addresses off
 //!   16-byte alignment (the element-wise paths); the scale by value, from a
@@ -38,12 +40,15 @@ use crate::common::*;
 use half::{bf16, f16};
 use singlora::{
     adamw, adamw_device_step, advance_step, backward, backward_workspace_len, kernel_names, merge,
-    merge_with, mse, mse_loss, reference, unmerge, AdamW, AdamWState, DType, Dims, Dropout, DxOut,
-    Kernels, MergeKernel, Scale, MSE_PARTIALS, RANK_BUCKETS,
+    merge_with, mse, mse_loss, reference, unmerge, AdamW, AdamWState, BackwardKernel,
+    BackwardOptions, DType, Dims, Dropout, DxOut, Kernels, MergeKernel, Scale, MSE_PARTIALS,
+    RANK_BUCKETS,
 };
 
 /// One rank per bucket (32, 64, 128, 256).
 const RANKS: [usize; 4] = [16, 48, 100, 200];
+/// One rank per bucket of the fused backward (16, 32), bf16.
+const FUSED_RANKS: [(usize, usize); 2] = [(16, 16), (24, 32)];
 /// Tokens at and above which the forward takes the regular path (the
 /// forward's row block); at most this many take the decode kernels on
 /// sm_90 when the rank fits a decode bucket.
@@ -178,10 +183,10 @@ fn scale_value() -> f32 {
     .scale(STEP)
 }
 
-fn run_case<T: DType>(gpu: &Gpu, c: Case, rank: usize, seed: u64) {
+fn run_case<T: DType>(gpu: &Gpu, c: Case, rank: usize, seed: u64, kernel: BackwardKernel) {
     let dims = Dims::new(c.tokens, c.d_in, c.d_out, rank).unwrap();
     let (ld_x, ld_y) = (c.ld.of::<T>(c.d_in), c.ld.of::<T>(c.d_out));
-    let name = format!("{} rank {rank} {c:?}", T::NAME);
+    let name = format!("{} rank {rank} {c:?} {kernel:?}", T::NAME);
     let s = scale_value();
     assert_eq!(s, 1.125);
     let mut r = rng(seed);
@@ -250,7 +255,10 @@ fn run_case<T: DType>(gpu: &Gpu, c: Case, rank: usize, seed: u64) {
             &mut dad.view_mut(),
             c.beta,
             &mut ws,
-            Dropout::NONE,
+            BackwardOptions {
+                dropout: Dropout::NONE,
+                kernel,
+            },
         )
         .unwrap();
     }
@@ -271,7 +279,21 @@ fn forward_backward_grid<T: DType>(seed: u64) {
     let Some(gpu) = gpu() else { return };
     for (i, &rank) in RANKS.iter().enumerate() {
         for (j, &c) in LAYOUTS.iter().enumerate() {
-            run_case::<T>(&gpu, c, rank, seed + 10 * i as u64 + j as u64);
+            run_case::<T>(
+                &gpu,
+                c,
+                rank,
+                seed + 10 * i as u64 + j as u64,
+                BackwardKernel::Split,
+            );
+        }
+    }
+    if T::NAME == "bf16" {
+        for (i, &(rank, _)) in FUSED_RANKS.iter().enumerate() {
+            for (j, &c) in LAYOUTS.iter().enumerate() {
+                let seed = seed + 50 + 10 * i as u64 + j as u64;
+                run_case::<T>(&gpu, c, rank, seed, BackwardKernel::Fused);
+            }
         }
     }
 }
@@ -508,6 +530,7 @@ fn grid_covers_every_kernel() {
             "step_advance".to_string(),
         ]);
     }
+    hit.extend(FUSED_RANKS.map(|(_, b)| format!("backward_fused_bf16_sm90_r{b}")));
     for name in kernel_names() {
         if name.contains("_small_") {
             // The configurations for 99 KiB devices run only in a context
