@@ -116,10 +116,13 @@
  * CTAs spans d for one block of token rows at a time. CTA q owns the columns
  * [q·band, (q+1)·band) of d_out (of G) and of d_in (of X and dX), band =
  * ⌈d / CLUSTER⌉ rounded up to 64 and at most SINGLORA_BACKWARD_FUSED_BAND,
- * so d_in, d_out <= CLUSTER × BAND. The grid is persistent over token
- * ranges: at most SINGLORA_BACKWARD_FUSED_MAX_CLUSTERS clusters, each at
- * least SINGLORA_BACKWARD_FUSED_MIN_CLUSTER_TOKENS tokens, a count that
- * follows from Dims alone (so dA's bits do not depend on the GPU). */
+ * so d_in, d_out <= CLUSTER × BAND. The tokens are cut into
+ * ⌈tokens / SINGLORA_BACKWARD_FUSED_MIN_CLUSTER_TOKENS⌉ ranges, at most
+ * SINGLORA_BACKWARD_FUSED_MAX_CLUSTERS, one dA partial each: a count that
+ * follows from Dims alone, so dA's bits do not depend on the GPU. The grid
+ * is persistent: as many clusters as the device holds at once (the host
+ * asks the driver), each taking ranges blockIdx.y, blockIdx.y + gridDim.y,
+ * ... */
 #define SINGLORA_BACKWARD_FUSED_CLUSTER 8
 #define SINGLORA_BACKWARD_FUSED_BAND 512
 #define SINGLORA_BACKWARD_FUSED_MAX_CLUSTERS 16
@@ -262,7 +265,7 @@ typedef struct singlora_da_params {
  *   dX = dx_beta·dX + scale · M ⊙ (Q · A[:d_in]ᵀ) / (1 − p)   (dx != 0)
  *   partial[((0·clusters + c)·D + row)·rank_pad + col] = (Gᵀ·S)[row, col]
  *   partial[((1·clusters + c)·D + row)·rank_pad + col] = (drop(X)ᵀ·Q)[row, col]
- * over cluster c's tokens [c·tokens_per_cluster, (c+1)·tokens_per_cluster):
+ * over range c's tokens [c·tokens_per_cluster, (c+1)·tokens_per_cluster):
  * the layout of singlora_da_params's partials with splits = clusters, which
  * backward_da_reduce sums. S is always formed on chip from the X tiles (the
  * dA pass reads them anyway), so a saved S is not read. */
@@ -283,7 +286,7 @@ typedef struct singlora_backward_fused_params {
     int32_t d;               /* D = max(d_in, d_out) */
     int32_t rank;
     int32_t rank_pad;
-    int32_t clusters;
+    int32_t clusters;        /* token ranges (gridDim.y clusters take them) */
     singlora_scale scale;
     float dx_beta;           /* 0: overwrite dX (never read), 1: add into it */
     int32_t x_vec;           /* 1: x and ld_x allow 16-byte loads */

@@ -119,18 +119,20 @@ struct Workspace {
     fused: Option<FusedPlan>,
 }
 
-/// The fused backward's persistent grid: `clusters` clusters, each over
-/// `tokens_per_cluster` consecutive tokens (the last one fewer).
+/// The fused backward's token ranges: `clusters` ranges (one dA partial
+/// each) of `tokens_per_cluster` consecutive tokens (the last one fewer).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct FusedPlan {
     clusters: usize,
     tokens_per_cluster: usize,
 }
 
-/// The fused kernel's grid for `dims`, or `None` where its bands cannot
-/// span d (d_in or d_out above cluster × band), the rank exceeds its largest
-/// bucket, or there are no tokens. Depends on dims only, never on the
-/// device: the cluster count fixes dA's summation order.
+/// The fused kernel's token ranges for `dims` (⌈tokens / 256⌉ of them, at
+/// most 16), or `None` where its bands cannot span d (d_in or d_out above
+/// cluster × band), the rank exceeds its largest bucket, or there are no
+/// tokens. Depends on dims only, never on the device: the ranges fix dA's
+/// summation order (the grid, sized from the device, only says how many
+/// clusters take them at once).
 fn fused_plan(dims: &Dims) -> Option<FusedPlan> {
     let max_d = (SINGLORA_BACKWARD_FUSED_CLUSTER * SINGLORA_BACKWARD_FUSED_BAND) as usize;
     let max_rank = *Family::BackwardFusedBf16Sm90.spec().buckets.last()?;
@@ -162,6 +164,8 @@ fn fused_kernel<'k, T: DType>(
         .has(id)
         .then(|| kernels.kernel(id).ok())
         .flatten()
+        // A device that cannot hold one of its clusters takes the split path.
+        .filter(|k| k.max_clusters != Some(0))
         .map(|k| (k, plan))
 }
 
@@ -630,8 +634,14 @@ unsafe fn launch_backward<T: DType>(
                 dropout: shape.dropout.param(),
             };
             // Grid: the cluster's CTAs along x (the kernel's compile-time
-            // cluster shape), the clusters along y.
-            let grid = (SINGLORA_BACKWARD_FUSED_CLUSTER, plan.clusters as u32, 1);
+            // cluster shape), along y as many clusters as the device holds
+            // at once, up to one per token range; a cluster takes the
+            // ranges y, y + grid.y, ... (the ranges, not the grid, fix the
+            // bits).
+            let resident = fused
+                .max_clusters
+                .map_or(plan.clusters, |n| plan.clusters.min(n as usize));
+            let grid = (SINGLORA_BACKWARD_FUSED_CLUSTER, resident as u32, 1);
             launch(stream, fused, grid, &params)?;
             // The partials' layout is the split path's with one split per
             // cluster.

@@ -175,6 +175,11 @@ pub(crate) struct Kernel {
     pub(crate) info: singlora_kernel_info,
     /// The device (and the test knob) grant the kernel's shared memory.
     fits: bool,
+    /// Clusters of this kernel that can be resident at once, queried when
+    /// the module loads for the persistent cluster kernels (`None` for the
+    /// others, or when the driver cannot say). Their grid is sized from it;
+    /// `Some(0)`: the device cannot hold one.
+    pub(crate) max_clusters: Option<u32>,
 }
 
 /// The modules loaded into one CUDA context, with every kernel resolved.
@@ -328,6 +333,17 @@ impl Kernels {
             .map(|k| k.info.smem_bytes)
     }
 
+    /// How many clusters of kernel `name` (of [`kernel_names`]) the device
+    /// holds at once, for the persistent cluster kernels loaded here (the
+    /// fused backward); `None` for other kernels or when the driver cannot say.
+    pub fn max_active_clusters(&self, name: &str) -> Option<u32> {
+        KernelId::all()
+            .iter()
+            .position(|id| id.name() == name)
+            .and_then(|i| self.table[i].as_ref())
+            .and_then(|k| k.max_clusters)
+    }
+
     /// Streaming multiprocessors of the device (sizes few-token grids).
     pub fn sm_count(&self) -> u32 {
         self.sm_count
@@ -371,7 +387,49 @@ fn resolve(
             info.smem_bytes as i32,
         )?;
     }
-    Ok(Some(Kernel { func, info, fits }))
+    let max_clusters = match cluster_size(name) {
+        Some(cl) if fits => max_active_clusters(&func, cl, info.smem_bytes),
+        _ => None,
+    };
+    Ok(Some(Kernel {
+        func,
+        info,
+        fits,
+        max_clusters,
+    }))
+}
+
+/// The compile-time cluster size of the persistent cluster kernels (whose
+/// grid the host sizes from the device's residency); `None` for others.
+fn cluster_size(name: &str) -> Option<u32> {
+    name.starts_with(Family::BackwardFusedBf16Sm90.spec().name)
+        .then_some(crate::params::SINGLORA_BACKWARD_FUSED_CLUSTER)
+}
+
+/// How many clusters of `cl` blocks of `func` (with `smem` bytes of dynamic
+/// shared memory each) the device can hold at once; `None` if the driver
+/// cannot say (the launcher then takes its full grid).
+fn max_active_clusters(func: &CudaFunction, cl: u32, smem: u32) -> Option<u32> {
+    use cudarc::driver::sys;
+    let config = sys::CUlaunchConfig {
+        gridDimX: cl,
+        gridDimY: 1,
+        gridDimZ: 1,
+        blockDimX: crate::params::SINGLORA_THREADS,
+        blockDimY: 1,
+        blockDimZ: 1,
+        sharedMemBytes: smem,
+        hStream: std::ptr::null_mut(),
+        attrs: std::ptr::null_mut(),
+        numAttrs: 0,
+    };
+    let mut n: std::ffi::c_int = 0;
+    // SAFETY: `func` is a live function of a loaded module (the context is
+    // current: the module was just loaded in it); `config` is fully
+    // initialised and names no attributes (the kernel's cluster shape is
+    // compiled in); `n` is a valid out-pointer.
+    let rc = unsafe { sys::cuOccupancyMaxActiveClusters(&mut n, func.cu_function(), &config) };
+    (rc == sys::cudaError_enum::CUDA_SUCCESS).then_some(n.max(0) as u32)
 }
 
 #[cfg(test)]
