@@ -36,6 +36,13 @@ pub static FATBIN_SM90: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/singlo
 /// when a context's module is loaded.
 pub const SMEM_LIMIT_ENV: &str = "SINGLORA_MAX_SMEM_PER_BLOCK";
 
+/// Test knob: caps the clusters of the persistent cluster kernels (the
+/// fused backward) the registry lets a grid hold at once, below what the
+/// driver reports, so the grid's walk over more token ranges than resident
+/// clusters can be exercised on any sm_90 device. Read once, when a
+/// context's module is loaded.
+pub const MAX_CLUSTERS_ENV: &str = "SINGLORA_MAX_ACTIVE_CLUSTERS";
+
 /// One family of `SINGLORA_FAMILIES`.
 #[derive(Clone, Copy, Debug)]
 pub struct FamilySpec {
@@ -388,7 +395,15 @@ fn resolve(
         )?;
     }
     let max_clusters = match cluster_size(name) {
-        Some(cl) if fits => max_active_clusters(&func, cl, info.smem_bytes),
+        Some(cl) if fits => {
+            let cap = std::env::var(MAX_CLUSTERS_ENV)
+                .ok()
+                .and_then(|v| v.parse::<u32>().ok());
+            match (max_active_clusters(&func, cl, info.smem_bytes), cap) {
+                (Some(n), Some(c)) => Some(n.min(c)),
+                (n, c) => n.or(c),
+            }
+        }
         _ => None,
     };
     Ok(Some(Kernel {

@@ -6,7 +6,9 @@
 use std::sync::Arc;
 
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
-use singlora::{backward, backward_workspace_len, forward, DType, Dims, Dropout, DxOut, Error};
+use singlora::{
+    backward, backward_workspace_len, forward, BackwardOptions, DType, Dims, Dropout, DxOut, Error,
+};
 
 use super::{
     download_on, poisoned_on, reference_forward_onto, reference_grads, reference_q, upload_on,
@@ -39,7 +41,7 @@ pub fn backward_dense<T: DType>(
     s: Option<&CudaSlice<f32>>,
     scale: f32,
     (dx, da, ws): (&mut CudaSlice<T>, &mut CudaSlice<f32>, &mut CudaSlice<f32>),
-    dropout: Dropout,
+    options: impl Into<BackwardOptions>,
 ) -> Result<(), Error> {
     let (d_in, d_out) = (dims.d_in(), dims.d_out());
     backward(
@@ -60,7 +62,7 @@ pub fn backward_dense<T: DType>(
         da,
         0.0,
         ws,
-        dropout,
+        options,
     )
 }
 
@@ -113,8 +115,8 @@ impl<T: DType> PassBufs<T> {
     }
 
     /// Enqueues the forward, then the backward (from the forward's S, or
-    /// recomputing it where `saved_s` is false), both with `dropout`; reads
-    /// nothing back.
+    /// recomputing it where `saved_s` is false), both with `options`'
+    /// dropout, the backward by its kernels; reads nothing back.
     #[allow(clippy::too_many_arguments)]
     pub fn run(
         &mut self,
@@ -124,13 +126,14 @@ impl<T: DType> PassBufs<T> {
         scale: f32,
         y_beta: f32,
         saved_s: bool,
-        dropout: Dropout,
+        options: impl Into<BackwardOptions>,
     ) {
+        let options = options.into();
         let (y, s) = (&mut self.y, Some(&mut self.s));
-        forward_dense(stream, dims, [x, a], y, s, (scale, y_beta), dropout).unwrap();
+        forward_dense(stream, dims, [x, a], y, s, (scale, y_beta), options.dropout).unwrap();
         let s = saved_s.then_some(&self.s);
         let outs = (&mut self.dx, &mut self.da, &mut self.ws);
-        backward_dense(stream, dims, [x, g, a], s, scale, outs, dropout).unwrap();
+        backward_dense(stream, dims, [x, g, a], s, scale, outs, options).unwrap();
     }
 
     /// The outputs, read back (synchronises).
@@ -145,7 +148,8 @@ impl<T: DType> PassBufs<T> {
     }
 }
 
-/// One pass on host inputs: X, G and A uploaded as T, [`PassBufs::run`]
+/// One pass on host inputs: X, G and A uploaded as T, [`PassBufs::run`] (a
+/// [`Dropout`] or full [`BackwardOptions`])
 /// with Y's beta 0 on outputs that start as `start` (NaN: poisoned), read
 /// back.
 pub fn gpu_pass<T: DType>(
@@ -154,11 +158,11 @@ pub fn gpu_pass<T: DType>(
     [x, g, a]: [&[f64]; 3],
     (start, saved_s): (f64, bool),
     scale: f32,
-    dropout: Dropout,
+    options: impl Into<BackwardOptions>,
 ) -> Pass {
     let [xd, gd, ad] = [x, g, a].map(|v| upload_on::<T>(stream, v));
     let mut out = PassBufs::<T>::new(stream, dims, start, saved_s);
-    out.run(stream, dims, [&xd, &gd, &ad], scale, 0.0, saved_s, dropout);
+    out.run(stream, dims, [&xd, &gd, &ad], scale, 0.0, saved_s, options);
     out.read(stream, dims)
 }
 
