@@ -67,11 +67,12 @@ extern "C" {
 #endif
 
 /* The ABI version this header describes; singlora_abi_version() returns
- * the library's. They must be equal. Version 3: every launch takes its scale
- * as a value and a device pointer (scale_ptr, 0 = the value), replacing
- * version 2's separate _dscale functions, and the forward and backward take
- * the adapter's dropout. */
-#define SINGLORA_ABI_VERSION 3
+ * the library's. They must be equal. Version 4: singlora_backward takes the
+ * kernels to run (SINGLORA_BACKWARD_*). Version 3: every launch takes its
+ * scale as a value and a device pointer (scale_ptr, 0 = the value),
+ * replacing version 2's separate _dscale functions, and the forward and
+ * backward take the adapter's dropout. */
+#define SINGLORA_ABI_VERSION 4
 
 /* Status codes. */
 typedef int32_t singlora_status;
@@ -177,6 +178,16 @@ singlora_status singlora_forward(int32_t dtype, int32_t device, int64_t tokens, 
                                  uint64_t scale_ptr, float beta, double dropout_p,
                                  uint64_t dropout_seed, uint64_t dropout_offset, void *stream);
 
+/* Which kernels singlora_backward runs (its `kernel`); both meet the same
+ * error bars and give dA bitwise reproducibly, with different bits.
+ * The default: Q and dX, then dA's partials and their reduction; every
+ * device and shape (G is read twice). */
+#define SINGLORA_BACKWARD_SPLIT 0
+/* One pass over G and X where it applies (compute capability 9.0, bf16,
+ * rank <= 32, d_in and d_out <= 4096, tokens > 0), the split kernels
+ * elsewhere. Opt-in until a GPU run proves it correct and faster. */
+#define SINGLORA_BACKWARD_FUSED 1
+
 /* Backward of the forward above, given G = dL/dY:
  *   Q  = G * A[:d_out]                    (f32; left in the workspace's first
  *                                          tokens*rank floats on completion)
@@ -196,6 +207,7 @@ singlora_status singlora_forward(int32_t dtype, int32_t device, int64_t tokens, 
  *   dropout_p, dropout_seed, dropout_offset   the forward's: X is dropped
  *              in X^T Q (and in S when it is recomputed), dX's adapter term
  *              masked and scaled by 1/(1 - p)
+ *   kernel     SINGLORA_BACKWARD_SPLIT or SINGLORA_BACKWARD_FUSED (above)
  * tokens may be 0 (x, g, saved_s may then be 0; dA = da_beta*dA). */
 singlora_status singlora_backward(int32_t dtype, int32_t device, int64_t tokens, int64_t d_in,
                                   int64_t d_out, int64_t rank, uint64_t x, int64_t ld_x,
@@ -204,7 +216,8 @@ singlora_status singlora_backward(int32_t dtype, int32_t device, int64_t tokens,
                                   float dx_beta,
                                   uint64_t da, float da_beta, uint64_t workspace,
                                   uint64_t workspace_bytes, double dropout_p,
-                                  uint64_t dropout_seed, uint64_t dropout_offset, void *stream);
+                                  uint64_t dropout_seed, uint64_t dropout_offset, int32_t kernel,
+                                  void *stream);
 
 /* The dropout mask M of a tokens x cols matrix (see "Dropout"), on the host
  * (no device is touched): keep[t * cols + c] = 1 where element (t, c) is kept,

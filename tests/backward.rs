@@ -821,6 +821,13 @@ fn workspace_is_linear_in_tokens_and_d() {
         backward_workspace_len(&d, false).unwrap(),
         2 * tr + 2 * splits * 4096 * 64
     );
+    // Where the fused kernel could run (d ≤ 4096, rank ≤ 32), at least its
+    // ⌈tokens / 256⌉ ≤ 16 token ranges: 16 here against the split path's 8.
+    let d = Dims::new(16384, 4096, 4096, 16).unwrap();
+    assert_eq!(
+        backward_workspace_len(&d, true).unwrap(),
+        16384 * 16 + 2 * 16 * 4096 * 16
+    );
     // Few tokens: one split, padding of rank 7 to 16, odd tokens·rank to 64.
     let d = Dims::new(5, 300, 200, 7).unwrap();
     assert_eq!(backward_workspace_len(&d, true).unwrap(), 64 + 2 * 300 * 16);

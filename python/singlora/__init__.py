@@ -17,14 +17,18 @@ are imported from :mod:`singlora.nn` on first use, which needs PyTorch.
 
 from ._lib import (  # noqa: F401  (re-exports)
     ABI_VERSION,
+    BACKWARD_FUSED,
+    BACKWARD_SPLIT,
     DTYPE_BF16,
     DTYPE_F16,
     DTYPE_F32,
     SingLoraError,
     abi_version,
+    backward_kernel,
     init,
     library_candidates,
     library_path,
+    set_backward_kernel,
     version,
     workspace_size,
 )

@@ -26,7 +26,7 @@ import threading
 from pathlib import Path
 
 #: The ABI version this module speaks (SINGLORA_ABI_VERSION in the header).
-ABI_VERSION = 3
+ABI_VERSION = 4
 
 # Status codes (include/singlora.h).
 OK = 0
@@ -44,6 +44,33 @@ ERROR_PANIC = 9
 DTYPE_F32 = 0
 DTYPE_F16 = 1
 DTYPE_BF16 = 2
+
+# The backward's kernels (singlora_backward's ``kernel``).
+BACKWARD_SPLIT = 0
+BACKWARD_FUSED = 1
+
+_BACKWARD_KERNELS = {"split": BACKWARD_SPLIT, "fused": BACKWARD_FUSED}
+_backward_kernel = BACKWARD_SPLIT
+
+
+def set_backward_kernel(name):
+    """Which kernels every later backward of this process asks for (the
+    PyTorch ops' included): ``"split"`` (the default, every GPU and shape)
+    or ``"fused"`` (one pass over G and X on compute capability 9.0 for
+    bf16, rank <= 32, d_in and d_out <= 4096; the split kernels elsewhere).
+    Both meet the same error bars; dA's bits differ between them. Opt-in
+    until a GPU run proves the fused one faster. Returns the previous name."""
+    global _backward_kernel
+    if name not in _BACKWARD_KERNELS:
+        raise ValueError(f"backward kernel {name!r}: expected one of {sorted(_BACKWARD_KERNELS)}")
+    previous = backward_kernel()
+    _backward_kernel = _BACKWARD_KERNELS[name]
+    return previous
+
+
+def backward_kernel():
+    """The name :func:`set_backward_kernel` last set (``"split"`` at start)."""
+    return next(n for n, c in _BACKWARD_KERNELS.items() if c == _backward_kernel)
 
 LIB_NAME = "libsinglora.so"
 ENV_VAR = "SINGLORA_LIB"
@@ -128,7 +155,8 @@ _SIGNATURES = {
             _u64, _i64, _u64, _i64, _u64, _u64,  # x, ld_x, g, ld_g, a, saved_s
             _f32, _u64, _u64, _i64, _f32,  # scale, scale_ptr, dx, ld_dx, dx_beta
             _u64, _f32, _u64, _u64,  # da, da_beta, workspace, workspace_bytes
-            _f64, _u64, _u64, _ptr,  # dropout_p, dropout_seed, dropout_offset, stream
+            _f64, _u64, _u64,  # dropout_p, dropout_seed, dropout_offset
+            _i32, _ptr,  # kernel, stream
         ],
     ),
     "singlora_dropout_mask": (_i32, [_f64, _u64, _u64, _i64, _i64, ctypes.POINTER(_u8)]),
@@ -249,14 +277,17 @@ def forward(
 def backward(
     dtype, device, tokens, d_in, d_out, rank, x, ld_x, g, ld_g, a, saved_s, scale, scale_ptr,
     dx, ld_dx, dx_beta, da, da_beta, workspace, workspace_bytes,
-    dropout_p=0.0, dropout_seed=0, dropout_offset=0, stream=0,
+    dropout_p=0.0, dropout_seed=0, dropout_offset=0, kernel=None, stream=0,
 ):
     """``Q = G·A[:d_out]``, ``dX = dx_beta·dX + scale·M⊙(Q·A[:d_in]ᵀ)/(1-p)``
-    (unless ``dx`` is 0), ``dA = da_beta·dA + scale·(GᵀS ⊕ drop(X)ᵀQ)``; see
-    the header."""
+    (unless ``dx`` is 0), ``dA = da_beta·dA + scale·(GᵀS ⊕ drop(X)ᵀQ)``, by
+    ``kernel`` (``BACKWARD_SPLIT`` or ``BACKWARD_FUSED``; None: the one
+    :func:`set_backward_kernel` chose); see the header."""
+    if kernel is None:
+        kernel = _backward_kernel
     _run("singlora_backward", stream, dtype, device, tokens, d_in, d_out, rank, x, ld_x, g, ld_g, a, saved_s, scale,
          scale_ptr, dx, ld_dx, dx_beta, da, da_beta, workspace, workspace_bytes, dropout_p, dropout_seed,
-         dropout_offset)
+         dropout_offset, kernel)
 
 
 def merge(dtype, device, d_in, d_out, rank, w, ld_w, a, scale, scale_ptr, stream=0):

@@ -90,6 +90,15 @@ if not os.environ.get("SINGLORA_LIB"):
     check(singlora.library_path() == want, f"loaded {singlora.library_path()}, expected {want}")
 check(singlora.version() == singlora.__version__, "library version == package version")
 check(singlora.abi_version() == _lib.ABI_VERSION, "ABI version")
+check(singlora.backward_kernel() == "split", "the split backward is the default")
+check(singlora.set_backward_kernel("fused") == "split" and singlora.backward_kernel() == "fused",
+      "set_backward_kernel returns the previous choice")
+singlora.set_backward_kernel("split")
+try:
+    singlora.set_backward_kernel("fast")
+    check(False, "an unknown backward kernel name should raise")
+except ValueError as e:
+    check("'fast'" in str(e), f"unclear error: {e}")
 check(_lib.status_name(_lib.ERROR_NO_DRIVER) == "SINGLORA_ERROR_NO_DRIVER", "status names")
 
 # A missing library: a clear error naming the places tried and the variable.
@@ -111,19 +120,25 @@ check(
 
 
 def workspace_formula(tokens, d_in, d_out, rank, saved_s):
-    """The layout src/backward.rs documents: Q (+ S), then 2·splits·D·rank_pad
-    f32 dA partials; segments rounded up to 64 floats."""
+    """The layout src/ops/backward.rs documents: Q (+ S), then 2·slots·D·rank_pad
+    f32 dA partials, slots the split path's token splits or, where the fused
+    kernel could run (tokens > 0, d_in and d_out <= 4096, rank <= 32), at
+    least its token ranges (ceil(tokens/256), at most 16); segments rounded
+    up to 64 floats."""
     d = max(d_in, d_out)
     seg = lambda n: -(-n // 64) * 64  # noqa: E731
     bands = -(-d // 128)
     max_splits = max(-(-tokens // 256), 1)
     splits = min(max(-(-256 // bands), 1), max_splits)
+    if tokens > 0 and d_in <= 4096 and d_out <= 4096 and rank <= 32:
+        splits = max(splits, min(-(-tokens // 256), 16))
     rank_pad = -(-rank // 16) * 16
     tr = seg(tokens * rank)
     return 4 * ((tr if saved_s else 2 * tr) + 2 * splits * d * rank_pad)
 
 
-for shape in [(0, 1, 1, 1), (1, 4096, 4096, 16), (16384, 4096, 4096, 64), (77, 3424, 64, 64), (5, 40, 11, 7)]:
+for shape in [(0, 1, 1, 1), (1, 4096, 4096, 16), (16384, 4096, 4096, 64), (16384, 4096, 4096, 16),
+              (77, 3424, 64, 64), (5, 40, 11, 7), (5000, 4097, 64, 8)]:
     for saved in (True, False):
         got = singlora.workspace_size(*shape, saved_s=saved)
         check(got == workspace_formula(*shape, saved), f"workspace {shape} saved={saved}: {got}")

@@ -1,10 +1,15 @@
 //! C arguments into checked Rust values: dimensions, strides, pointers,
-//! device ordinals and dtype codes, each refusal naming its argument.
+//! device ordinals, dtype and backward-kernel codes, each refusal naming
+//! its argument.
 
 use crate::dims::Dims;
 use crate::dropout::Dropout;
 use crate::error::Error;
-use crate::ffi::status::{Failure, Outcome, SINGLORA_ERROR_UNKNOWN_DTYPE};
+use crate::ffi::status::{
+    Failure, Outcome, SINGLORA_BACKWARD_FUSED, SINGLORA_BACKWARD_SPLIT,
+    SINGLORA_ERROR_UNKNOWN_DTYPE,
+};
+use crate::ops::backward::BackwardKernel;
 use crate::ops::scale::RawScale;
 use crate::params::singlora_dtype;
 
@@ -129,3 +134,16 @@ macro_rules! with_dtype {
     };
 }
 pub(crate) use with_dtype;
+
+/// singlora_backward's `kernel`: one of `SINGLORA_BACKWARD_*`.
+pub(crate) fn backward_kernel(code: i32) -> Result<BackwardKernel, Failure> {
+    match code {
+        SINGLORA_BACKWARD_SPLIT => Ok(BackwardKernel::Split),
+        SINGLORA_BACKWARD_FUSED => Ok(BackwardKernel::Fused),
+        _ => Err(invalid(
+            "kernel",
+            "SINGLORA_BACKWARD_SPLIT (0) or SINGLORA_BACKWARD_FUSED (1)",
+            code.to_string(),
+        )),
+    }
+}

@@ -5,7 +5,8 @@ use std::ffi::c_void;
 use half::{bf16, f16};
 
 use crate::ffi::args::{
-    device_ordinal, dims, dropout, dtype, non_negative, pointer, scale, with_dtype, Dt,
+    backward_kernel, device_ordinal, dims, dropout, dtype, non_negative, pointer, scale,
+    with_dtype, Dt,
 };
 use crate::ffi::context::on_stream;
 use crate::ffi::status::ffi_guard;
@@ -29,7 +30,9 @@ use crate::ops::backward::{backward_raw, BackwardPtrs, BackwardShape};
 /// `saved_s` choice), `workspace_bytes` its size. `x`, `g`, `saved_s` may be
 /// 0 when `tokens` is 0; `a`, `da` and `workspace` never. `dropout_p`,
 /// `dropout_seed`, `dropout_offset`: the forward's dropout (X dropped in
-/// `Xᵀ·Q` and in a recomputed S, dX's adapter term masked).
+/// `Xᵀ·Q` and in a recomputed S, dX's adapter term masked). `kernel`:
+/// `SINGLORA_BACKWARD_SPLIT` or `SINGLORA_BACKWARD_FUSED`
+/// ([`BackwardKernel`](crate::BackwardKernel)).
 ///
 /// # Safety
 /// As for [`singlora_forward`](crate::ffi::singlora_forward): every non-zero pointer addresses, on
@@ -62,6 +65,7 @@ pub unsafe extern "C" fn singlora_backward(
     dropout_p: f64,
     dropout_seed: u64,
     dropout_offset: u64,
+    kernel: i32,
     stream: *mut c_void,
 ) -> i32 {
     ffi_guard(|| {
@@ -76,7 +80,8 @@ pub unsafe extern "C" fn singlora_backward(
         };
         let scale = scale(scale_value, scale_ptr);
         let shape = BackwardShape::new(&dims, ld_x, ld_g, dx_arg, saved_s != 0, scale, da_beta)?
-            .with_dropout(dropout(dropout_p, dropout_seed, dropout_offset)?)?;
+            .with_dropout(dropout(dropout_p, dropout_seed, dropout_offset)?)?
+            .with_kernel(backward_kernel(kernel)?);
         let has_rows = dims.tokens() > 0;
         pointer("x", x, dt.size(), has_rows)?;
         pointer("g", g, dt.size(), has_rows)?;

@@ -354,7 +354,11 @@ fn codes_match_the_header_in_rust_python_and_the_library() {
     // code the header lacks.
     let py = python_constants(&src.python);
     let codes = |n: &str| {
-        n == "OK" || n.starts_with("ERROR_") || n.starts_with("DTYPE_") || n == "ABI_VERSION"
+        n == "OK"
+            || n.starts_with("ERROR_")
+            || n.starts_with("DTYPE_")
+            || n.starts_with("BACKWARD_")
+            || n == "ABI_VERSION"
     };
     let mut py_codes: Vec<(String, i64)> = py.into_iter().filter(|(n, _)| codes(n)).collect();
     let mut want: Vec<(String, i64)> = defines
@@ -429,8 +433,16 @@ int main(void) {
     printf("forward(x = NULL): %s: %s\n", singlora_status_name(st), singlora_last_error());
 
     st = singlora_backward(77, 0, 16, 64, 64, 8, 0x10000, 64, 0x20000, 64, 0x30000, 0, 1.0f,
-                           0, 0, 0, 0.0f, 0x40000, 0.0f, 0x50000, 1u << 30, 0.0, 0, 0, NULL);
+                           0, 0, 0, 0.0f, 0x40000, 0.0f, 0x50000, 1u << 30, 0.0, 0, 0,
+                           SINGLORA_BACKWARD_SPLIT, NULL);
     EXPECT(st == SINGLORA_ERROR_UNKNOWN_DTYPE);
+
+    /* an unknown kernel code: refused, naming `kernel` */
+    st = singlora_backward(SINGLORA_DTYPE_BF16, 0, 16, 64, 64, 8, 0x10000, 64, 0x20000, 64,
+                           0x30000, 0, 1.0f, 0, 0, 0, 0.0f, 0x40000, 0.0f, 0x50000, 1u << 30,
+                           0.0, 0, 0, 7, NULL);
+    EXPECT(st == SINGLORA_ERROR_INVALID_ARGUMENT);
+    EXPECT(strstr(singlora_last_error(), "`kernel`") != NULL);
 
     st = singlora_merge(SINGLORA_DTYPE_F16, 0, 64, 64, 8, 0x10000, -1, 0x20000, 1.0f, 0, NULL);
     EXPECT(st == SINGLORA_ERROR_INVALID_ARGUMENT);

@@ -190,6 +190,14 @@ fn bwd() -> Bwd {
 #[test]
 fn backward_valid_arguments_reach_the_device_check() {
     assert_no_device(bwd().call());
+    // The fused kernels asked for (they run where they apply).
+    assert_no_device(
+        Bwd {
+            kernel: SINGLORA_BACKWARD_FUSED,
+            ..bwd()
+        }
+        .call(),
+    );
     // No dX: its stride and beta are ignored.
     assert_no_device(
         Bwd {
@@ -230,6 +238,8 @@ fn backward_refusals_name_the_argument() {
     #[rustfmt::skip]
     let cases: Vec<(Bwd, i32, &str)> = vec![
         (Bwd { tokens: -33, ..bwd() }, INVALID, "tokens"),
+        (Bwd { kernel: 2, ..bwd() }, INVALID, "kernel"),
+        (Bwd { kernel: -1, ..bwd() }, INVALID, "kernel"),
         (Bwd { dropout_p: 1.5, ..bwd() }, INVALID, "dropout_p"),
         (Bwd { d_in: -1, ..bwd() }, INVALID, "d_in"),
         (Bwd { d_out: -1, ..bwd() }, INVALID, "d_out"),

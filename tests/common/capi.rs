@@ -65,7 +65,7 @@ c_call!(Bwd = singlora_backward(
     x: u64, ld_x: i64, g: u64, ld_g: i64, a: u64, saved_s: u64, scale: f32, scale_ptr: u64,
     dx: u64, ld_dx: i64, dx_beta: f32, da: u64, da_beta: f32,
     workspace: u64, workspace_bytes: u64,
-    dropout_p: f64, dropout_seed: u64, dropout_offset: u64, stream: *mut c_void,
+    dropout_p: f64, dropout_seed: u64, dropout_offset: u64, kernel: i32, stream: *mut c_void,
 ));
 
 c_call!(Merge = singlora_merge(
@@ -160,6 +160,7 @@ impl Bwd {
             dropout_p: f.dropout_p,
             dropout_seed: f.dropout_seed,
             dropout_offset: f.dropout_offset,
+            kernel: SINGLORA_BACKWARD_SPLIT,
             stream: f.stream,
         }
     }
