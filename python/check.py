@@ -650,6 +650,20 @@ def check_dropout(gen, dev):
         report(False, f" f32 SingLoraLinear(dropout=0.1) on CUDA | raised {type(e).__name__}: {str(e)[:300]}")
 
 
+def check_fused_backward(gen, dev):
+    """The one-pass backward (singlora.set_backward_kernel("fused"); it runs
+    on compute capability 9.0 for bf16, rank <= 32, d <= 4096, the split one
+    elsewhere) through the ops: the bf16 cases it applies to, against
+    float64 at the bf16 bar."""
+    previous = singlora.set_backward_kernel("fused")
+    try:
+        for tokens, d_in, d_out, rank in [(4096, 4096, 4096, 16), (333, 1001, 4000, 32), (77, 4096, 96, 8),
+                                          (1300, 512, 512, 1)]:
+            check_case(gen, dev, torch.bfloat16, (tokens,), d_in, d_out, rank, tag=" fused backward")
+    finally:
+        singlora.set_backward_kernel(previous)
+
+
 def shapes(rng):
     """The shape grid: fixed corner cases, then random draws."""
     fixed = [  # (tokens, d_in, d_out, rank)
@@ -680,6 +694,7 @@ def main():
             check_case(gen, dev, dtype, (tokens,), d_in, d_out, rank)
         check_strided(gen, dev, dtype)
     check_dropout(gen, dev)
+    check_fused_backward(gen, dev)
     check_zero_tokens(dev)
     check_gradcheck(dev)
     check_module(dev)
