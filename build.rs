@@ -265,11 +265,26 @@ fn generate_kernel_list(kernels: &Path, out_dir: &Path) {
             "NONE" => Vec::new(),
             name => buckets(name),
         };
+        // Its element types, by the X-macro in the second column: their
+        // codes (positions in SINGLORA_DTYPES).
+        let types: Vec<String> = match f[1].as_str() {
+            "NONE" => Vec::new(),
+            name => xmacro_entries(&header, name)
+                .into_iter()
+                .map(|e| {
+                    let code = dtypes
+                        .iter()
+                        .position(|d| *d == format!("{:?}", e[0]))
+                        .unwrap_or_else(|| panic!("{name}: {} is not in SINGLORA_DTYPES", e[0]));
+                    code.to_string()
+                })
+                .collect(),
+        };
         rs += &format!(
-            "    FamilySpec {{ family: Family::{}, name: {:?}, by_dtype: {}, buckets: &[{}], sm90: {} }},\n",
+            "    FamilySpec {{ family: Family::{}, name: {:?}, dtypes: &[{}], buckets: &[{}], sm90: {} }},\n",
             camel(&f[0]),
             f[0],
-            f[1] == "1",
+            types.join(", "),
             list.join(", "),
             f[0].ends_with("_sm90")
         );

@@ -56,33 +56,37 @@
     X(tname, T, 16)                                       \
     X(tname, T, 32)
 
-/* Kernel families: X(name, by_dtype, buckets). A kernel is named
- * name[_<dtype>][_r<bucket>]: by_dtype 1 adds the element type; buckets,
- * the name of one of the bucket lists above, adds the rank bucket, NONE adds
- * nothing. A family whose name ends in _sm90 is sm_90a code: it lives in its
+/* The element types of the tensor-core-only families. X(name, device type). */
+#define SINGLORA_BF16_DTYPES(X) \
+    X(bf16, __nv_bfloat16)
+
+/* Kernel families: X(name, dtypes, buckets). A kernel is named
+ * name[_<dtype>][_r<bucket>]: dtypes, the name of one of the element-type
+ * lists above, adds the element type (one kernel per type listed), NONE
+ * adds nothing; buckets, the name of one of the bucket lists above, adds
+ * the rank bucket, NONE adds nothing. A family whose name ends in _sm90 is sm_90a code: it lives in its
  * own translation unit (kernels/<family>/*_sm90.cu), compiled for sm_90a
  * alone, and is absent from the module on every other GPU (the host then
  * takes the portable path). A family whose name ends in _small is the same
  * kernel in a configuration that fits SINGLORA_SMALL_SMEM_BYTES, which the
- * host takes where the regular one does not fit. The fused backward
- * (backward_fused_bf16_sm90) is bf16 alone, so its element type is part of
- * its name: f16 would need S and Q scaled into range per column over a whole
- * token range (the split path's dA kernel does that), and f32 runs on CUDA
- * cores, where the split path is the one to keep. */
-#define SINGLORA_FAMILIES(X)                                          \
-    X(fill, 0, NONE)                                                  \
-    X(forward, 1, SINGLORA_RANK_BUCKETS)                              \
-    X(forward_small, 1, SINGLORA_SMALL_FORWARD_RANK_BUCKETS)          \
-    X(forward_decode_sm90, 1, SINGLORA_DECODE_RANK_BUCKETS)           \
-    X(backward_da_partial, 1, SINGLORA_RANK_BUCKETS)                  \
-    X(backward_da_partial_small, 1, SINGLORA_SMALL_DA_RANK_BUCKETS)   \
-    X(backward_da_reduce, 0, NONE)                                    \
-    X(backward_fused_bf16_sm90, 0, SINGLORA_BACKWARD_FUSED_RANK_BUCKETS) \
-    X(merge, 1, NONE)                                                 \
-    X(merge_mma, 1, NONE)                                             \
-    X(adamw, 1, NONE)                                                 \
-    X(step_advance, 0, NONE)                                          \
-    X(mse, 1, NONE)
+ * host takes where the regular one does not fit. The fused backward is
+ * bf16 alone: f16 would need S and Q scaled into range per column over a
+ * whole token range (the split path's dA kernel does that), and f32 runs on
+ * CUDA cores, where the split path is the one to keep. */
+#define SINGLORA_FAMILIES(X)                                                        \
+    X(fill, NONE, NONE)                                                             \
+    X(forward, SINGLORA_DTYPES, SINGLORA_RANK_BUCKETS)                              \
+    X(forward_small, SINGLORA_DTYPES, SINGLORA_SMALL_FORWARD_RANK_BUCKETS)          \
+    X(forward_decode_sm90, SINGLORA_DTYPES, SINGLORA_DECODE_RANK_BUCKETS)           \
+    X(backward_da_partial, SINGLORA_DTYPES, SINGLORA_RANK_BUCKETS)                  \
+    X(backward_da_partial_small, SINGLORA_DTYPES, SINGLORA_SMALL_DA_RANK_BUCKETS)   \
+    X(backward_da_reduce, NONE, NONE)                                               \
+    X(backward_fused_sm90, SINGLORA_BF16_DTYPES, SINGLORA_BACKWARD_FUSED_RANK_BUCKETS) \
+    X(merge, SINGLORA_DTYPES, NONE)                                                 \
+    X(merge_mma, SINGLORA_DTYPES, NONE)                                             \
+    X(adamw, SINGLORA_DTYPES, NONE)                                                 \
+    X(step_advance, NONE, NONE)                                                     \
+    X(mse, SINGLORA_DTYPES, NONE)
 
 /* The shared memory per block of the smallest devices the kernels serve
  * (sm_86 and sm_89 grant 99 KiB): every rank must have a configuration of
@@ -111,7 +115,7 @@
 #define SINGLORA_DA_TARGET_BLOCKS 256
 #define SINGLORA_DA_MIN_SPLIT_TOKENS 256
 
-/* The fused backward on sm_90a (backward_fused_bf16_sm90; opt-in until a
+/* The fused backward on sm_90a (backward_fused_sm90; opt-in until a
  * GPU run proves it): a thread-block cluster of SINGLORA_BACKWARD_FUSED_CLUSTER
  * CTAs spans d for one block of token rows at a time. CTA q owns the columns
  * [q·band, (q+1)·band) of d_out (of G) and of d_in (of X and dX), band =

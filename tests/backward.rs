@@ -475,7 +475,7 @@ fn sanitizer_backward_small() {
 /// loaded: compute capability 9.0); prints why a fused test skips.
 fn fused_available(gpu: &Gpu) -> Option<std::sync::Arc<Kernels>> {
     let kernels = Kernels::for_stream(&gpu.stream).unwrap();
-    if kernels.contains("backward_fused_bf16_sm90_r16") {
+    if kernels.contains("backward_fused_sm90_bf16_r16") {
         Some(kernels)
     } else {
         println!("skipped: no sm_90a module on this device (the fused backward is sm_90a code)");

@@ -362,7 +362,7 @@ fn fused_backward_with_dropout_bf16() {
     type T = half::bf16;
     let Some(gpu) = gpu() else { return };
     let kernels = singlora::Kernels::for_stream(&gpu.stream).unwrap();
-    if !kernels.contains("backward_fused_bf16_sm90_r16") {
+    if !kernels.contains("backward_fused_sm90_bf16_r16") {
         println!("skipped: no sm_90a module on this device");
         return;
     }

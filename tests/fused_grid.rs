@@ -19,7 +19,7 @@ fn gpu_with_cap() -> Option<(Gpu, std::sync::Arc<Kernels>)> {
     std::env::set_var(MAX_CLUSTERS_ENV, CAP.to_string());
     let gpu = gpu()?;
     let kernels = Kernels::get(&gpu.ctx).unwrap();
-    if !kernels.contains("backward_fused_bf16_sm90_r16") {
+    if !kernels.contains("backward_fused_sm90_bf16_r16") {
         println!("skipped: no sm_90a module on this device (the fused backward is sm_90a code)");
         return None;
     }
@@ -84,7 +84,7 @@ fn fused_backward_walks_more_ranges_than_resident_clusters() {
         return;
     };
     assert_eq!(
-        kernels.max_active_clusters("backward_fused_bf16_sm90_r16"),
+        kernels.max_active_clusters("backward_fused_sm90_bf16_r16"),
         Some(CAP)
     );
     case(&gpu, &kernels, (4100, 512, 384, 16), 0.0);

@@ -1,4 +1,4 @@
-// backward_fused_bf16_sm90: the backward in one pass over G and X (sm_90a,
+// backward_fused_sm90: the backward in one pass over G and X (sm_90a,
 // bf16, rank <= 32; kernels/params.h, singlora_backward_fused_params).
 //
 // Why a cluster: Q = G·A_out needs a whole row of G, while dA's Gᵀ·S and
@@ -32,6 +32,7 @@
 //
 // This translation unit is compiled for sm_90a alone (build.rs: *_sm90.cu).
 #include <cooperative_groups.h>
+#include <type_traits>
 
 #include "common/copies.cuh"
 #include "common/dropout.cuh"
@@ -77,9 +78,10 @@ template <int RP> struct FusedConfig {
     static_assert(SMEM_BYTES <= 227 * 1024, "fits sm_90's shared memory per block");
 };
 
-template <int RP> __device__ __forceinline__ void backward_fused_kernel(const singlora_backward_fused_params& p) {
+template <typename T, int RP>
+__device__ __forceinline__ void backward_fused_kernel(const singlora_backward_fused_params& p) {
     using C = FusedConfig<RP>;
-    using T = typename C::T;
+    static_assert(std::is_same<T, typename C::T>::value, "the fused backward is bf16 code");
     constexpr int BM = C::BM, BAND = C::BAND, CL = C::CL, STAGES = C::STAGES;
     namespace cg = cooperative_groups;
     cg::cluster_group cluster = cg::this_cluster();
@@ -314,10 +316,11 @@ template <int RP> __device__ __forceinline__ void backward_fused_kernel(const si
 #define SINGLORA_BACKWARD_FUSED(tname, T, RP)                                                                 \
     extern "C" __global__ void __launch_bounds__(singlora::kThreads, 1)                                       \
         __cluster_dims__(SINGLORA_BACKWARD_FUSED_CLUSTER, 1, 1)                                               \
-            backward_fused_bf16_sm90_r##RP(const singlora_backward_fused_params p) {                          \
-        singlora::backward_fused_kernel<RP>(p);                                                               \
+            backward_fused_sm90_##tname##_r##RP(const singlora_backward_fused_params p) {                     \
+        singlora::backward_fused_kernel<T, RP>(p);                                                            \
     }                                                                                                         \
-    SINGLORA_KERNEL_INFO(backward_fused_bf16_sm90_r##RP, (singlora::FusedConfig<RP>::SMEM_BYTES),             \
+    SINGLORA_KERNEL_INFO(backward_fused_sm90_##tname##_r##RP, (singlora::FusedConfig<RP>::SMEM_BYTES),        \
                          (singlora::FusedConfig<RP>::BM), (singlora::FusedConfig<RP>::BAND), RP)
 
-SINGLORA_BACKWARD_FUSED_RANK_BUCKETS(SINGLORA_BACKWARD_FUSED, bf16, __nv_bfloat16)
+#define SINGLORA_BACKWARD_FUSED_RANKS(tname, T) SINGLORA_BACKWARD_FUSED_RANK_BUCKETS(SINGLORA_BACKWARD_FUSED, tname, T)
+SINGLORA_BF16_DTYPES(SINGLORA_BACKWARD_FUSED_RANKS)

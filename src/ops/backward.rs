@@ -26,10 +26,10 @@ use crate::ops::forward::{forward_kernels, ShrinkExpand};
 use crate::ops::regions::{check_disjoint, Region};
 use crate::ops::scale::{RawScale, Scale};
 use crate::params::{
-    singlora_backward_fused_params, singlora_da_params, singlora_dtype,
-    SINGLORA_BACKWARD_FUSED_BAND, SINGLORA_BACKWARD_FUSED_CLUSTER,
-    SINGLORA_BACKWARD_FUSED_MAX_CLUSTERS, SINGLORA_BACKWARD_FUSED_MIN_CLUSTER_TOKENS,
-    SINGLORA_DA_BD, SINGLORA_DA_MIN_SPLIT_TOKENS, SINGLORA_DA_TARGET_BLOCKS,
+    singlora_backward_fused_params, singlora_da_params, SINGLORA_BACKWARD_FUSED_BAND,
+    SINGLORA_BACKWARD_FUSED_CLUSTER, SINGLORA_BACKWARD_FUSED_MAX_CLUSTERS,
+    SINGLORA_BACKWARD_FUSED_MIN_CLUSTER_TOKENS, SINGLORA_DA_BD, SINGLORA_DA_MIN_SPLIT_TOKENS,
+    SINGLORA_DA_TARGET_BLOCKS,
 };
 use crate::runtime::launch::{launch, or_null, vec_ok, THREADS};
 use crate::runtime::registry::{Family, Kernel, KernelId, Kernels};
@@ -135,7 +135,7 @@ struct FusedPlan {
 /// clusters take them at once).
 fn fused_plan(dims: &Dims) -> Option<FusedPlan> {
     let max_d = (SINGLORA_BACKWARD_FUSED_CLUSTER * SINGLORA_BACKWARD_FUSED_BAND) as usize;
-    let max_rank = *Family::BackwardFusedBf16Sm90.spec().buckets.last()?;
+    let max_rank = *Family::BackwardFusedSm90.spec().buckets.last()?;
     if dims.tokens() == 0 || dims.d_in() > max_d || dims.d_out() > max_d || dims.rank() > max_rank {
         return None;
     }
@@ -155,11 +155,9 @@ fn fused_kernel<'k, T: DType>(
     kernels: &'k Kernels,
     dims: &Dims,
 ) -> Option<(&'k Kernel, FusedPlan)> {
-    if !matches!(T::CODE, singlora_dtype::SINGLORA_DTYPE_BF16) {
-        return None;
-    }
+    // The kernel list has it for bf16 alone: other types find no id.
     let plan = fused_plan(dims)?;
-    let id = KernelId::of::<T>(Family::BackwardFusedBf16Sm90, dims.rank())?;
+    let id = KernelId::of::<T>(Family::BackwardFusedSm90, dims.rank())?;
     kernels
         .has(id)
         .then(|| kernels.kernel(id).ok())

@@ -49,8 +49,9 @@ pub struct FamilySpec {
     pub family: Family,
     /// The kernel name's stem.
     pub name: &'static str,
-    /// One kernel per element type.
-    pub by_dtype: bool,
+    /// The element types it has one kernel each for (codes, indices into
+    /// [`DTYPE_NAMES`], in the header's order); empty: one untyped kernel.
+    pub dtypes: &'static [usize],
     /// The rank capacities instantiated, smallest first (empty: one kernel
     /// for every rank).
     pub buckets: &'static [usize],
@@ -65,9 +66,9 @@ impl Family {
     }
 }
 
-/// One kernel of the list: a family, an element type (index into
-/// [`DTYPE_NAMES`], 0 for untyped families) and a rank bucket (index into the
-/// family's bucket list, 0 for unranked ones).
+/// One kernel of the list: a family, an element type (index into the
+/// family's type list, 0 for untyped families) and a rank bucket (index into
+/// the family's bucket list, 0 for unranked ones).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct KernelId {
     family: Family,
@@ -81,7 +82,12 @@ impl KernelId {
     /// large (the decode forward above rank 64).
     pub fn of<T: DType>(family: Family, rank: usize) -> Option<Self> {
         let spec = family.spec();
-        let dtype = if spec.by_dtype { T::CODE as usize } else { 0 };
+        // The slot of T among the family's types (none: no such kernel).
+        let dtype = if spec.dtypes.is_empty() {
+            0
+        } else {
+            spec.dtypes.iter().position(|&c| c == T::CODE as usize)?
+        };
         let bucket = if spec.buckets.is_empty() {
             0
         } else {
@@ -103,7 +109,7 @@ impl KernelId {
 
     /// The one kernel of a family with neither element types nor buckets.
     pub fn untyped(family: Family) -> Self {
-        debug_assert!(!family.spec().by_dtype && family.spec().buckets.is_empty());
+        debug_assert!(family.spec().dtypes.is_empty() && family.spec().buckets.is_empty());
         Self {
             family,
             dtype: 0,
@@ -120,9 +126,9 @@ impl KernelId {
     pub fn name(&self) -> String {
         let spec = self.family.spec();
         let mut name = spec.name.to_string();
-        if spec.by_dtype {
+        if !spec.dtypes.is_empty() {
             name.push('_');
-            name.push_str(DTYPE_NAMES[self.dtype]);
+            name.push_str(DTYPE_NAMES[spec.dtypes[self.dtype]]);
         }
         if !spec.buckets.is_empty() {
             name.push_str(&format!("_r{}", spec.buckets[self.bucket]));
@@ -146,8 +152,7 @@ impl KernelId {
     pub fn all() -> Vec<KernelId> {
         let mut out = Vec::new();
         for spec in &FAMILIES {
-            let dtypes = if spec.by_dtype { DTYPE_NAMES.len() } else { 1 };
-            for dtype in 0..dtypes {
+            for dtype in 0..spec.dtypes.len().max(1) {
                 for bucket in 0..slots_per_dtype(spec) {
                     out.push(KernelId {
                         family: spec.family,
@@ -166,8 +171,7 @@ fn slots_per_dtype(spec: &FamilySpec) -> usize {
 }
 
 fn kernels_of(spec: &FamilySpec) -> usize {
-    let dtypes = if spec.by_dtype { DTYPE_NAMES.len() } else { 1 };
-    dtypes * slots_per_dtype(spec)
+    spec.dtypes.len().max(1) * slots_per_dtype(spec)
 }
 
 /// Every kernel name of the list (both modules), in [`KernelId::all`] order.
@@ -417,7 +421,7 @@ fn resolve(
 /// The compile-time cluster size of the persistent cluster kernels (whose
 /// grid the host sizes from the device's residency); `None` for others.
 fn cluster_size(name: &str) -> Option<u32> {
-    name.starts_with(Family::BackwardFusedBf16Sm90.spec().name)
+    name.starts_with(Family::BackwardFusedSm90.spec().name)
         .then_some(crate::params::SINGLORA_BACKWARD_FUSED_CLUSTER)
 }
 
@@ -503,6 +507,14 @@ mod tests {
         );
         assert_eq!(name(Family::BackwardDaPartialSmall, 64), None);
         assert_eq!(name(Family::Merge, 200).unwrap(), "merge_bf16");
+        // A family of fewer element types has no kernel for the others.
+        assert_eq!(
+            name(Family::BackwardFusedSm90, 20).unwrap(),
+            "backward_fused_sm90_bf16_r32"
+        );
+        assert_eq!(name(Family::BackwardFusedSm90, 33), None);
+        assert!(KernelId::of::<f16>(Family::BackwardFusedSm90, 16).is_none());
+        assert!(KernelId::of::<f32>(Family::BackwardFusedSm90, 16).is_none());
         assert_eq!(KernelId::untyped(Family::Fill).name(), "fill");
         assert_eq!(
             KernelId::of::<f32>(Family::BackwardDaPartial, 100)

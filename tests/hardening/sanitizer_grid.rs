@@ -11,7 +11,7 @@
 //!   ≤ 64 tokens, forward and the backward's dX launch);
 //! * `backward_da_partial_<t>_r<b>` and `backward_da_reduce`, overwriting
 //!   and accumulating;
-//! * the opt-in fused backward (`backward_fused_bf16_sm90_r<b>`, bf16, on
+//! * the opt-in fused backward (`backward_fused_sm90_bf16_r<b>`, bf16, on
 //!   sm_90 only) in both of its buckets over the same layouts;
 //! * each with 16-byte aligned row strides whose rows end in a tail (the
 //!   vector paths), dense rows, and row strides and base addresses off
@@ -530,7 +530,7 @@ fn grid_covers_every_kernel() {
             "step_advance".to_string(),
         ]);
     }
-    hit.extend(FUSED_RANKS.map(|(_, b)| format!("backward_fused_bf16_sm90_r{b}")));
+    hit.extend(FUSED_RANKS.map(|(_, b)| format!("backward_fused_sm90_bf16_r{b}")));
     for name in kernel_names() {
         if name.contains("_small_") {
             // The configurations for 99 KiB devices run only in a context
