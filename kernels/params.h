@@ -57,8 +57,16 @@
     X(tname, T, 32)
 
 /* The element types of the tensor-core-only families. X(name, device type). */
+#define SINGLORA_MMA_DTYPES(X) \
+    X(f16, __half)             \
+    X(bf16, __nv_bfloat16)
 #define SINGLORA_BF16_DTYPES(X) \
     X(bf16, __nv_bfloat16)
+/* The TMA forward's rank buckets: A's rows (rank × 2 bytes) fit one
+ * swizzled TMA box (at most 128 bytes). */
+#define SINGLORA_FORWARD_TMA_RANK_BUCKETS(X, tname, T) \
+    X(tname, T, 32)                                    \
+    X(tname, T, 64)
 
 /* Kernel families: X(name, dtypes, buckets). A kernel is named
  * name[_<dtype>][_r<bucket>]: dtypes, the name of one of the element-type
@@ -78,6 +86,7 @@
     X(forward, SINGLORA_DTYPES, SINGLORA_RANK_BUCKETS)                              \
     X(forward_small, SINGLORA_DTYPES, SINGLORA_SMALL_FORWARD_RANK_BUCKETS)          \
     X(forward_decode_sm90, SINGLORA_DTYPES, SINGLORA_DECODE_RANK_BUCKETS)           \
+    X(forward_tma_sm90, SINGLORA_MMA_DTYPES, SINGLORA_FORWARD_TMA_RANK_BUCKETS)     \
     X(backward_da_partial, SINGLORA_DTYPES, SINGLORA_RANK_BUCKETS)                  \
     X(backward_da_partial_small, SINGLORA_DTYPES, SINGLORA_SMALL_DA_RANK_BUCKETS)   \
     X(backward_da_reduce, NONE, NONE)                                               \
@@ -114,6 +123,14 @@
  * order, hence dA's bits, are the same on every GPU. */
 #define SINGLORA_DA_TARGET_BLOCKS 256
 #define SINGLORA_DA_MIN_SPLIT_TOKENS 256
+
+/* The TMA forward on sm_90a (forward_tma_sm90; opt-in until a GPU run
+ * proves it): the tiles of `in`, A and `out` are boxes of
+ * SINGLORA_FORWARD_TMA_BOX columns (128 bytes of a 16-bit row) by
+ * SINGLORA_FORWARD_BM rows (in, out) or SINGLORA_FORWARD_TMA_BOX rows (A,
+ * whose box is rank-bucket columns wide), copied by the bulk tensor engine
+ * with a swizzle of the box row's width. */
+#define SINGLORA_FORWARD_TMA_BOX 64
 
 /* The fused backward on sm_90a (backward_fused_sm90; opt-in until a
  * GPU run proves it): a thread-block cluster of SINGLORA_BACKWARD_FUSED_CLUSTER
@@ -230,6 +247,27 @@ typedef struct singlora_forward_params {
     int32_t dropout_out;     /* 0: dropout on in; 1: on out's adapter term */
     singlora_dropout dropout;
 } singlora_forward_params;
+
+/* A CUtensorMap (cuda.h) as the host encodes it (cuTensorMapEncodeTiled):
+ * 128 opaque bytes, 128-byte aligned (CUDA 13's alignment; 12's is 64). */
+typedef struct __attribute__((aligned(128))) singlora_tensor_map {
+    uint64_t opaque[16];
+} singlora_tensor_map;
+
+/* The TMA forward (forward_tma_sm90, f16/bf16, rank <= 64, sm_90a): the
+ * portable kernel's math and parameters (p; out != 0, no dropout) with its
+ * three operands also described as tensor maps, passed by value (a
+ * __grid_constant__ parameter):
+ *   in_map   in,  dims {k_dim, tokens}, row pitch ld_in, box {BOX, BM}, 128 B swizzle
+ *   a_map    A,   dims {rank, D}, row pitch rank, box {bucket, BOX}, swizzle of bucket × 2 B
+ *   out_map  out, dims {n_dim, tokens}, row pitch ld_out, box {BOX, BM}, 128 B swizzle
+ * Boxes past a tensor's edge read zeros and write nothing. */
+typedef struct __attribute__((aligned(128))) singlora_forward_tma_params {
+    singlora_tensor_map in_map;
+    singlora_tensor_map a_map;
+    singlora_tensor_map out_map;
+    singlora_forward_params p;
+} singlora_forward_tma_params;
 
 /* dA partials: part 0 is Gᵀ·S into rows [0, d_out), part 1 is Xᵀ·Q into rows
  * [0, d_in). Block (band, split, part) writes its f32 partial for rows

@@ -45,7 +45,9 @@ pub use ops::backward::{
     BackwardOptions, BackwardPtrs, BackwardShape, DxOut,
 };
 pub use ops::fill::fill_bits;
-pub use ops::forward::{check_forward, forward, forward_raw, ForwardPtrs, ForwardShape};
+pub use ops::forward::{
+    check_forward, forward, forward_raw, ForwardKernel, ForwardOptions, ForwardPtrs, ForwardShape,
+};
 pub use ops::merge::{check_merge, merge, merge_raw, merge_with, unmerge, MergeKernel, MergeShape};
 pub use ops::mse::{mse, mse_loss, MSE_PARTIALS};
 pub use ops::scale::{RawScale, Scale};

@@ -10,6 +10,7 @@ include!(concat!(env!("OUT_DIR"), "/params.rs"));
 unsafe impl cudarc::driver::DeviceRepr for singlora_forward_params {}
 unsafe impl cudarc::driver::DeviceRepr for singlora_da_params {}
 unsafe impl cudarc::driver::DeviceRepr for singlora_backward_fused_params {}
+unsafe impl cudarc::driver::DeviceRepr for singlora_forward_tma_params {}
 unsafe impl cudarc::driver::DeviceRepr for singlora_fill_params {}
 unsafe impl cudarc::driver::DeviceRepr for singlora_merge_params {}
 unsafe impl cudarc::driver::DeviceRepr for singlora_adamw_params {}

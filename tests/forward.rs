@@ -8,8 +8,12 @@
 mod common;
 
 use common::*;
+use cudarc::driver::DevicePtr;
 use half::{bf16, f16};
-use singlora::{check_forward, forward, reference, DType, Dims, Error};
+use singlora::{
+    check_forward, forward, reference, DType, Dims, Error, ForwardKernel, ForwardPtrs,
+    ForwardShape, Kernels,
+};
 
 /// Element offsets of X, A, Y and S from a 16-byte aligned base.
 #[derive(Clone, Copy, Debug)]
@@ -32,6 +36,8 @@ struct Case {
     y_ld: Ld,
     beta: f32,
     off: Off,
+    /// The kernel asked for (the TMA one runs only where it applies).
+    kernel: ForwardKernel,
 }
 
 /// A case of (tokens, d_in, d_out, rank): dense X, Y's rows padded by
@@ -51,6 +57,7 @@ const fn case(
         },
         beta,
         off: NO_OFF,
+        kernel: ForwardKernel::Portable,
     }
 }
 
@@ -221,6 +228,11 @@ fn check_outputs<T: DType>(
 /// Runs one case on the GPU and checks Y and S, every element written, and
 /// the gaps of strided Y and the cells around every output untouched.
 fn run_case<T: DType>(gpu: &Gpu, c: Case, seed: u64) {
+    run_case_on::<T>(gpu, c, seed);
+}
+
+/// [`run_case`], returning the kernel that ran.
+fn run_case_on<T: DType>(gpu: &Gpu, c: Case, seed: u64) -> ForwardKernel {
     let (sh, dims) = (c.sh, c.sh.dims());
     let (tokens, d_in, d_out, _) = sh.parts();
     let (ld_x, ld_y) = (c.x_ld.of::<T>(d_in), c.y_ld.of::<T>(d_out));
@@ -236,12 +248,114 @@ fn run_case<T: DType>(gpu: &Gpu, c: Case, seed: u64) {
     let y_init = initial(&d.y0, c.beta);
     let mut yd = Placed::<T>::strided(gpu, &y_init, (tokens, d_out, ld_y), c.off.y, SENTINEL);
     let mut sd = Placed::<f32>::output(gpu, &vec![f64::NAN; dims.s_len()], c.off.s);
+    let ran = {
+        let shape = ForwardShape::new(&dims, ld_x, ld_y, SCALE, c.beta)
+            .unwrap()
+            .with_kernel(c.kernel);
+        let ptr = |v: &cudarc::driver::CudaView<'_, T>| v.device_ptr(&gpu.stream).0;
+        let ptrs = ForwardPtrs {
+            x: ptr(&xd.view()),
+            a: ptr(&ad.view()),
+            y: ptr(&yd.view()),
+            s: sd.view().device_ptr(&gpu.stream).0,
+        };
+        shape.kernel_for::<T>(&Kernels::for_stream(&gpu.stream).unwrap(), &ptrs)
+    };
     let (x_in, y_out) = ((&xd, ld_x), (&mut yd, ld_y));
-    forward_placed(gpu, &dims, x_in, &ad, y_out, Some(&mut sd), SCALE, c.beta);
+    forward_placed(
+        gpu,
+        &dims,
+        x_in,
+        &ad,
+        y_out,
+        Some(&mut sd),
+        (SCALE, c.beta),
+        c.kernel,
+    );
 
     let y = yd.read_strided(gpu, &format!("Y ({name})"), (tokens, d_out, ld_y));
     let s = sd.read(gpu, &format!("S ({name})"));
     check_outputs::<T>(&name, sh, c.beta, &d, &b, &y, &s);
+    ran
+}
+
+/// Shapes for the TMA forward beyond the grids above (where it applies:
+/// f16/bf16, rank ≤ 64 and a multiple of 8, more than 64 tokens, X, A and Y
+/// 16-byte aligned with pitches of 16-byte multiples): d = 4096 both
+/// buckets, d not a multiple of 64 (boxes past the matrix' edge: zeros in,
+/// nothing out), tokens ending inside a row block, column splits (few row
+/// blocks, 11008 wide), a strided Y (a column slice of a wider output),
+/// both betas.
+#[rustfmt::skip]
+const TMA_CASES: &[Case] = &[
+    case((4096, 4096, 4096, 64), 0, 1.0),
+    case((1100, 1000, 520, 32), 0, 1.0),
+    case((300, 72, 4096, 8), 0, 0.0),
+    case((130, 4096, 11008, 16), 0, 1.0),
+    case((65, 128, 192, 24), 64, 1.0),
+    case((777, 2000, 2000, 56), 8, 0.0),
+    layout(case((200, 200, 136, 40), 0, 1.0), Ld::Aligned, Ld::Aligned, NO_OFF),
+    layout(case((99, 333, 96, 48), 0, 0.0), Ld::Aligned, Ld::Dense, NO_OFF),
+];
+
+/// The TMA forward (sm_90a) against the reference on the grids and
+/// TMA_CASES, f16 and bf16; where the documented rule says it applies it is
+/// the kernel that runs (ForwardShape::kernel_for on the call's pointers),
+/// elsewhere the portable one.
+fn tma_cases<T: DType>() {
+    let Some(gpu) = gpu() else { return };
+    let kernels = Kernels::for_stream(&gpu.stream).unwrap();
+    if !kernels.contains(&format!("forward_tma_sm90_{}_r32", T::NAME)) {
+        println!("skipped: no sm_90a module on this device (the TMA forward is sm_90a code)");
+        return;
+    }
+    let mut ran = 0;
+    for (i, c) in CASES
+        .iter()
+        .chain(LAYOUT_CASES)
+        .chain(TMA_CASES)
+        .enumerate()
+    {
+        let c = Case {
+            kernel: ForwardKernel::Tma,
+            ..*c
+        };
+        let (tokens, d_in, d_out, rank) = c.sh.parts();
+        let aligned = |off: usize, ld: usize| (off * 2) % 16 == 0 && (ld * 2) % 16 == 0;
+        let applies = tokens > 64
+            && rank % 8 == 0
+            && rank <= 64
+            && aligned(c.off.x, c.x_ld.of::<T>(d_in))
+            && aligned(c.off.y, c.y_ld.of::<T>(d_out))
+            && aligned(c.off.a, rank);
+        let kernel = run_case_on::<T>(&gpu, c, 900 + i as u64);
+        assert_eq!(kernel == ForwardKernel::Tma, applies, "{c:?}");
+        ran += usize::from(applies);
+    }
+    assert!(ran >= 10, "only {ran} cases ran the TMA forward");
+}
+
+#[test]
+fn forward_tma_matches_reference_f16() {
+    tma_cases::<half::f16>();
+}
+
+#[test]
+fn forward_tma_matches_reference_bf16() {
+    tma_cases::<half::bf16>();
+}
+
+/// Small TMA cases for compute-sanitizer (f16, bf16): both buckets, both
+/// betas, a partial row block and a partial box of columns.
+#[test]
+fn sanitizer_forward_tma_small() {
+    #[rustfmt::skip]
+    let cases = [
+        Case { kernel: ForwardKernel::Tma, ..case((70, 72, 40, 24), 8, 1.0) },
+        Case { kernel: ForwardKernel::Tma, ..case((130, 200, 96, 64), 0, 0.0) },
+        Case { kernel: ForwardKernel::Tma, ..case((65, 64, 136, 16), 0, 1.0) },
+    ];
+    run_typed!(&cases, run_case: bf16 => 47, f16 => 57);
 }
 
 typed_tests! {

@@ -2,7 +2,8 @@
 //! (the portable module and the sm_90a one): zero spill bytes and zero stack
 //! frame for every kernel on every SASS arch it is built for (ptxas's report
 //! and cuobjdump -res-usage), HMMA (tensor-core) instructions in the sm_90a
-//! SASS of every f16/bf16 forward, dA and fused backward kernel, and the sm_90a-only kernels
+//! SASS of every f16/bf16 forward, dA and fused backward kernel, TMA copies
+//! (UTMALDG/UTMASTG) in the TMA forward's, and the sm_90a-only kernels
 //! present in the sm_90a module alone (no stub another GPU could JIT).
 
 use std::path::PathBuf;
@@ -183,15 +184,21 @@ fn sass_of_half_precision_kernels_uses_tensor_cores() {
             .filter(|l| l.contains("HMMA.16816.F32"))
             .count();
         assert!(hmma > 0, "{name}: no HMMA in its sm_90a SASS");
+        if name.starts_with("forward_tma_sm90_") {
+            // Its tiles move by the bulk tensor engine, both ways.
+            for op in ["UTMALDG.2D", "UTMASTG.2D"] {
+                assert!(body.contains(op), "{name}: no {op} in its sm_90a SASS");
+            }
+        }
         checked += 1;
     }
-    // f16/bf16 × (forward and dA in 4 rank buckets, decode forward in 2,
-    // the small forward in 1 and the small dA in 2), and the bf16 fused
-    // backward in 2.
+    // f16/bf16 × (forward and dA in 4 rank buckets, decode and TMA forward
+    // in 2 each, the small forward in 1 and the small dA in 2), and the
+    // bf16 fused backward in 2.
     assert_eq!(
         checked,
-        2 * (2 * 4 + 2 + 1 + 2) + 2,
-        "f16/bf16 forward, decode forward, dA and fused backward kernels, small configurations included"
+        2 * (2 * 4 + 2 + 2 + 1 + 2) + 2,
+        "f16/bf16 forward (portable, decode, TMA), dA and fused backward kernels, small configurations included"
     );
 }
 

@@ -40,15 +40,17 @@ SINGLORA_MMA16816(__half, "f16")
 //   B_K_CONTIG: B(k,n) at b[n*ldb + k]; else at b[k*ldb + n]
 // ldmatrix(.trans) turns either into the mma fragments, so no operand is
 // ever transposed in memory. Column pairs of n-tiles at or beyond n_limit
-// (the padded rank) are skipped: a warp-uniform branch.
+// (the padded rank) are skipped: a warp-uniform branch. warp_mma_k16_at
+// takes each operand's storage as a function instead: at(row, col), the
+// address of the element at (row, col) of the array as stored ((m, k) or
+// (k, m) per orientation), where ldmatrix reads 8 contiguous elements.
 // The accumulator layout is mma.sync's: lane (g = lane/4, t = lane%4) holds
 // rows g and g+8, columns 2t and 2t+1 of each 16x8 tile, in c[0..3] as
 // (g,2t) (g,2t+1) (g+8,2t) (g+8,2t+1). The f32 variant computes exactly the
 // same elements with FMAs, so every epilogue is shared.
-template <typename T, int MT, int NT, bool A_K_CONTIG, bool B_K_CONTIG>
-__device__ __forceinline__ void warp_mma_k16(float (&acc)[MT][NT][4], const T* __restrict__ a, int lda,
-                                             const T* __restrict__ b, int ldb, int m0, int n0, int k0,
-                                             int n_limit) {
+template <typename T, int MT, int NT, bool A_K_CONTIG, bool B_K_CONTIG, typename FA, typename FB>
+__device__ __forceinline__ void warp_mma_k16_at(float (&acc)[MT][NT][4], FA&& a_at, FB&& b_at, int m0, int n0,
+                                                int k0, int n_limit) {
     static_assert(NT % 2 == 0, "n-tiles are loaded in pairs");
     const int lane = threadIdx.x & 31;
     const int i = lane >> 3, r = lane & 7;
@@ -57,9 +59,9 @@ __device__ __forceinline__ void warp_mma_k16(float (&acc)[MT][NT][4], const T* _
     for (int mt = 0; mt < MT; ++mt) {
         const int m = m0 + mt * 16;
         if (A_K_CONTIG) {
-            ldmatrix_x4(af[mt], a + (m + (lane & 15)) * lda + k0 + (lane >> 4) * 8);
+            ldmatrix_x4(af[mt], a_at(m + (lane & 15), k0 + (lane >> 4) * 8));
         } else {
-            ldmatrix_x4_trans(af[mt], a + (k0 + r + ((i >> 1) << 3)) * lda + m + ((i & 1) << 3));
+            ldmatrix_x4_trans(af[mt], a_at(k0 + r + ((i >> 1) << 3), m + ((i & 1) << 3)));
         }
     }
 #pragma unroll
@@ -68,9 +70,9 @@ __device__ __forceinline__ void warp_mma_k16(float (&acc)[MT][NT][4], const T* _
         if (n >= n_limit) break;
         uint32_t bf[4];
         if (B_K_CONTIG) {
-            ldmatrix_x4(bf, b + (n + r + ((i >> 1) << 3)) * ldb + k0 + ((i & 1) << 3));
+            ldmatrix_x4(bf, b_at(n + r + ((i >> 1) << 3), k0 + ((i & 1) << 3)));
         } else {
-            ldmatrix_x4_trans(bf, b + (k0 + r + ((i & 1) << 3)) * ldb + n + ((i >> 1) << 3));
+            ldmatrix_x4_trans(bf, b_at(k0 + r + ((i & 1) << 3), n + ((i >> 1) << 3)));
         }
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt) {
@@ -78,6 +80,17 @@ __device__ __forceinline__ void warp_mma_k16(float (&acc)[MT][NT][4], const T* _
             mma16816<T>(acc[mt][2 * np + 1], af[mt], bf[2], bf[3]);
         }
     }
+}
+
+// The same over row-major shared arrays with row strides lda and ldb
+// (elements): every kernel but the TMA one, whose tiles are swizzled.
+template <typename T, int MT, int NT, bool A_K_CONTIG, bool B_K_CONTIG>
+__device__ __forceinline__ void warp_mma_k16(float (&acc)[MT][NT][4], const T* __restrict__ a, int lda,
+                                             const T* __restrict__ b, int ldb, int m0, int n0, int k0,
+                                             int n_limit) {
+    warp_mma_k16_at<T, MT, NT, A_K_CONTIG, B_K_CONTIG>(
+        acc, [&](int row, int col) { return a + row * lda + col; },
+        [&](int row, int col) { return b + row * ldb + col; }, m0, n0, k0, n_limit);
 }
 
 template <int MT, int NT, bool A_K_CONTIG, bool B_K_CONTIG>

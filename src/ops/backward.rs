@@ -22,7 +22,7 @@ use crate::dims::{check_beta, check_len, mul, Dims, Matrix};
 use crate::dropout::Dropout;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
-use crate::ops::forward::{forward_kernels, ShrinkExpand};
+use crate::ops::forward::{forward_kernels, ForwardKernel, ShrinkExpand};
 use crate::ops::regions::{check_disjoint, Region};
 use crate::ops::scale::{RawScale, Scale};
 use crate::params::{
@@ -669,6 +669,7 @@ unsafe fn launch_backward<T: DType>(
             beta: dx_beta,
             dropout: shape.dropout,
             dropout_out: true,
+            kernel: ForwardKernel::Portable,
         }
         .launch::<T>(stream, kernels)?;
         if ws.s.is_some() {
@@ -688,6 +689,7 @@ unsafe fn launch_backward<T: DType>(
                 beta: 0.0,
                 dropout: shape.dropout,
                 dropout_out: false,
+                kernel: ForwardKernel::Portable,
             }
             .launch::<T>(stream, kernels)?;
         }

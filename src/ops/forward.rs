@@ -6,6 +6,10 @@
 //!
 //! Three faces, as every op: [`check_forward`] (no GPU), [`forward_raw`]
 //! (raw pointers, checked shapes) and [`forward`] (cudarc buffers).
+//!
+//! Two kernels ([`ForwardKernel`]): the portable one (every GPU; the
+//! default) and, on sm_90a, an opt-in one whose tiles move by TMA
+//! (kernels/forward/forward_tma_sm90.cu).
 
 use std::sync::Arc;
 
@@ -17,9 +21,65 @@ use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::ops::regions::{check_disjoint, Region};
 use crate::ops::scale::{RawScale, Scale};
-use crate::params::{singlora_forward_params, SINGLORA_DECODE_CLUSTER};
+use crate::params::{
+    singlora_forward_params, singlora_forward_tma_params, SINGLORA_DECODE_CLUSTER,
+    SINGLORA_FORWARD_TMA_BOX,
+};
 use crate::runtime::launch::{launch, or_null, vec_ok};
 use crate::runtime::registry::{Family, Kernel, KernelId, Kernels};
+use crate::runtime::tma::{describable, tensor_map_2d};
+
+/// Which kernel runs a forward. Both compute the same sums in the same
+/// order per tile and meet the same error bars.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ForwardKernel {
+    /// cp.async tiles through shared memory (kernels/forward/forward.cu,
+    /// shrink_expand.cuh); every GPU and shape: the proven default.
+    #[default]
+    Portable,
+    /// Tiles moved by the bulk tensor engine (TMA) onto mbarriers, stored
+    /// back by TMA (kernels/forward/forward_tma_sm90.cu). Runs where it
+    /// applies: the sm_90a module loaded, f16/bf16, rank ≤ 64 and a multiple
+    /// of 8, X, A and Y 16-byte aligned with row pitches of a multiple of 16
+    /// bytes, no dropout, more tokens than the decode kernels take; the
+    /// portable kernel elsewhere. Opt-in until a GPU run proves it.
+    Tma,
+}
+
+/// What a [`forward`] call takes beyond its buffers: its dropout and the
+/// kernel to run. A [`Dropout`] converts into it with the default kernel.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ForwardOptions {
+    pub dropout: Dropout,
+    pub kernel: ForwardKernel,
+}
+
+impl Default for ForwardOptions {
+    fn default() -> Self {
+        Self {
+            dropout: Dropout::NONE,
+            kernel: ForwardKernel::default(),
+        }
+    }
+}
+
+impl From<Dropout> for ForwardOptions {
+    fn from(dropout: Dropout) -> Self {
+        Self {
+            dropout,
+            ..Self::default()
+        }
+    }
+}
+
+impl From<ForwardKernel> for ForwardOptions {
+    fn from(kernel: ForwardKernel) -> Self {
+        Self {
+            kernel,
+            ..Self::default()
+        }
+    }
+}
 
 /// The checked shapes and scalars of one forward call.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -30,6 +90,7 @@ pub struct ForwardShape {
     scale: RawScale,
     beta: f32,
     dropout: Dropout,
+    kernel: ForwardKernel,
 }
 
 impl ForwardShape {
@@ -53,7 +114,14 @@ impl ForwardShape {
             scale,
             beta,
             dropout: Dropout::NONE,
+            kernel: ForwardKernel::default(),
         })
+    }
+
+    /// The same shape run by `kernel` where it applies (default
+    /// [`ForwardKernel::Portable`]).
+    pub fn with_kernel(self, kernel: ForwardKernel) -> Self {
+        Self { kernel, ..self }
     }
 
     /// The same shape with adapter dropout (`S = drop(X)·A_in`; the default
@@ -117,10 +185,12 @@ pub struct ForwardPtrs {
 /// * `s` (if given, `tokens × rank` f32, contiguous) ← `drop(X) · A[:d_in]`
 /// * `y` (`tokens × d_out`, row stride `ld_y`) ← `beta·y + scale · S · A[:d_out]ᵀ`
 ///
-/// `drop(X) = M ⊙ X / (1 − p)` with the mask of `dropout` (see
+/// `drop(X) = M ⊙ X / (1 − p)` with the mask of `options`' dropout (see
 /// [`Dropout`]; [`Dropout::NONE`]: `X` itself, bitwise the undropped
 /// kernels); the frozen path, which the caller computes into `y`, is not
-/// dropped. Pass the same `dropout` to the matching [`crate::backward()`].
+/// dropped. Pass the same dropout to the matching [`crate::backward()`].
+/// `options` also names the kernel ([`ForwardKernel`]); a bare [`Dropout`]
+/// takes the default one.
 ///
 /// `x` is `tokens × d_in` with row stride `ld_x`; `a` is `D × rank`,
 /// contiguous. `beta` is 0 (overwrite; `y` is never read) or 1 (add onto the
@@ -144,11 +214,14 @@ pub fn forward<'s, T: DType>(
     s: Option<&mut dyn DevicePtrMut<f32>>,
     scale: impl Into<Scale<'s>>,
     beta: f32,
-    dropout: Dropout,
+    options: impl Into<ForwardOptions>,
 ) -> Result<()> {
+    let options = options.into();
     let scale = scale.into();
     let (raw_scale, _scale_rec) = scale.raw(stream)?;
-    let shape = ForwardShape::new(dims, ld_x, ld_y, raw_scale, beta)?.with_dropout(dropout)?;
+    let shape = ForwardShape::new(dims, ld_x, ld_y, raw_scale, beta)?
+        .with_dropout(options.dropout)?
+        .with_kernel(options.kernel);
     shape.check_lens(x.len(), a.len(), y.len(), s.as_ref().map(|s| s.len()))?;
     let (x_ptr, _x_rec) = x.device_ptr(stream);
     let (a_ptr, _a_rec) = a.device_ptr(stream);
@@ -185,23 +258,43 @@ pub unsafe fn forward_raw<T: DType>(
     if dims.tokens() == 0 {
         return Ok(());
     }
-    let op = ShrinkExpand {
-        input: ptrs.x,
-        ld_in: shape.x.ld(),
-        k_dim: dims.d_in(),
-        a: ptrs.a,
-        out: ptrs.y,
-        ld_out: shape.y.ld(),
-        n_dim: dims.d_out(),
-        s_out: ptrs.s,
-        tokens: dims.tokens(),
-        rank: dims.rank(),
-        scale: shape.scale,
-        beta: shape.beta,
-        dropout: shape.dropout,
-        dropout_out: false,
-    };
-    op.launch::<T>(stream, &kernels)
+    shape.shrink_expand(ptrs).launch::<T>(stream, &kernels)
+}
+
+impl ForwardShape {
+    /// The launch of this shape on `ptrs`.
+    fn shrink_expand(&self, ptrs: &ForwardPtrs) -> ShrinkExpand {
+        let dims = &self.dims;
+        ShrinkExpand {
+            input: ptrs.x,
+            ld_in: self.x.ld(),
+            k_dim: dims.d_in(),
+            a: ptrs.a,
+            out: ptrs.y,
+            ld_out: self.y.ld(),
+            n_dim: dims.d_out(),
+            s_out: ptrs.s,
+            tokens: dims.tokens(),
+            rank: dims.rank(),
+            scale: self.scale,
+            beta: self.beta,
+            dropout: self.dropout,
+            dropout_out: false,
+            kernel: self.kernel,
+        }
+    }
+
+    /// The kernel a forward of this shape on `ptrs` runs on the device
+    /// `kernels` belongs to: [`ForwardKernel::Tma`] where it was asked for
+    /// and applies, else [`ForwardKernel::Portable`].
+    pub fn kernel_for<T: DType>(&self, kernels: &Kernels, ptrs: &ForwardPtrs) -> ForwardKernel {
+        let op = self.shrink_expand(ptrs);
+        let bm = shrink_expand_kernel::<T>(kernels, self.dims.rank()).map(|k| k.info.block_rows);
+        match bm {
+            Ok(bm) if op.tma_kernel::<T>(kernels, bm as usize).is_some() => ForwardKernel::Tma,
+            _ => ForwardKernel::Portable,
+        }
+    }
 }
 
 /// Every check [`forward`] runs before it enqueues anything, given the
@@ -240,6 +333,7 @@ fn shrink_expand_kernel<T: DType>(kernels: &Kernels, rank: usize) -> Result<&Ker
 /// `out = beta·out + scale · s_out · A[:n_dim]ᵀ` (`out == 0`: shrink only).
 /// An active `dropout` drops `input` (`dropout_out` false: the forward's S)
 /// or masks the adapter term of `out` (`dropout_out` true: the backward's dX).
+/// `kernel` [`ForwardKernel::Tma`] takes the TMA kernel where it applies.
 pub(crate) struct ShrinkExpand {
     pub input: u64,
     pub ld_in: usize,
@@ -255,6 +349,7 @@ pub(crate) struct ShrinkExpand {
     pub beta: f32,
     pub dropout: Dropout,
     pub dropout_out: bool,
+    pub kernel: ForwardKernel,
 }
 
 /// The grid of one shrink-expand launch, a pure function of the shapes.
@@ -305,6 +400,98 @@ pub(crate) fn decode_grid(n_dim: usize, bn: usize, sm: usize, cl: usize) -> Grid
 }
 
 impl ShrinkExpand {
+    /// The TMA kernel, where it was asked for and applies (see
+    /// [`ForwardKernel::Tma`]); `bm` the decode threshold (the portable row
+    /// block).
+    fn tma_kernel<'k, T: DType>(&self, kernels: &'k Kernels, bm: usize) -> Option<&'k Kernel> {
+        if self.kernel != ForwardKernel::Tma
+            || self.out == 0
+            || self.dropout.is_active()
+            || self.tokens <= bm
+            || self.rank % 8 != 0
+            || !describable::<T>(self.input, self.tokens, self.k_dim, self.ld_in)
+            || !describable::<T>(self.out, self.tokens, self.n_dim, self.ld_out)
+            || !describable::<T>(self.a, self.k_dim.max(self.n_dim), self.rank, self.rank)
+        {
+            return None;
+        }
+        let id = KernelId::of::<T>(Family::ForwardTmaSm90, self.rank)?;
+        kernels.has(id).then(|| kernels.kernel(id).ok()).flatten()
+    }
+
+    /// # Safety
+    /// As for [`ShrinkExpand::launch`], with `kernel` from
+    /// [`ShrinkExpand::tma_kernel`].
+    unsafe fn launch_tma<T: DType>(
+        &self,
+        stream: &Arc<CudaStream>,
+        kernel: &Kernel,
+        sm: usize,
+    ) -> Result<()> {
+        let (bm, bn) = (
+            kernel.info.block_rows as usize,
+            kernel.info.block_cols as usize,
+        );
+        let grid = regular_grid(self.tokens, self.n_dim, bm, bn, sm, true);
+        let grid_x = u32::try_from(grid.grid.0).map_err(|_| Error::Overflow {
+            what: "forward grid (tokens / 64)",
+        })?;
+        let bx = SINGLORA_FORWARD_TMA_BOX;
+        // A's rows: those either product reads (the box rows past them read
+        // zeros); its box is the rank bucket wide (columns past the rank read
+        // zeros).
+        let a_rows = self.k_dim.max(self.n_dim);
+        let params = singlora_forward_tma_params {
+            in_map: tensor_map_2d::<T>(
+                self.input,
+                self.tokens,
+                self.k_dim,
+                self.ld_in,
+                (bx, bm as u32),
+            )?,
+            a_map: tensor_map_2d::<T>(
+                self.a,
+                a_rows,
+                self.rank,
+                self.rank,
+                (kernel.info.rank_cap, bx),
+            )?,
+            out_map: tensor_map_2d::<T>(
+                self.out,
+                self.tokens,
+                self.n_dim,
+                self.ld_out,
+                (bx, bm as u32),
+            )?,
+            p: self.params::<T>(grid.cols_per_block),
+        };
+        launch(stream, kernel, (grid_x, grid.grid.1 as u32, 1), &params)
+    }
+
+    /// The kernel parameters for column groups of `cols_per_block`.
+    fn params<T: DType>(&self, cols_per_block: usize) -> singlora_forward_params {
+        singlora_forward_params {
+            in_: self.input,
+            a: self.a,
+            out: self.out,
+            s_out: self.s_out,
+            tokens: self.tokens as i64,
+            ld_in: self.ld_in as i64,
+            ld_out: self.ld_out as i64,
+            k_dim: self.k_dim as i32,
+            n_dim: self.n_dim as i32,
+            rank: self.rank as i32,
+            cols_per_block: cols_per_block.min(i32::MAX as usize) as i32,
+            scale: self.scale.param(1.0),
+            beta: self.beta,
+            in_vec: vec_ok::<T>(self.input, self.ld_in),
+            out_vec: vec_ok::<T>(self.out, self.ld_out),
+            a_vec: vec_ok::<T>(self.a, self.rank),
+            dropout_out: i32::from(self.dropout_out),
+            dropout: self.dropout.param(),
+        }
+    }
+
     /// # Safety
     /// The pointers must address the matrices the fields describe (validated
     /// dims, strides ≥ rows), on `stream`'s context, until completion.
@@ -317,6 +504,9 @@ impl ShrinkExpand {
         let normal = shrink_expand_kernel::<T>(kernels, self.rank)?;
         let bm = normal.info.block_rows as usize;
         let bn = normal.info.block_cols as usize;
+        if let Some(tma) = self.tma_kernel::<T>(kernels, bm) {
+            return self.launch_tma::<T>(stream, tma, sm);
+        }
         // Decode sizes where the module has the cluster kernels (sm_90a).
         let decode = KernelId::of::<T>(Family::ForwardDecodeSm90, self.rank)
             .filter(|id| self.out != 0 && self.tokens <= bm && kernels.has(*id));
@@ -333,26 +523,7 @@ impl ShrinkExpand {
         let grid_x = u32::try_from(grid.grid.0).map_err(|_| Error::Overflow {
             what: "forward grid (tokens / 64)",
         })?;
-        let params = singlora_forward_params {
-            in_: self.input,
-            a: self.a,
-            out: self.out,
-            s_out: self.s_out,
-            tokens: self.tokens as i64,
-            ld_in: self.ld_in as i64,
-            ld_out: self.ld_out as i64,
-            k_dim: self.k_dim as i32,
-            n_dim: self.n_dim as i32,
-            rank: self.rank as i32,
-            cols_per_block: grid.cols_per_block.min(i32::MAX as usize) as i32,
-            scale: self.scale.param(1.0),
-            beta: self.beta,
-            in_vec: vec_ok::<T>(self.input, self.ld_in),
-            out_vec: vec_ok::<T>(self.out, self.ld_out),
-            a_vec: vec_ok::<T>(self.a, self.rank),
-            dropout_out: i32::from(self.dropout_out),
-            dropout: self.dropout.param(),
-        };
+        let params = self.params::<T>(grid.cols_per_block);
         launch(stream, kernel, (grid_x, grid.grid.1 as u32, 1), &params)
     }
 }

@@ -5,6 +5,7 @@ pub mod blas;
 pub mod device;
 pub(crate) mod launch;
 pub mod registry;
+pub(crate) mod tma;
 
 pub use device::open_device;
 pub use registry::{kernel_names, Family, KernelId, Kernels, RANK_BUCKETS};

@@ -35,7 +35,8 @@ use rand::rngs::StdRng;
 use rand::SeedableRng;
 use rand_distr::{Distribution, Normal};
 use singlora::{
-    backward_workspace_len, fill_bits, forward, DType, Dims, Dropout, Error, Kernels, Scale,
+    backward_workspace_len, fill_bits, forward, DType, Dims, Dropout, Error, ForwardKernel,
+    ForwardOptions, Kernels, Scale,
 };
 
 pub struct Gpu {
@@ -344,7 +345,7 @@ impl<T: DType> Placed<T> {
 
 /// The forward on placed matrices: Y (row stride `ld_y`) ← beta·Y +
 /// scale·X·A[:d_in]·A[:d_out]ᵀ from X (row stride `ld_x`), S into `s` where
-/// given.
+/// given, by `kernel` where it applies.
 #[allow(clippy::too_many_arguments)]
 pub fn forward_placed<'s, T: DType>(
     gpu: &Gpu,
@@ -353,8 +354,8 @@ pub fn forward_placed<'s, T: DType>(
     a: &Placed<T>,
     (y, ld_y): (&mut Placed<T>, usize),
     s: Option<&mut Placed<f32>>,
-    scale: impl Into<Scale<'s>>,
-    beta: f32,
+    (scale, beta): (impl Into<Scale<'s>>, f32),
+    kernel: ForwardKernel,
 ) {
     let mut s_view = s.map(|s| s.view_mut());
     forward(
@@ -368,7 +369,10 @@ pub fn forward_placed<'s, T: DType>(
         s_view.as_mut().map(|v| v as &mut dyn DevicePtrMut<f32>),
         scale,
         beta,
-        Dropout::NONE,
+        ForwardOptions {
+            dropout: Dropout::NONE,
+            kernel,
+        },
     )
     .unwrap();
 }

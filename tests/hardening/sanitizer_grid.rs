@@ -13,6 +13,8 @@
 //!   and accumulating;
 //! * the opt-in fused backward (`backward_fused_sm90_bf16_r<b>`, bf16, on
 //!   sm_90 only) in both of its buckets over the same layouts;
+//! * the opt-in TMA forward (`forward_tma_sm90_<t>_r<b>`, f16/bf16, sm_90
+//!   only) in both of its buckets, where the layout allows it;
 //! * each with 16-byte aligned row strides whose rows end in a tail (the
 //!   vector paths), dense rows, and row strides and base addresses off
 //!   16-byte alignment (the element-wise paths); the scale by value, from a
@@ -41,14 +43,19 @@ use half::{bf16, f16};
 use singlora::{
     adamw, adamw_device_step, advance_step, backward, backward_workspace_len, kernel_names, merge,
     merge_with, mse, mse_loss, reference, unmerge, AdamW, AdamWState, BackwardKernel,
-    BackwardOptions, DType, Dims, Dropout, DxOut, Kernels, MergeKernel, Scale, MSE_PARTIALS,
-    RANK_BUCKETS,
+    BackwardOptions, DType, Dims, Dropout, DxOut, ForwardKernel, Kernels, MergeKernel, Scale,
+    MSE_PARTIALS, RANK_BUCKETS,
 };
 
 /// One rank per bucket (32, 64, 128, 256).
 const RANKS: [usize; 4] = [16, 48, 100, 200];
 /// One rank per bucket of the fused backward (16, 32), bf16.
 const FUSED_RANKS: [(usize, usize); 2] = [(16, 16), (24, 32)];
+/// One rank per bucket of the TMA forward (32, 64; multiples of 8), f16 and
+/// bf16: it runs on the 70-token layouts whose X and Y a tensor map can
+/// describe (16-byte aligned bases and pitches), the portable kernel on the
+/// others.
+const TMA_RANKS: [(usize, usize); 2] = [(16, 32), (48, 64)];
 /// Tokens at and above which the forward takes the regular path (the
 /// forward's row block); at most this many take the decode kernels on
 /// sm_90 when the rank fits a decode bucket.
@@ -183,10 +190,16 @@ fn scale_value() -> f32 {
     .scale(STEP)
 }
 
-fn run_case<T: DType>(gpu: &Gpu, c: Case, rank: usize, seed: u64, kernel: BackwardKernel) {
+fn run_case<T: DType>(
+    gpu: &Gpu,
+    c: Case,
+    rank: usize,
+    seed: u64,
+    (fwd_kernel, kernel): (ForwardKernel, BackwardKernel),
+) {
     let dims = Dims::new(c.tokens, c.d_in, c.d_out, rank).unwrap();
     let (ld_x, ld_y) = (c.ld.of::<T>(c.d_in), c.ld.of::<T>(c.d_out));
-    let name = format!("{} rank {rank} {c:?} {kernel:?}", T::NAME);
+    let name = format!("{} rank {rank} {c:?} {fwd_kernel:?} {kernel:?}", T::NAME);
     let s = scale_value();
     assert_eq!(s, 1.125);
     let mut r = rng(seed);
@@ -227,7 +240,8 @@ fn run_case<T: DType>(gpu: &Gpu, c: Case, rank: usize, seed: u64, kernel: Backwa
     let mut sd = Placed::<f32>::new(gpu, &vec![f64::NAN; dims.s_len()], c.off.s, f64::NAN);
     let s_out = c.saved_s.then_some(&mut sd);
     let (x_in, y_out) = ((&xd, ld_x), (&mut yd, ld_y));
-    forward_placed(gpu, &dims, x_in, &ad, y_out, s_out, scale(c.scale), c.beta);
+    let fwd = (scale(c.scale), c.beta);
+    forward_placed(gpu, &dims, x_in, &ad, y_out, s_out, fwd, fwd_kernel);
     let y = yd.read_strided(gpu, &format!("Y ({name})"), y_at);
     assert_close::<T>("Y", &name, &y, &y_ref);
 
@@ -279,20 +293,25 @@ fn forward_backward_grid<T: DType>(seed: u64) {
     let Some(gpu) = gpu() else { return };
     for (i, &rank) in RANKS.iter().enumerate() {
         for (j, &c) in LAYOUTS.iter().enumerate() {
-            run_case::<T>(
-                &gpu,
-                c,
-                rank,
-                seed + 10 * i as u64 + j as u64,
-                BackwardKernel::Split,
-            );
+            let kernels = (ForwardKernel::Portable, BackwardKernel::Split);
+            run_case::<T>(&gpu, c, rank, seed + 10 * i as u64 + j as u64, kernels);
         }
     }
     if T::NAME == "bf16" {
         for (i, &(rank, _)) in FUSED_RANKS.iter().enumerate() {
             for (j, &c) in LAYOUTS.iter().enumerate() {
                 let seed = seed + 50 + 10 * i as u64 + j as u64;
-                run_case::<T>(&gpu, c, rank, seed, BackwardKernel::Fused);
+                let kernels = (ForwardKernel::Portable, BackwardKernel::Fused);
+                run_case::<T>(&gpu, c, rank, seed, kernels);
+            }
+        }
+    }
+    if T::NAME != "f32" {
+        for (i, &(rank, _)) in TMA_RANKS.iter().enumerate() {
+            for (j, &c) in LAYOUTS.iter().enumerate() {
+                let seed = seed + 80 + 10 * i as u64 + j as u64;
+                let kernels = (ForwardKernel::Tma, BackwardKernel::Split);
+                run_case::<T>(&gpu, c, rank, seed, kernels);
             }
         }
     }
@@ -531,6 +550,16 @@ fn grid_covers_every_kernel() {
         ]);
     }
     hit.extend(FUSED_RANKS.map(|(_, b)| format!("backward_fused_sm90_bf16_r{b}")));
+    for dtype in ["f16", "bf16"] {
+        hit.extend(TMA_RANKS.map(|(_, b)| format!("forward_tma_sm90_{dtype}_r{b}")));
+    }
+    // The TMA forward needs a layout a tensor map describes, at more tokens
+    // than the decode kernels take.
+    assert!(LAYOUTS.iter().any(|c| c.tokens > DECODE_MAX_TOKENS
+        && c.ld == Ld::Aligned
+        && c.off.x == 0
+        && c.off.y == 0
+        && c.off.a == 0));
     for name in kernel_names() {
         if name.contains("_small_") {
             // The configurations for 99 KiB devices run only in a context
