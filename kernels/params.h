@@ -258,13 +258,16 @@ typedef struct __attribute__((aligned(128))) singlora_tensor_map {
  * portable kernel's math and parameters (p; out != 0, no dropout) with its
  * three operands also described as tensor maps, passed by value (a
  * __grid_constant__ parameter):
- *   in_map   in,  dims {k_dim, tokens}, row pitch ld_in, box {BOX, BM}, 128 B swizzle
- *   a_map    A,   dims {rank, D}, row pitch rank, box {bucket, BOX}, swizzle of bucket × 2 B
- *   out_map  out, dims {n_dim, tokens}, row pitch ld_out, box {BOX, BM}, 128 B swizzle
+ *   in_map     in,        dims {k_dim, tokens}, row pitch ld_in, box {BOX, BM}, 128 B swizzle
+ *   a_in_map   A[:k_dim], dims {rank, k_dim}, row pitch rank, box {bucket, BOX}, swizzle of
+ *              bucket × 2 B (the shrink's; rows past k_dim read zeros, as the portable kernel's)
+ *   a_out_map  A[:n_dim], the same over n_dim rows (the expand's)
+ *   out_map    out,       dims {n_dim, tokens}, row pitch ld_out, box {BOX, BM}, 128 B swizzle
  * Boxes past a tensor's edge read zeros and write nothing. */
 typedef struct __attribute__((aligned(128))) singlora_forward_tma_params {
     singlora_tensor_map in_map;
-    singlora_tensor_map a_map;
+    singlora_tensor_map a_in_map;
+    singlora_tensor_map a_out_map;
     singlora_tensor_map out_map;
     singlora_forward_params p;
 } singlora_forward_tma_params;

@@ -2,6 +2,7 @@
 // 16-deep tile product (with its f32 FMA twin for f32 operands).
 #pragma once
 
+#include "copies.cuh"  // smem_addr
 #include "elements.cuh"
 
 namespace singlora {

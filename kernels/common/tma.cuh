@@ -39,17 +39,30 @@ __device__ __forceinline__ void mbar_arrive(uint32_t bar) {
     asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
 }
 
-// Waits for the phase of parity `parity` to complete.
-__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
+// Whether the phase of parity `parity` has completed (after a bounded,
+// hardware-timed wait).
+__device__ __forceinline__ bool mbar_try_wait(uint32_t bar, uint32_t parity) {
+    uint32_t done;
     asm volatile(
         "{\n"
-        ".reg .pred done;\n"
-        "WAIT:\n"
-        "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
-        "@!done bra WAIT;\n"
-        "}\n" ::"r"(bar),
-        "r"(parity)
+        ".reg .pred p;\n"
+        "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+        "selp.u32 %0, 1, 0, p;\n"
+        "}\n"
+        : "=r"(done)
+        : "r"(bar), "r"(parity)
         : "memory");
+    return done != 0;
+}
+
+// Waits for the phase of parity `parity` to complete. 2^28 unsuccessful
+// tries (each suspends the thread for a while) are minutes, far past any
+// real wait: a broken protocol traps (a launch error) instead of hanging
+// the GPU.
+__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
+    for (uint32_t tries = 0; !mbar_try_wait(bar, parity); ++tries) {
+        if (tries == (1u << 28)) __trap();
+    }
 }
 
 // Global → shared: the box of `map` at (c0 innermost, c1), completing on

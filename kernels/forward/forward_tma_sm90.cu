@@ -31,9 +31,9 @@
 // Inputs a tensor map cannot describe (16-byte alignment of base and row
 // pitch, rank a multiple of 8), dropout, shrink-only and decode-size calls
 // take the portable kernels (src/ops/forward.rs).
+#include "common/tma.cuh"
 #include "common/mma.cuh"
 #include "common/scale.cuh"
-#include "common/tma.cuh"
 
 namespace singlora {
 
@@ -115,21 +115,25 @@ template <typename T, int RP> __device__ __forceinline__ void forward_tma_kernel
             const int k0 = n * BK;
             mbar_expect_tx(full(s), C::BIG_BYTES + C::A_BYTES);
             tma_load_2d(big_at(s), &tp.in_map, full(s), k0, (int)row0);
-            tma_load_2d(a_at(s), &tp.a_map, full(s), 0, k0);
+            tma_load_2d(a_at(s), &tp.a_in_map, full(s), 0, k0);
         } else {
             const int c0 = (int)(col_begin + (int64_t)(n - k_tiles) * BN);
             mbar_expect_tx(full(s), (accumulate ? C::BIG_BYTES : 0) + C::A_BYTES);
             if (accumulate) tma_load_2d(big_at(s), &tp.out_map, full(s), c0, (int)row0);
-            tma_load_2d(a_at(s), &tp.a_map, full(s), 0, c0);
+            tma_load_2d(a_at(s), &tp.a_out_map, full(s), 0, c0);
         }
     };
     // Top of step n: refill the slot step n − 1 used, once every warp has
     // released it (its use (n − 1) / STAGES has completed on `empty`).
+    // Warp 0 reconverges after its lane 0's wait and copies, before the
+    // warp-collective ldmatrix and mma that follow.
     auto refill = [&](int n) {
         const int m = n + STAGES - 1;
-        if (!producer || m >= steps) return;
-        if (m >= STAGES) mbar_wait(empty(m % STAGES), (uint32_t)((m / STAGES - 1) & 1));
-        issue(m);
+        if (producer && m < steps) {
+            if (m >= STAGES) mbar_wait(empty(m % STAGES), (uint32_t)((m / STAGES - 1) & 1));
+            issue(m);
+        }
+        __syncwarp();
     };
     auto release = [&](int n) {
         __syncwarp();

@@ -437,31 +437,29 @@ impl ShrinkExpand {
             what: "forward grid (tokens / 64)",
         })?;
         let bx = SINGLORA_FORWARD_TMA_BOX;
-        // A's rows: those either product reads (the box rows past them read
-        // zeros); its box is the rank bucket wide (columns past the rank read
-        // zeros).
-        let a_rows = self.k_dim.max(self.n_dim);
+        // Column groups of whole 64-column boxes: no box crosses a group.
+        debug_assert_eq!(grid.cols_per_block % bx as usize, 0);
+        let rows = bm as u32;
+        // A as each product reads it: its first k_dim rows (the shrink) or
+        // n_dim rows (the expand), box rows past them reading zeros; the
+        // box is the rank bucket wide (columns past the rank read zeros).
+        let a_box = (kernel.info.rank_cap, bx);
         let params = singlora_forward_tma_params {
             in_map: tensor_map_2d::<T>(
                 self.input,
                 self.tokens,
                 self.k_dim,
                 self.ld_in,
-                (bx, bm as u32),
+                (bx, rows),
             )?,
-            a_map: tensor_map_2d::<T>(
-                self.a,
-                a_rows,
-                self.rank,
-                self.rank,
-                (kernel.info.rank_cap, bx),
-            )?,
+            a_in_map: tensor_map_2d::<T>(self.a, self.k_dim, self.rank, self.rank, a_box)?,
+            a_out_map: tensor_map_2d::<T>(self.a, self.n_dim, self.rank, self.rank, a_box)?,
             out_map: tensor_map_2d::<T>(
                 self.out,
                 self.tokens,
                 self.n_dim,
                 self.ld_out,
-                (bx, bm as u32),
+                (bx, rows),
             )?,
             p: self.params::<T>(grid.cols_per_block),
         };
