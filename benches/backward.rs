@@ -51,14 +51,7 @@ impl Bwd {
         let ran = kernel.resolve::<bf16>(&kernels, &self.dims);
         let d = &self.dims;
         let bytes = (d.tokens() * (2 * d.d_in() + d.d_out()) * 2) as f64;
-        let label = format!(
-            "t={} d_in={} d_out={} r={} {ran:?}",
-            d.tokens(),
-            d.d_in(),
-            d.d_out(),
-            d.rank()
-        );
-        (label, bytes)
+        (dims_label(d, ran), bytes)
     }
 
     /// Our launch: dX and dA (betas 0) from the saved S.

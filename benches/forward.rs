@@ -53,18 +53,7 @@ impl Fwd {
         };
         let ran = shape.kernel_for::<bf16>(&Kernels::for_stream(&gpu.stream).unwrap(), &ptrs);
         let bytes = (d.tokens() * (d.d_in() + 2 * d.d_out()) * 2) as f64;
-        let label = if d.d_in() == d.d_out() {
-            format!("t={} d={} r={} {ran:?}", d.tokens(), d.d_in(), d.rank())
-        } else {
-            format!(
-                "t={} d_in={} d_out={} r={} {ran:?}",
-                d.tokens(),
-                d.d_in(),
-                d.d_out(),
-                d.rank()
-            )
-        };
-        (label, bytes)
+        (dims_label(d, ran), bytes)
     }
 
     /// Our launch: Y += s·X·A[:d_in]·A[:d_out]ᵀ, S saved.

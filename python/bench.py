@@ -203,6 +203,20 @@ def fmt_ratio(peer, mine):
     return f"{peer / mine:.2f}×"
 
 
+def check_targets(t, mine, targets, where, prefix, checks, misses):
+    """Each peer's time over `mine`'s against its target ratio: a note in
+    `checks`, and a line in `misses` when it falls short."""
+    for peer, want in targets.items():
+        if t[mine] is None or t[peer] is None:
+            checks.append(f"{prefix}{peer} n/a")
+            continue
+        r = t[peer] / t[mine]
+        ok = r >= want
+        checks.append(f"{prefix}{peer} ≥{want}× {'met' if ok else 'missed'}")
+        if not ok:
+            misses.append(f"{where}: {r:.2f}× {peer} (target {want}×)")
+
+
 def format_table(rows, peaks, gpu, bad):
     """The markdown table (and its notes) of the measured rows."""
     today = datetime.date.today().isoformat()
@@ -231,26 +245,12 @@ def format_table(rows, peaks, gpu, bad):
         target = ""
         if tokens == 16384:
             checks = []
-            for peer, want in TARGETS.items():
-                if t["ours"] is None or t[peer] is None:
-                    checks.append(f"{peer} n/a")
-                    continue
-                r = t[peer] / t["ours"]
-                ok = r >= want
-                checks.append(f"{peer} ≥{want}× {'met' if ok else 'missed'}")
-                if not ok:
-                    misses.append(f"{tokens} tokens rank {rank} {name}: {r:.2f}× {peer} (target {want}×)")
+            where = f"{tokens} tokens rank {rank}"
+            check_targets(t, "ours", TARGETS, f"{where} {name}", "", checks, misses)
             want = FUSED_TARGETS.get(rank)
             if name == "fwd+bwd" and want is not None:
-                for peer in ("eager", "compile"):
-                    if t["fused"] is None or t[peer] is None:
-                        checks.append(f"fused: {peer} n/a")
-                        continue
-                    r = t[peer] / t["fused"]
-                    ok = r >= want
-                    checks.append(f"fused: {peer} ≥{want}× {'met' if ok else 'missed'}")
-                    if not ok:
-                        misses.append(f"{tokens} tokens rank {rank} fused {name}: {r:.2f}× {peer} (target {want}×)")
+                fused = {"eager": want, "compile": want}
+                check_targets(t, "fused", fused, f"{where} fused {name}", "fused: ", checks, misses)
             target = ", ".join(checks)
         lines.append(
             f"| {tokens} | {rank} | {name} | {fmt_us(t['ours'])} | {fmt_us(t['fused'])} | {fmt_us(t['eager'])} "

@@ -471,16 +471,10 @@ fn sanitizer_backward_small() {
     run_typed!(&cases, run_case: bf16 => 7, f16 => 17, f32 => 27);
 }
 
-/// Whether this device runs the fused kernel at all (the sm_90a module is
-/// loaded: compute capability 9.0); prints why a fused test skips.
+/// The registry where the device runs the fused kernel (the sm_90a module
+/// is loaded: compute capability 9.0).
 fn fused_available(gpu: &Gpu) -> Option<std::sync::Arc<Kernels>> {
-    let kernels = Kernels::for_stream(&gpu.stream).unwrap();
-    if kernels.contains("backward_fused_sm90_bf16_r16") {
-        Some(kernels)
-    } else {
-        println!("skipped: no sm_90a module on this device (the fused backward is sm_90a code)");
-        None
-    }
+    with_kernel(gpu, "backward_fused_sm90_bf16_r16")
 }
 
 /// The fused kernel against the reference on every case of the grids and

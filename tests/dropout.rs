@@ -225,20 +225,9 @@ fn probe_forward_and_dx<T: DType>(gpu: &Gpu, tokens: usize, d: usize, ld_pad: us
 /// d_in > d_out = rank ≥ tokens, A one-hot, G = [I | 0] so Q = [I | 0]: dA's
 /// rows [d_out, d_in) hold only s·drop(X)ᵀ·Q, i.e. dA[c][t] = s·drop(X)[t][c]
 /// — zero exactly where dropped. S is recomputed by the backward (with the
-/// mask), which the rows below d_out check at the bar.
+/// mask), which the rows below d_out check at the bar. The backward runs
+/// `kernel`.
 fn probe_da<T: DType>(
-    gpu: &Gpu,
-    tokens: usize,
-    d_in: usize,
-    rank: usize,
-    ld_pad: usize,
-    seed: u64,
-) {
-    probe_da_with::<T>(gpu, tokens, d_in, rank, ld_pad, seed, BackwardKernel::Split);
-}
-
-/// `probe_da` by `kernel`.
-fn probe_da_with<T: DType>(
     gpu: &Gpu,
     tokens: usize,
     d_in: usize,
@@ -284,8 +273,8 @@ fn probes<T: DType>() {
     probe_forward_and_dx::<T>(&gpu, 131, 37, 0, 2);
     // Decode size (the sm_90a cluster kernel on Hopper, column splits elsewhere).
     probe_forward_and_dx::<T>(&gpu, 7, 64, 8, 3);
-    probe_da::<T>(&gpu, 100, 331, 128, 3, 4);
-    probe_da::<T>(&gpu, 61, 1000, 64, 0, 5);
+    probe_da::<T>(&gpu, 100, 331, 128, 3, 4, BackwardKernel::Split);
+    probe_da::<T>(&gpu, 61, 1000, 64, 0, 5, BackwardKernel::Split);
 }
 
 // ---------------------------------------------------------------- accuracy
@@ -329,81 +318,59 @@ fn check_pass<T: DType>(
 
 fn accuracy<T: DType>() {
     let Some(gpu) = gpu() else { return };
-    for (k, &(tokens, d_in, d_out, rank, pad)) in SHAPES.iter().enumerate() {
+    accuracy_over::<T>(&gpu, SHAPES, 100, BackwardKernel::Split);
+}
+
+/// [`check_pass`] at p = 0.1 and 0.5 on random inputs of each of `shapes`
+/// (seeds from `seed`), the backward by `kernel`.
+fn accuracy_over<T: DType>(
+    gpu: &Gpu,
+    shapes: &[(usize, usize, usize, usize, usize)],
+    seed: u64,
+    kernel: BackwardKernel,
+) {
+    for (k, &(tokens, d_in, d_out, rank, pad)) in shapes.iter().enumerate() {
         let dims = Dims::new(tokens, d_in, d_out, rank).unwrap();
-        let mut r = rng(100 + k as u64);
+        let mut r = rng(seed + k as u64);
         let x = nonzero::<T>(&mut r, tokens * d_in, 1.0);
         let a = nonzero::<T>(&mut r, dims.a_len(), 1.0 / (dims.d() as f64).sqrt());
         let g = nonzero::<T>(&mut r, tokens * d_out, 1.0);
         let y0 = nonzero::<T>(&mut r, tokens * d_out, 0.5);
         let dx0 = nonzero::<T>(&mut r, tokens * d_in, 0.5);
         for p in [0.1, 0.5] {
-            let dropout = Dropout::new(p, 1234 + k as u64, 99).unwrap();
+            let dropout = Dropout::new(p, 1234 + seed + k as u64, 99).unwrap();
             let name = format!("{} {tokens}x{d_in}->{d_out} r{rank} p {p}", T::NAME);
             let starts = (Some(&y0[..]), Some(&dx0[..]));
-            check_pass::<T>(
-                &gpu,
-                &name,
-                &dims,
-                [&x, &a, &g],
-                pad,
-                starts,
-                dropout.into(),
-            );
+            let options = BackwardOptions { dropout, kernel };
+            check_pass::<T>(gpu, &name, &dims, [&x, &a, &g], pad, starts, options);
         }
     }
 }
 
 /// The fused backward (sm_90a, bf16) with dropout: the dA probe (zero
-/// exactly where dropped) and the accuracy shapes it applies to, p = 0.1
-/// and 0.5, against the reference with the library's mask.
+/// exactly where dropped) and accuracy shapes it applies to, p = 0.1 and
+/// 0.5, against the reference with the library's mask.
 #[test]
 fn fused_backward_with_dropout_bf16() {
     type T = half::bf16;
     let Some(gpu) = gpu() else { return };
-    let kernels = singlora::Kernels::for_stream(&gpu.stream).unwrap();
-    if !kernels.contains("backward_fused_sm90_bf16_r16") {
-        println!("skipped: no sm_90a module on this device");
+    let Some(kernels) = with_kernel(&gpu, "backward_fused_sm90_bf16_r16") else {
         return;
-    }
-    probe_da_with::<T>(&gpu, 30, 331, 32, 3, 6, BackwardKernel::Fused);
-    probe_da_with::<T>(&gpu, 16, 1000, 16, 0, 7, BackwardKernel::Fused);
+    };
+    probe_da::<T>(&gpu, 30, 331, 32, 3, 6, BackwardKernel::Fused);
+    probe_da::<T>(&gpu, 16, 1000, 16, 0, 7, BackwardKernel::Fused);
     let shapes = [
         (300, 515, 260, 24, 5),
         (1100, 96, 300, 8, 0),
         (9, 1000, 777, 16, 8),
         (700, 4096, 2000, 32, 0),
     ];
-    for (k, &(tokens, d_in, d_out, rank, pad)) in shapes.iter().enumerate() {
+    for &(tokens, d_in, d_out, rank, _) in &shapes {
         let dims = Dims::new(tokens, d_in, d_out, rank).unwrap();
-        assert_eq!(
-            BackwardKernel::Fused.resolve::<T>(&kernels, &dims),
-            BackwardKernel::Fused
-        );
-        let mut r = rng(400 + k as u64);
-        let x = nonzero::<T>(&mut r, tokens * d_in, 1.0);
-        let a = nonzero::<T>(&mut r, dims.a_len(), 1.0 / (dims.d() as f64).sqrt());
-        let g = nonzero::<T>(&mut r, tokens * d_out, 1.0);
-        let y0 = nonzero::<T>(&mut r, tokens * d_out, 0.5);
-        let dx0 = nonzero::<T>(&mut r, tokens * d_in, 0.5);
-        for p in [0.1, 0.5] {
-            let dropout = Dropout::new(p, 4321 + k as u64, 7).unwrap();
-            let name = format!("fused {tokens}x{d_in}->{d_out} r{rank} p {p}");
-            let starts = (Some(&y0[..]), Some(&dx0[..]));
-            check_pass::<T>(
-                &gpu,
-                &name,
-                &dims,
-                [&x, &a, &g],
-                pad,
-                starts,
-                BackwardOptions {
-                    dropout,
-                    kernel: BackwardKernel::Fused,
-                },
-            );
-        }
+        let runs = BackwardKernel::Fused.resolve::<T>(&kernels, &dims);
+        assert_eq!(runs, BackwardKernel::Fused, "{dims:?}");
     }
+    accuracy_over::<T>(&gpu, &shapes, 400, BackwardKernel::Fused);
 }
 
 // The typed tests: mask probes, accuracy and reproducibility per element

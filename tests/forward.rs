@@ -304,9 +304,7 @@ const TMA_CASES: &[Case] = &[
 /// elsewhere the portable one.
 fn tma_cases<T: DType>() {
     let Some(gpu) = gpu() else { return };
-    let kernels = Kernels::for_stream(&gpu.stream).unwrap();
-    if !kernels.contains(&format!("forward_tma_sm90_{}_r32", T::NAME)) {
-        println!("skipped: no sm_90a module on this device (the TMA forward is sm_90a code)");
+    if with_kernel(&gpu, &format!("forward_tma_sm90_{}_r32", T::NAME)).is_none() {
         return;
     }
     let mut ran = 0;

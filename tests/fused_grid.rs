@@ -18,11 +18,7 @@ const CAP: u32 = 3;
 fn gpu_with_cap() -> Option<(Gpu, std::sync::Arc<Kernels>)> {
     std::env::set_var(MAX_CLUSTERS_ENV, CAP.to_string());
     let gpu = gpu()?;
-    let kernels = Kernels::get(&gpu.ctx).unwrap();
-    if !kernels.contains("backward_fused_sm90_bf16_r16") {
-        println!("skipped: no sm_90a module on this device (the fused backward is sm_90a code)");
-        return None;
-    }
+    let kernels = with_kernel(&gpu, "backward_fused_sm90_bf16_r16")?;
     Some((gpu, kernels))
 }
 

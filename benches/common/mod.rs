@@ -17,7 +17,7 @@ use cudarc::driver::{
 use half::bf16;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use singlora::Dropout;
+use singlora::{Dims, Dropout};
 
 /// The hidden size of the forward and backward benchmarks.
 pub const D: usize = 4096;
@@ -176,6 +176,21 @@ pub fn print_table(title: &str, rows: &[Row]) {
 pub fn token_shape(tokens: usize, rank: usize) -> (String, f64) {
     let bytes = (3 * tokens * D * 2) as f64;
     (format!("t={tokens} d={D} r={rank}"), bytes)
+}
+
+/// The label of a forward or backward row at `dims`, run by `kernel`:
+/// `t=… d=… r=… Kernel`, or `t=… d_in=… d_out=… r=… Kernel` when non-square.
+pub fn dims_label(d: &Dims, kernel: impl std::fmt::Debug) -> String {
+    let (t, r) = (d.tokens(), d.rank());
+    if d.d_in() == d.d_out() {
+        format!("t={t} d={} r={r} {kernel:?}", d.d_in())
+    } else {
+        format!(
+            "t={t} d_in={} d_out={} r={r} {kernel:?}",
+            d.d_in(),
+            d.d_out()
+        )
+    }
 }
 
 /// A cuBLAS bf16 GEMM configuration (column-major; `trans*` true for

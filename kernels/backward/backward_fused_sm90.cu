@@ -271,12 +271,7 @@ __device__ __forceinline__ void backward_fused_kernel(const singlora_backward_fu
                         }
                         T* dst = dx + (t0 + r) * p.ld_dx + in0 + c;
                         if (p.dx_pair != 0 && c + 1 < in_valid) {
-                            if (accumulate) {
-                                const float2 old = load2(dst);
-                                v.x += old.x;
-                                v.y += old.y;
-                            }
-                            store2(dst, v);
+                            store2_onto(dst, v, accumulate);
                         } else {
                             dst[0] = from_f32<T>(v.x + (accumulate ? to_f32(dst[0]) : 0.0f));
                             if (c + 1 < in_valid) dst[1] = from_f32<T>(v.y + (accumulate ? to_f32(dst[1]) : 0.0f));

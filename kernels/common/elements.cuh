@@ -61,6 +61,17 @@ __device__ __forceinline__ void store2(__nv_bfloat16* p, float2 v) {
     *reinterpret_cast<__nv_bfloat162*>(p) = __float22bfloat162_rn(v);
 }
 
+// p[0..2) = v, or p[0..2) + v when `accumulate`, rounded once to T: the
+// epilogues' paired store onto an output.
+template <typename T> __device__ __forceinline__ void store2_onto(T* p, float2 v, bool accumulate) {
+    if (accumulate) {
+        const float2 old = load2(p);
+        v.x += old.x;
+        v.y += old.y;
+    }
+    store2(p, v);
+}
+
 // w[0..8) += d[0..8) with one rounding to T per element, as one (16-bit T)
 // or two (f32) 16-byte accesses: the caller checked that w and its row stride
 // allow them and that the 8 elements are inside the row.

@@ -33,6 +33,7 @@
 // take the portable kernels (src/ops/forward.rs).
 #include "common/tma.cuh"
 #include "common/mma.cuh"
+#include "common/s_tile.cuh"
 #include "common/scale.cuh"
 
 namespace singlora {
@@ -85,6 +86,16 @@ template <typename T, int RP> __device__ __forceinline__ void forward_tma_kernel
     auto empty = [&](int s) { return bars + 8u * (STAGES + s); };
     auto big_at = [&](int s) { return base + (uint32_t)(s * C::SLOT_BYTES); };
     auto a_at = [&](int s) { return base + (uint32_t)(s * C::SLOT_BYTES + C::BIG_BYTES); };
+    // Element (r, c) of slot s's tiles as the swizzled copies laid them out:
+    // the in/out tile (BM rows of 64) and the A tile (64 rows of RP).
+    auto big_el = [&](int s, int r, int c) {
+        return reinterpret_cast<T*>(
+            __cvta_shared_to_generic(big_at(s) + swizzled<128>((uint32_t)(r * C::BOX + c) * (uint32_t)sizeof(T))));
+    };
+    auto a_el_of = [&](int s, int r, int c) {
+        return reinterpret_cast<const T*>(
+            __cvta_shared_to_generic(a_at(s) + swizzled<C::A_ROW>((uint32_t)(r * RP + c) * (uint32_t)sizeof(T))));
+    };
 
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const bool producer = threadIdx.x == 0;
@@ -151,16 +162,9 @@ template <typename T, int RP> __device__ __forceinline__ void forward_tma_kernel
         refill(n);
         const int s = n % STAGES;
         mbar_wait(full(s), (uint32_t)((n / STAGES) & 1));
-        const uint32_t xt = big_at(s), at = a_at(s);
         // in tile (row, col) and A tile (k, rank column), swizzled.
-        auto x_el = [&](int r, int c) {
-            return reinterpret_cast<const T*>(__cvta_shared_to_generic(
-                xt + swizzled<128>((uint32_t)(r * BK + c) * (uint32_t)sizeof(T))));
-        };
-        auto a_el = [&](int r, int c) {
-            return reinterpret_cast<const T*>(__cvta_shared_to_generic(
-                at + swizzled<C::A_ROW>((uint32_t)(r * RP + c) * (uint32_t)sizeof(T))));
-        };
+        auto x_el = [&](int r, int c) { return big_el(s, r, c); };
+        auto a_el = [&](int r, int c) { return a_el_of(s, r, c); };
 #pragma unroll
         for (int kk = 0; kk < BK; kk += 16)
             warp_mma_k16_at<T, C::MT, C::NT, true, false>(acc, x_el, a_el, wm * C::WTM, wn * C::WTN, kk, rpad);
@@ -172,29 +176,8 @@ template <typename T, int RP> __device__ __forceinline__ void forward_tma_kernel
         *reinterpret_cast<float2*>(&sf[r * C::SF_LD + c]) = make_float2(v0, v1);
     });
     __syncthreads();
-    if (p.s_out != 0 && blockIdx.y == 0) {
-        float* s_out = reinterpret_cast<float*>(p.s_out);
-        for (int i = threadIdx.x; i < rows * rank; i += kThreads) {
-            const int r = i / rank, c = i % rank;
-            s_out[(row0 + r) * rank + c] = sf[r * C::SF_LD + c];
-        }
-    }
-    {
-        // f16 rows are scaled by a power of two into range, undone in the
-        // epilogue (as in shrink_expand.cuh).
-        constexpr int TPR = kThreads / BM;
-        const int r = threadIdx.x / TPR, part = threadIdx.x % TPR;
-        float scale = 1.0f;
-        if constexpr (Elem<T>::kNeedsScaling) {
-            float mx = 0.0f;
-            for (int c = part; c < RP; c += TPR) mx = fmaxf(mx, fabsf(sf[r * C::SF_LD + c]));
-#pragma unroll
-            for (int o = TPR / 2; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
-            scale = pow2_scale_for(mx);
-        }
-        for (int c = part; c < RP; c += TPR) st[r * C::ST_LD + c] = from_f32<T>(sf[r * C::SF_LD + c] * scale);
-        if (part == 0) row_inv[r] = 1.0f / scale;
-    }
+    if (p.s_out != 0 && blockIdx.y == 0) store_s_rows(reinterpret_cast<float*>(p.s_out), sf, C::SF_LD, row0, rows, rank);
+    s_to_operand<T, BM, RP>(sf, C::SF_LD, st, C::ST_LD, row_inv);
     __syncthreads();
 
     // ---- expand: out[rows, cols] = beta·out + scale · S · A[cols]ᵀ ----------
@@ -212,11 +195,8 @@ template <typename T, int RP> __device__ __forceinline__ void forward_tma_kernel
         refill(n);
         const int s = n % STAGES;
         mbar_wait(full(s), (uint32_t)((n / STAGES) & 1));
-        const uint32_t yt = big_at(s), at = a_at(s);
-        auto a_el = [&](int r, int c) {
-            return reinterpret_cast<const T*>(__cvta_shared_to_generic(
-                at + swizzled<C::A_ROW>((uint32_t)(r * RP + c) * (uint32_t)sizeof(T))));
-        };
+        const uint32_t yt = big_at(s);
+        auto a_el = [&](int r, int c) { return a_el_of(s, r, c); };
         auto st_el = [&](int r, int c) { return st + r * C::ST_LD + c; };
         float eacc[C::EMT][C::ENT][4];
         zero_acc(eacc);
@@ -225,15 +205,9 @@ template <typename T, int RP> __device__ __forceinline__ void forward_tma_kernel
         // In place in the out tile (each element pair has one owner; rows
         // and columns past the tensor are computed but never stored).
         for_each_pair(eacc, em0, en0, [&](int mt, int h, int r, int c, float v0, float v1) {
-            T* y = reinterpret_cast<T*>(
-                __cvta_shared_to_generic(yt + swizzled<128>((uint32_t)(r * BN + c) * (uint32_t)sizeof(T))));
+            T* y = big_el(s, r, c);
             float2 v = make_float2(v0 * rs[mt][h], v1 * rs[mt][h]);
-            if (accumulate) {
-                const float2 old = load2(y);
-                v.x += old.x;
-                v.y += old.y;
-            }
-            store2(y, v);
+            store2_onto(y, v, accumulate);
         });
         // Every thread's writes, then the copy engine's read of the tile.
         fence_proxy_async();

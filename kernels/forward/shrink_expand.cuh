@@ -42,6 +42,7 @@
 #include "common/copies.cuh"
 #include "common/dropout.cuh"
 #include "common/mma.cuh"
+#include "common/s_tile.cuh"
 #include "common/scale.cuh"
 
 namespace singlora {
@@ -237,29 +238,13 @@ __device__ __forceinline__ void forward_kernel(const singlora_forward_params& p)
 
     // Only the first column split stores S (every split computed the same).
     if (p.s_out != 0 && blockIdx.y == 0 && (CL == 1 || blockIdx.x == 0)) {
-        float* s_out = reinterpret_cast<float*>(p.s_out);
-        for (int i = threadIdx.x; i < rows * rank; i += kThreads) {
-            const int r = i / rank, c = i % rank;
-            s_out[(row0 + r) * rank + c] = sf[r * C::SF_LD + c];
-        }
+        store_s_rows(reinterpret_cast<float*>(p.s_out), sf, C::SF_LD, row0, rows, rank);
     }
     if (p.out == 0) return;  // shrink only
 
     if constexpr (sizeof(T) != 4) {
-        // Keep S on chip in T for the expand's tensor cores; f16 rows are
-        // scaled by a power of two into range, undone in the epilogue.
-        constexpr int TPR = kThreads / BM;  // threads per row
-        const int r = threadIdx.x / TPR, part = threadIdx.x % TPR;
-        float scale = 1.0f;
-        if constexpr (Elem<T>::kNeedsScaling) {
-            float mx = 0.0f;
-            for (int c = part; c < RP; c += TPR) mx = fmaxf(mx, fabsf(sf[r * C::SF_LD + c]));
-#pragma unroll
-            for (int o = TPR / 2; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
-            scale = pow2_scale_for(mx);
-        }
-        for (int c = part; c < RP; c += TPR) st[r * C::ST_LD + c] = from_f32<T>(sf[r * C::SF_LD + c] * scale);
-        if (part == 0) row_inv[r] = 1.0f / scale;
+        // Keep S on chip in T for the expand's tensor cores.
+        s_to_operand<T, BM, RP>(sf, C::SF_LD, st, C::ST_LD, row_inv);
     } else {
         for (int r = threadIdx.x; r < BM; r += kThreads) row_inv[r] = 1.0f;
     }
@@ -341,12 +326,7 @@ __device__ __forceinline__ void forward_kernel(const singlora_forward_params& p)
                     if (!kept(keep, bit)) v.x = 0.0f;
                     if (!kept(keep, bit + 1)) v.y = 0.0f;
                 }
-                if (accumulate) {
-                    const float2 old = load2(y);
-                    v.x += old.x;
-                    v.y += old.y;
-                }
-                store2(y, v);
+                store2_onto(y, v, accumulate);
             });
         }
         __syncthreads();

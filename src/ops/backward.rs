@@ -72,38 +72,7 @@ impl BackwardKernel {
 /// What a [`backward`] call takes beyond its buffers: the forward's
 /// dropout and the kernels to run. A [`Dropout`] converts into it with the
 /// default kernels.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct BackwardOptions {
-    pub dropout: Dropout,
-    pub kernel: BackwardKernel,
-}
-
-impl Default for BackwardOptions {
-    fn default() -> Self {
-        Self {
-            dropout: Dropout::NONE,
-            kernel: BackwardKernel::default(),
-        }
-    }
-}
-
-impl From<Dropout> for BackwardOptions {
-    fn from(dropout: Dropout) -> Self {
-        Self {
-            dropout,
-            ..Self::default()
-        }
-    }
-}
-
-impl From<BackwardKernel> for BackwardOptions {
-    fn from(kernel: BackwardKernel) -> Self {
-        Self {
-            kernel,
-            ..Self::default()
-        }
-    }
-}
+pub type BackwardOptions = crate::ops::options::LaunchOptions<BackwardKernel>;
 
 /// The workspace layout for given dims, in f32 elements.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -48,38 +48,7 @@ pub enum ForwardKernel {
 
 /// What a [`forward`] call takes beyond its buffers: its dropout and the
 /// kernel to run. A [`Dropout`] converts into it with the default kernel.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct ForwardOptions {
-    pub dropout: Dropout,
-    pub kernel: ForwardKernel,
-}
-
-impl Default for ForwardOptions {
-    fn default() -> Self {
-        Self {
-            dropout: Dropout::NONE,
-            kernel: ForwardKernel::default(),
-        }
-    }
-}
-
-impl From<Dropout> for ForwardOptions {
-    fn from(dropout: Dropout) -> Self {
-        Self {
-            dropout,
-            ..Self::default()
-        }
-    }
-}
-
-impl From<ForwardKernel> for ForwardOptions {
-    fn from(kernel: ForwardKernel) -> Self {
-        Self {
-            kernel,
-            ..Self::default()
-        }
-    }
-}
+pub type ForwardOptions = crate::ops::options::LaunchOptions<ForwardKernel>;
 
 /// The checked shapes and scalars of one forward call.
 #[derive(Clone, Copy, Debug, PartialEq)]

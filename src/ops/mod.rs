@@ -9,5 +9,6 @@ pub mod fill;
 pub mod forward;
 pub mod merge;
 pub mod mse;
+pub mod options;
 pub(crate) mod regions;
 pub mod scale;

@@ -377,6 +377,19 @@ pub fn forward_placed<'s, T: DType>(
     .unwrap();
 }
 
+/// The registry of `gpu` when its modules have kernel `name` (the sm_90a
+/// ones load on compute capability 9.0 only); else prints why the calling
+/// test skips and gives `None`.
+pub fn with_kernel(gpu: &Gpu, name: &str) -> Option<Arc<Kernels>> {
+    let kernels = Kernels::for_stream(&gpu.stream).unwrap();
+    if kernels.contains(name) {
+        Some(kernels)
+    } else {
+        println!("skipped: no {name} on this device (sm_90a code, compute capability 9.0 only)");
+        None
+    }
+}
+
 /// What an output with this beta starts as: `base` where it is added onto
 /// (beta ≠ 0), NaN where it is overwritten (beta = 0), so that an unwritten
 /// element shows as NaN.
