@@ -8,7 +8,9 @@ use common::*;
 use cudarc::driver::CudaSlice;
 use half::{bf16, f16};
 use singlora::kaiming_uniform;
-use singlora::{reference, AdamW, DType, Dims, Dropout, Ramp, SingLoraLinear};
+use singlora::{
+    reference, AdamW, BackwardKernel, DType, Dims, Dropout, ForwardKernel, Ramp, SingLoraLinear,
+};
 
 const ALPHA: f64 = 12.0;
 const WARMUP: u64 = 4;
@@ -18,17 +20,15 @@ const WARMUP: u64 = 4;
 /// frozen output and input gradient.
 fn run_case<T: DType>(
     gpu: &Gpu,
-    tokens: usize,
-    d_in: usize,
-    d_out: usize,
-    rank: usize,
+    (tokens, d_in, d_out, rank): (usize, usize, usize, usize),
     frozen: bool,
     seed: u64,
+    (fwd_kernel, bwd_kernel): (ForwardKernel, BackwardKernel),
 ) where
     cudarc::cublas::CudaBlas: cudarc::cublas::Gemm<T>,
 {
     let name = format!(
-        "{} tokens={tokens} d_in={d_in} d_out={d_out} rank={rank} frozen={frozen}",
+        "{} tokens={tokens} d_in={d_in} d_out={d_out} rank={rank} frozen={frozen} {fwd_kernel:?} {bwd_kernel:?}",
         T::NAME
     );
     let dims = Dims::new(tokens, d_in, d_out, rank).unwrap();
@@ -41,8 +41,9 @@ fn run_case<T: DType>(
     let y0 = quantize::<T>(&randn(&mut r, tokens * d_out, 1.0));
     let dx0 = quantize::<T>(&randn(&mut r, tokens * d_in, 1.0));
 
-    let mut layer =
-        SingLoraLinear::<T>::new(&gpu.stream, d_in, d_out, rank, ALPHA, WARMUP, 1).unwrap();
+    let mut layer = SingLoraLinear::<T>::new(&gpu.stream, d_in, d_out, rank, ALPHA, WARMUP, 1)
+        .unwrap()
+        .with_kernels(fwd_kernel, bwd_kernel);
     if frozen {
         layer = layer.with_frozen(upload::<T>(gpu, &w0)).unwrap();
     }
@@ -106,11 +107,29 @@ fn run_case<T: DType>(
 #[test]
 fn layer_matches_reference() {
     let Some(gpu) = gpu() else { return };
+    let k = (ForwardKernel::Portable, BackwardKernel::Split);
     for frozen in [false, true] {
-        run_case::<f32>(&gpu, 37, 96, 160, 8, frozen, 1);
-        run_case::<bf16>(&gpu, 77, 256, 128, 24, frozen, 2);
-        run_case::<f16>(&gpu, 5, 72, 200, 100, frozen, 3);
-        run_case::<bf16>(&gpu, 300, 512, 512, 16, frozen, 4);
+        run_case::<f32>(&gpu, (37, 96, 160, 8), frozen, 1, k);
+        run_case::<bf16>(&gpu, (77, 256, 128, 24), frozen, 2, k);
+        run_case::<f16>(&gpu, (5, 72, 200, 100), frozen, 3, k);
+        run_case::<bf16>(&gpu, (300, 512, 512, 16), frozen, 4, k);
+    }
+}
+
+/// The same layer asking for the opt-in sm_90a kernels (the TMA forward,
+/// the fused backward, which the layer runs with dx_beta = 1): against the
+/// reference as above, on a compute capability 9.0 device.
+#[test]
+fn layer_with_the_sm90_kernels_matches_reference() {
+    let Some(gpu) = gpu() else { return };
+    if with_kernel(&gpu, "backward_fused_sm90_bf16_r16").is_none() {
+        return;
+    }
+    let k = (ForwardKernel::Tma, BackwardKernel::Fused);
+    for frozen in [false, true] {
+        run_case::<bf16>(&gpu, (300, 512, 512, 16), frozen, 5, k);
+        run_case::<bf16>(&gpu, (130, 1024, 256, 32), frozen, 6, k);
+        run_case::<f16>(&gpu, (200, 256, 512, 64), frozen, 7, k);
     }
 }
 

@@ -19,8 +19,10 @@ use crate::nn::frozen::{Frozen, Product};
 use crate::nn::init::kaiming_uniform;
 use crate::nn::ramp::Ramp;
 use crate::ops::adamw::{adamw_device_step, advance_step, AdamW, AdamWState};
-use crate::ops::backward::{backward, backward_kernels, backward_workspace_len, DxOut};
-use crate::ops::forward::{forward, forward_kernels};
+use crate::ops::backward::{
+    backward, backward_kernels, backward_workspace_len, BackwardKernel, BackwardOptions, DxOut,
+};
+use crate::ops::forward::{forward, forward_kernels, ForwardKernel, ForwardOptions};
 use crate::ops::merge::{merge, unmerge};
 use crate::ops::scale::Scale;
 use crate::runtime::registry::Kernels;
@@ -114,6 +116,9 @@ pub struct SingLoraLinear<T: DType> {
     frozen: Option<Frozen<T>>,
     /// Adapter dropout: probability, seed, offset, training or eval mode.
     dropout: DropoutSchedule,
+    /// The kernels its forward and backward ask for.
+    forward_kernel: ForwardKernel,
+    backward_kernel: BackwardKernel,
 }
 
 impl<T: DType> SingLoraLinear<T>
@@ -167,7 +172,23 @@ where
             workspace: None,
             frozen: None,
             dropout: DropoutSchedule::new(seed),
+            forward_kernel: ForwardKernel::default(),
+            backward_kernel: BackwardKernel::default(),
         })
+    }
+
+    /// The kernels the layer's forward and backward ask for (the defaults:
+    /// [`ForwardKernel::Portable`], [`BackwardKernel::Split`]); the opt-in
+    /// sm_90a ones run where they apply, the defaults elsewhere.
+    pub fn with_kernels(mut self, forward: ForwardKernel, backward: BackwardKernel) -> Self {
+        self.forward_kernel = forward;
+        self.backward_kernel = backward;
+        self
+    }
+
+    /// The kernels asked for, forward and backward.
+    pub fn kernels(&self) -> (ForwardKernel, BackwardKernel) {
+        (self.forward_kernel, self.backward_kernel)
     }
 
     /// Adapter dropout with probability `p` in `[0, 1)` (0: none) in
@@ -371,7 +392,10 @@ where
             Some(s),
             self.device_scale(),
             1.0,
-            dropout,
+            ForwardOptions {
+                dropout,
+                kernel: self.forward_kernel,
+            },
         )?;
         ctx.ran = true;
         ctx.dropout = dropout;
@@ -455,7 +479,10 @@ where
             &mut self.grad,
             if accumulate { 1.0 } else { 0.0 },
             workspace,
-            ctx.dropout,
+            BackwardOptions {
+                dropout: ctx.dropout,
+                kernel: self.backward_kernel,
+            },
         )
     }
 
