@@ -1,10 +1,11 @@
 //! backward benchmark: the deterministic dX + dA against the unfused
 //! cuBLAS composition (Q = G·A_out; dX = s·Q·A_inᵀ; dA = s·Gᵀ·S; dA += s·Xᵀ·Q),
 //! bf16, with the copy bandwidth measured in the same run. GB/s counts the
-//! minimal bytes: G read, X read, dX written (dx_beta = 0). Both kernels are
+//! minimal bytes: G read, X read, dX written (dx_beta = 0). The kernels are
 //! swept ([`BackwardKernel::Split`], the default, and the opt-in
-//! [`BackwardKernel::Fused`]); the shape column names the kernel that ran
-//! (a fused request outside the fused kernel's reach runs the split one).
+//! [`BackwardKernel::Fused`] with either exchange); the shape column names
+//! the kernel that ran (a fused request outside the fused kernel's reach
+//! runs the split one, and is not timed twice).
 
 mod common;
 
@@ -127,9 +128,13 @@ fn main() {
         let s_bf = random_bf16(&gpu, b.dims.s_len(), 4);
         let mut q_bf = zeros::<bf16>(&gpu, b.dims.s_len());
         let mut da_bf = zeros::<bf16>(&gpu, b.dims.a_len());
-        for kernel in [BackwardKernel::Split, BackwardKernel::Fused] {
+        for kernel in [
+            BackwardKernel::Split,
+            BackwardKernel::Fused,
+            BackwardKernel::FusedScatter,
+        ] {
             let shape = b.shape(&gpu, kernel);
-            if kernel == BackwardKernel::Fused && !shape.0.ends_with("Fused") {
+            if kernel != BackwardKernel::Split && shape.0.ends_with("Split") {
                 continue; // the split row above already timed this
             }
             let options = BackwardOptions {

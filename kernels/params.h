@@ -338,6 +338,12 @@ typedef struct singlora_backward_fused_params {
     int32_t g_vec;
     int32_t a_vec;           /* 1: A rows allow 16-byte loads */
     int32_t dx_pair;         /* 1: dx and ld_dx allow 2-element accesses */
+    int32_t scatter;         /* how a step's partial Q and S are summed: 0, every CTA
+                                sums all of them from the cluster's buffers; 1, each
+                                sums 1/CLUSTER of them and writes the sums into every
+                                CTA (1/CLUSTER of the remote reads, one more cluster
+                                barrier). The same order either way: the same bits. */
+    int32_t pad_;
     singlora_dropout dropout;
 } singlora_backward_fused_params;
 

@@ -507,6 +507,16 @@ fn backward_fused_matches_reference_bf16() {
         }
     }
     assert!(ran >= 20, "only {ran} cases ran the fused kernel");
+    // The reduce-scatter exchange on the fused cases.
+    for (i, c) in FUSED_CASES.iter().enumerate() {
+        let c = Case {
+            kernel: BackwardKernel::FusedScatter,
+            ..*c
+        };
+        let runs = BackwardKernel::FusedScatter.resolve::<bf16>(&kernels, &c.sh.dims());
+        assert_eq!(runs, BackwardKernel::FusedScatter, "{c:?}");
+        run_case::<bf16>(&gpu, c, 800 + i as u64);
+    }
     // Other element types always take the split path.
     let dims = Dims::new(64, 256, 256, 16).unwrap();
     assert_eq!(
@@ -515,9 +525,10 @@ fn backward_fused_matches_reference_bf16() {
     );
 }
 
-/// The fused kernel's dA is bitwise identical over three runs, and when its
+/// The fused kernel's dA is bitwise identical over three runs, when its
 /// launches share the GPU with another stream's work (the cluster count,
-/// hence the summation order, follows from Dims alone).
+/// hence the summation order, follows from Dims alone), and with the
+/// reduce-scatter exchange.
 #[test]
 fn backward_fused_da_is_deterministic_beside_other_work() {
     let Some(gpu) = gpu() else { return };
@@ -558,6 +569,17 @@ fn backward_fused_da_is_deterministic_beside_other_work() {
     let busy = bits(run_gpu::<bf16>(&gpu, &c, &dims, &inp));
     other.synchronize().unwrap();
     assert_eq!(solo[0], busy, "dA changed with other work on the GPU");
+    // The reduce-scatter exchange sums the same partials in the same order.
+    let scatter = Case {
+        kernel: BackwardKernel::FusedScatter,
+        ..c
+    };
+    let scattered = run_gpu::<bf16>(&gpu, &scatter, &dims, &inp);
+    assert_eq!(
+        solo[0],
+        bits(scattered),
+        "dA differs between the two exchanges"
+    );
 }
 
 /// Small fused cases for compute-sanitizer (bf16): several clusters, steps
@@ -575,6 +597,8 @@ fn sanitizer_backward_fused_small() {
         fused(case((5, 1000, 64, 32), 0, 1.0, 0.0, true)),
         fused(layout(case((70, 45, 72, 8), 0, 1.0, 1.0, true), Ld::Aligned, off(1, 3, 3, 1, 1, 1))),
         fused(Case { with_dx: false, ..case((300, 64, 96, 16), 0, 0.0, 1.0, false) }),
+        Case { kernel: BackwardKernel::FusedScatter, ..case((600, 200, 136, 32), 0, 1.0, 0.0, true) },
+        Case { kernel: BackwardKernel::FusedScatter, ..case((70, 72, 40, 16), 0, 0.0, 1.0, false) },
     ];
     run_typed!(&cases, run_case: bf16 => 37);
 }

@@ -70,6 +70,29 @@ fn case(
         bits(&run().da),
         "{name}: dA differs between runs"
     );
+    // The reduce-scatter exchange: the same sums, the same bits.
+    let scatter = BackwardOptions {
+        kernel: BackwardKernel::FusedScatter,
+        ..options
+    };
+    let scattered = gpu_pass::<bf16>(
+        &gpu.stream,
+        &dims,
+        [&x, &g, &a],
+        (f64::NAN, true),
+        scale,
+        scatter,
+    );
+    assert_eq!(
+        bits(&got.da),
+        bits(&scattered.da),
+        "{name}: dA differs with the reduce-scatter exchange"
+    );
+    assert_eq!(
+        bits(&got.dx),
+        bits(&scattered.dx),
+        "{name}: dX differs with the reduce-scatter exchange"
+    );
 }
 
 /// 16 ranges (4096+ tokens) over 3 clusters, both buckets, non-square both

@@ -15,7 +15,10 @@
 //      order into this CTA's exchange buffer;
 //   3. cluster barrier; every CTA sums the CL exchange buffers through
 //      distributed shared memory in rank order 0..CL-1, so all get the same
-//      bits of Q and S, and rounds them to bf16 (CTA 0 also stores Q);
+//      bits of Q and S, and rounds them to bf16 (CTA 0 also stores Q); or,
+//      with p.scatter, each CTA sums 1/CL of the elements and writes them
+//      into every CTA's bf16 buffer, then a second cluster barrier (the same
+//      sums in the same order: the same bits);
 //   4. each warp accumulates its 64 columns' dA rows in registers:
 //      Gᵀ·S (rows of d_out) and Xᵀ·Q (rows of d_in), over the whole range;
 //   5. each warp writes its 64 columns of dX = dx_beta·dX + s·Q·A_inᵀ
@@ -29,6 +32,9 @@
 // range each CTA writes one dA partial per (range, band) into the workspace, summed
 // in a fixed order by backward_da_reduce: no atomics, and the bits depend on
 // Dims alone.
+// With p.scatter, a CTA writes the others' bf16 Q and S of step i + 1 only
+// after the first barrier of step i + 1, which none reaches before it has
+// finished reading its own of step i.
 //
 // This translation unit is compiled for sm_90a alone (build.rs: *_sm90.cu).
 #include <cooperative_groups.h>
@@ -223,19 +229,43 @@ __device__ __forceinline__ void backward_fused_kernel(const singlora_backward_fu
 
             // ---- 3. the cluster's sum, in rank order ------------------------
             cluster.sync();
-#pragma unroll
-            for (int e = 0; e < PER; ++e) {
-                const int idx = threadIdx.x + e * kThreads;
+            // Element idx of the step's [Q, S] summed over the cluster's
+            // partials, rank 0 first (every CTA, either way, gets the same
+            // bits); S scaled by 1/(1 − p) (S = drop(X)·A_in = (M ⊙ X)·A_in /
+            // (1 − p)); Q stored to q_out by the CTA that summed it.
+            auto sum_of = [&](int idx, bool store_q) {
                 float v = 0.0f;
 #pragma unroll
                 for (int src = 0; src < CL; ++src) v += cluster.map_shared_rank(mine, src)[idx];
                 const int wh = idx / (BM * RP), rem = idx % (BM * RP);
                 const int r = rem / RP, c = rem % RP;
-                if (wh == 1 && drop) v *= p.dropout.scale;  // S = drop(X)·A_in: (M ⊙ X)·A_in / (1 − p)
-                if (wh == 0 && q == 0 && r < rows && c < rank) q_out[(t0 + r) * rank + c] = v;
-                qs[wh * BM * C::QS_LD + r * C::QS_LD + c] = from_f32<T>(v);
+                if (wh == 1 && drop) v *= p.dropout.scale;
+                if (wh == 0 && store_q && r < rows && c < rank) q_out[(t0 + r) * rank + c] = v;
+                return v;
+            };
+            auto qs_slot = [&](int idx) {
+                const int wh = idx / (BM * RP), rem = idx % (BM * RP);
+                return wh * BM * C::QS_LD + (rem / RP) * C::QS_LD + rem % RP;
+            };
+            if (p.scatter == 0) {
+#pragma unroll
+                for (int e = 0; e < PER; ++e) {
+                    const int idx = threadIdx.x + e * kThreads;
+                    qs[qs_slot(idx)] = from_f32<T>(sum_of(idx, q == 0));
+                }
+                __syncthreads();  // bf16 Q and S ready
+            } else {
+                // CTA q sums its slice and writes it into every CTA's qs.
+                constexpr int SLICE = 2 * BM * RP / CL;
+                static_assert(SLICE <= kThreads && 2 * BM * RP % CL == 0, "one element per thread");
+                if (threadIdx.x < SLICE) {
+                    const int idx = q * SLICE + threadIdx.x;
+                    const T v = from_f32<T>(sum_of(idx, true));
+#pragma unroll
+                    for (int dst = 0; dst < CL; ++dst) cluster.map_shared_rank(qs, dst)[qs_slot(idx)] = v;
+                }
+                cluster.sync();  // every CTA's bf16 Q and S complete
             }
-            __syncthreads();  // bf16 Q and S ready
 
             // ---- 4. dA rows: Gᵀ·S and Xᵀ·Q over the step's tokens -------------
             if (wc0 < out_valid) {

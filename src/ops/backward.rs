@@ -56,6 +56,13 @@ pub enum BackwardKernel {
     /// token); elsewhere the call takes [`BackwardKernel::Split`]. Opt-in
     /// until a GPU run proves it correct and faster.
     Fused,
+    /// [`BackwardKernel::Fused`] with each step's partial Q and S summed by
+    /// reduce-scatter: each CTA of the cluster sums an eighth of them and
+    /// writes the sums into every CTA (an eighth of the distributed
+    /// shared-memory reads, one more cluster barrier per step). The same
+    /// sums in the same order, so the same bits; the GPU run decides which
+    /// is faster.
+    FusedScatter,
 }
 
 impl BackwardKernel {
@@ -63,7 +70,11 @@ impl BackwardKernel {
     /// one is asked for, on the device `kernels` belongs to.
     pub fn resolve<T: DType>(self, kernels: &Kernels, dims: &Dims) -> BackwardKernel {
         match self {
-            BackwardKernel::Fused if fused_kernel::<T>(kernels, dims).is_some() => self,
+            BackwardKernel::Fused | BackwardKernel::FusedScatter
+                if fused_kernel::<T>(kernels, dims).is_some() =>
+            {
+                self
+            }
             _ => BackwardKernel::Split,
         }
     }
@@ -571,7 +582,10 @@ unsafe fn launch_backward<T: DType>(
         u32::try_from(dims.a_len().div_ceil(THREADS as usize)).map_err(|_| Error::Overflow {
             what: "dA reduce grid",
         })?;
-    if shape.kernel == BackwardKernel::Fused {
+    if matches!(
+        shape.kernel,
+        BackwardKernel::Fused | BackwardKernel::FusedScatter
+    ) {
         if let Some((fused, plan)) = fused_kernel::<T>(kernels, dims) {
             let elem = std::mem::size_of::<T>() as u64;
             let params = singlora_backward_fused_params {
@@ -598,6 +612,8 @@ unsafe fn launch_backward<T: DType>(
                 g_vec: vec_ok::<T>(p.g, shape.g.ld()),
                 a_vec: vec_ok::<T>(p.a, dims.rank()),
                 dx_pair: (p.dx % (2 * elem) == 0 && ld_dx % 2 == 0) as i32,
+                scatter: i32::from(shape.kernel == BackwardKernel::FusedScatter),
+                pad_: 0,
                 dropout: shape.dropout.param(),
             };
             // Grid: the cluster's CTAs along x (the kernel's compile-time
