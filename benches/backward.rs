@@ -147,7 +147,19 @@ fn main() {
             });
         }
     }
-    bench.finish("backward (bf16, dX and dA)");
+    // The fused kernels' residency on this device (how many clusters take
+    // the token ranges at once).
+    let kernels = Kernels::for_stream(&gpu.stream).unwrap();
+    let residency = |name: &str| {
+        kernels
+            .max_active_clusters(name)
+            .map_or("unknown".to_string(), |n| n.to_string())
+    };
+    bench.finish(&format!(
+        "backward (bf16, dX and dA; fused kernel: {} / {} clusters resident at rank bucket 16 / 32)",
+        residency("backward_fused_sm90_bf16_r16"),
+        residency("backward_fused_sm90_bf16_r32")
+    ));
 
     // Adapter dropout: p = 0.1 against p = 0 (issue 16: within 5 %), both
     // kernels where the fused one applies.

@@ -183,8 +183,9 @@ singlora_status singlora_forward(int32_t dtype, int32_t device, int64_t tokens, 
  * The default: Q and dX, then dA's partials and their reduction; every
  * device and shape (G is read twice). */
 #define SINGLORA_BACKWARD_SPLIT 0
-/* One pass over G and X where it applies (compute capability 9.0, bf16,
- * rank <= 32, d_in and d_out <= 4096, tokens > 0), the split kernels
+/* One pass over G and X where it applies (bf16, rank <= 32, d_in and
+ * d_out <= 4096, tokens > 0, on a compute capability 9.0 device that grants
+ * its shared memory and holds one of its clusters), the split kernels
  * elsewhere. Opt-in until a GPU run proves it correct and faster. */
 #define SINGLORA_BACKWARD_FUSED 1
 

@@ -51,7 +51,7 @@
     X(tname, T, 128)                                \
     X(tname, T, 256)
 /* The fused backward exists for ranks up to 32 (its dA rows live in
- * registers, 2·rank f32 per thread and term). */
+ * registers, 2·bucket f32 per thread and term). */
 #define SINGLORA_BACKWARD_FUSED_RANK_BUCKETS(X, tname, T) \
     X(tname, T, 16)                                       \
     X(tname, T, 32)
@@ -135,9 +135,9 @@
 /* The fused backward on sm_90a (backward_fused_sm90; opt-in until a
  * GPU run proves it): a thread-block cluster of SINGLORA_BACKWARD_FUSED_CLUSTER
  * CTAs spans d for one block of token rows at a time. CTA q owns the columns
- * [q·band, (q+1)·band) of d_out (of G) and of d_in (of X and dX), band =
- * ⌈d / CLUSTER⌉ rounded up to 64 and at most SINGLORA_BACKWARD_FUSED_BAND,
- * so d_in, d_out <= CLUSTER × BAND. The tokens are cut into
+ * [q·band, (q+1)·band) of d_out (of G; band of d_out) and of d_in (of X and
+ * dX; band of d_in), each band ⌈d / CLUSTER⌉ rounded up to 64 and at most
+ * SINGLORA_BACKWARD_FUSED_BAND, so d_in, d_out <= CLUSTER × BAND. The tokens are cut into
  * ⌈tokens / SINGLORA_BACKWARD_FUSED_MIN_CLUSTER_TOKENS⌉ ranges, at most
  * SINGLORA_BACKWARD_FUSED_MAX_CLUSTERS, one dA partial each: a count that
  * follows from Dims alone, so dA's bits do not depend on the GPU. The grid

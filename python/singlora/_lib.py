@@ -57,7 +57,8 @@ def set_backward_kernel(name):
     """Which kernels every later backward of this process asks for (the
     PyTorch ops' included): ``"split"`` (the default, every GPU and shape)
     or ``"fused"`` (one pass over G and X on compute capability 9.0 for
-    bf16, rank <= 32, d_in and d_out <= 4096; the split kernels elsewhere).
+    bf16, rank <= 32, d_in and d_out <= 4096, tokens > 0, where the device
+    holds its clusters; the split kernels elsewhere).
     Both meet the same error bars; dA's bits differ between them. Opt-in
     until a GPU run proves the fused one faster. Returns the previous name."""
     global _backward_kernel

@@ -297,7 +297,7 @@ ncu_bin="$(command -v ncu 2>/dev/null || ls /usr/local/cuda/bin/ncu 2>/dev/null)
 if [[ -n "$ncu_bin" && -x bin/test-backward ]]; then
     section "backward DRAM bytes (ncu)"
     {
-        echo "### backward DRAM bytes, rank 16, 16384 x 4096 bf16 (model: split 512 MiB + partials, fused 384 MiB + 9 MiB)"
+        echo "### backward DRAM bytes, rank 16, 16384 x 4096 bf16 (model: split 512 MiB + partials; fused 384 MiB + Q 1 MiB + partials 8 MiB written and 8 MiB read = 401 MiB)"
         for w in "profile_backward_bf16 3 3" "profile_backward_fused_bf16 2 2"; do
             read -r name skip count <<<"$w"
             echo "#### $name"

@@ -52,8 +52,10 @@ pub enum BackwardKernel {
     /// thread-block cluster spans d, sums partial Q and S through
     /// distributed shared memory, writes dX and keeps its band's dA rows on
     /// chip. Runs where [`BackwardKernel::resolve`] says so (bf16, rank
-    /// ≤ 32, d_in and d_out ≤ 4096, the sm_90a module loaded, at least one
-    /// token); elsewhere the call takes [`BackwardKernel::Split`]. Opt-in
+    /// ≤ 32, d_in and d_out ≤ 4096, at least one token, and a build with
+    /// sm_90a on a compute capability 9.0 device that grants its shared
+    /// memory and holds one of its clusters); elsewhere the call takes
+    /// [`BackwardKernel::Split`]. Opt-in
     /// until a GPU run proves it correct and faster.
     Fused,
     /// [`BackwardKernel::Fused`] with each step's partial Q and S summed by
@@ -202,8 +204,9 @@ fn workspace(dims: &Dims, saved_s: bool) -> Result<Workspace> {
 /// f32 elements of workspace [`backward`] needs for `dims`: Q (tokens × rank),
 /// S when no saved S is passed (tokens × rank), and the dA partials
 /// (2 × splits × D × rank rounded up to 16, splits ≤ 256 / ⌈D/128⌉ and
-/// ≤ ⌈tokens/256⌉, or, where [`BackwardKernel::Fused`] could run, at least
-/// its cluster count, ≤ 16). The same for both kernels, so a workspace
+/// ≤ ⌈tokens/256⌉, or, where the dims let [`BackwardKernel::Fused`] run
+/// (whatever the element type or device: the query knows neither), at
+/// least its token ranges, ≤ 16). The same for both kernels, so a workspace
 /// sized once serves either. That is O(tokens·rank + splits·D·rank), never O(d²):
 /// for d = 4096, rank 64, 16384 tokens it is 4 MiB for Q (8 MiB with S) plus
 /// 16 MiB of partials.

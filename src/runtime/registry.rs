@@ -79,7 +79,8 @@ pub struct KernelId {
 impl KernelId {
     /// The kernel of `family` for element type `T` and `rank`: the smallest
     /// bucket that holds the rank. `None` when the family has no bucket that
-    /// large (the decode forward above rank 64).
+    /// large (the decode forward above rank 64) or no kernel for `T` (the
+    /// bf16-only fused backward for f16 or f32).
     pub fn of<T: DType>(family: Family, rank: usize) -> Option<Self> {
         let spec = family.spec();
         // The slot of T among the family's types (none: no such kernel).
