@@ -43,12 +43,9 @@ fn case(
     } else {
         Dropout::new(p, 77, 5).unwrap()
     };
-    let options = BackwardOptions {
-        dropout,
-        kernel: BackwardKernel::Fused,
-    };
     let scale = 0.75;
-    let run = || {
+    let run = |kernel| {
+        let options = BackwardOptions { dropout, kernel };
         gpu_pass::<bf16>(
             &gpu.stream,
             &dims,
@@ -58,7 +55,7 @@ fn case(
             options,
         )
     };
-    let got = run();
+    let got = run(BackwardKernel::Fused);
     let y0 = vec![0.0; tokens * d_out];
     let want = reference_pass(&dims, [&x, &g, &a], scale as f64, (&y0, 0.0), dropout);
     assert_close::<bf16>("Q", &name, &got.q, &want.q);
@@ -67,22 +64,11 @@ fn case(
     let bits = |v: &[f64]| v.iter().map(|e| e.to_bits()).collect::<Vec<_>>();
     assert_eq!(
         bits(&got.da),
-        bits(&run().da),
+        bits(&run(BackwardKernel::Fused).da),
         "{name}: dA differs between runs"
     );
     // The reduce-scatter exchange: the same sums, the same bits.
-    let scatter = BackwardOptions {
-        kernel: BackwardKernel::FusedScatter,
-        ..options
-    };
-    let scattered = gpu_pass::<bf16>(
-        &gpu.stream,
-        &dims,
-        [&x, &g, &a],
-        (f64::NAN, true),
-        scale,
-        scatter,
-    );
+    let scattered = run(BackwardKernel::FusedScatter);
     assert_eq!(
         bits(&got.da),
         bits(&scattered.da),
