@@ -31,7 +31,7 @@ use crate::params::{
     SINGLORA_BACKWARD_FUSED_MIN_CLUSTER_TOKENS, SINGLORA_DA_BD, SINGLORA_DA_MIN_SPLIT_TOKENS,
     SINGLORA_DA_TARGET_BLOCKS,
 };
-use crate::runtime::launch::{launch, or_null, vec_ok, THREADS};
+use crate::runtime::launch::{launch, or_null, pair_ok, vec_ok, THREADS};
 use crate::runtime::registry::{Family, Kernel, KernelId, Kernels};
 
 /// f32 elements of each workspace segment are rounded up to this (256 bytes)
@@ -96,9 +96,6 @@ struct Workspace {
     len: usize,
     splits: usize,
     tokens_per_split: usize,
-    /// The fused kernel's grid where it can run (its partials share the
-    /// split path's region, sized for the larger of the two).
-    fused: Option<FusedPlan>,
 }
 
 /// The fused backward's token ranges: `clusters` ranges (one dA partial
@@ -141,9 +138,7 @@ fn fused_kernel<'k, T: DType>(
     let plan = fused_plan(dims)?;
     let id = KernelId::of::<T>(Family::BackwardFusedSm90, dims.rank())?;
     kernels
-        .has(id)
-        .then(|| kernels.kernel(id).ok())
-        .flatten()
+        .usable(id)
         // A device that cannot hold one of its clusters takes the split path.
         .filter(|k| k.max_clusters != Some(0))
         .map(|k| (k, plan))
@@ -171,8 +166,8 @@ fn workspace(dims: &Dims, saved_s: bool) -> Result<Workspace> {
             .ok_or(Error::Overflow { what: "workspace" })
     };
     let (splits, tokens_per_split) = da_splits(dims);
-    let fused = fused_plan(dims);
-    let slots = splits.max(fused.map_or(0, |f| f.clusters));
+    // The fused kernel's partials share the region: room for either.
+    let slots = splits.max(fused_plan(dims).map_or(0, |f| f.clusters));
     let tr = seg(dims.s_len())?;
     let partial_len = mul(
         mul(2 * slots, dims.d(), "workspace")?,
@@ -197,7 +192,6 @@ fn workspace(dims: &Dims, saved_s: bool) -> Result<Workspace> {
         len,
         splits,
         tokens_per_split,
-        fused,
     })
 }
 
@@ -590,7 +584,6 @@ unsafe fn launch_backward<T: DType>(
         BackwardKernel::Fused | BackwardKernel::FusedScatter
     ) {
         if let Some((fused, plan)) = fused_kernel::<T>(kernels, dims) {
-            let elem = std::mem::size_of::<T>() as u64;
             let params = singlora_backward_fused_params {
                 x: p.x,
                 g: p.g,
@@ -614,7 +607,7 @@ unsafe fn launch_backward<T: DType>(
                 x_vec: vec_ok::<T>(p.x, shape.x.ld()),
                 g_vec: vec_ok::<T>(p.g, shape.g.ld()),
                 a_vec: vec_ok::<T>(p.a, dims.rank()),
-                dx_pair: (p.dx % (2 * elem) == 0 && ld_dx % 2 == 0) as i32,
+                dx_pair: pair_ok::<T>(p.dx, ld_dx),
                 scatter: i32::from(shape.kernel == BackwardKernel::FusedScatter),
                 pad_: 0,
                 dropout: shape.dropout.param(),

@@ -384,8 +384,7 @@ impl ShrinkExpand {
         {
             return None;
         }
-        let id = KernelId::of::<T>(Family::ForwardTmaSm90, self.rank)?;
-        kernels.has(id).then(|| kernels.kernel(id).ok()).flatten()
+        kernels.usable(KernelId::of::<T>(Family::ForwardTmaSm90, self.rank)?)
     }
 
     /// # Safety
@@ -476,10 +475,11 @@ impl ShrinkExpand {
         }
         // Decode sizes where the module has the cluster kernels (sm_90a).
         let decode = KernelId::of::<T>(Family::ForwardDecodeSm90, self.rank)
-            .filter(|id| self.out != 0 && self.tokens <= bm && kernels.has(*id));
+            .filter(|_| self.out != 0 && self.tokens <= bm)
+            .and_then(|id| kernels.usable(id));
         let (kernel, grid) = match decode {
-            Some(id) => (
-                kernels.kernel(id)?,
+            Some(decode) => (
+                decode,
                 decode_grid(self.n_dim, bn, sm, SINGLORA_DECODE_CLUSTER as usize),
             ),
             None => (

@@ -20,7 +20,7 @@ use crate::error::{Error, Result};
 use crate::ops::regions::{check_disjoint, Region};
 use crate::ops::scale::{RawScale, Scale};
 use crate::params::{singlora_merge_params, SINGLORA_MERGE_BM, SINGLORA_MERGE_BN};
-use crate::runtime::launch::{launch, vec_ok};
+use crate::runtime::launch::{launch, pair_ok, vec_ok};
 use crate::runtime::registry::{Family, KernelId, Kernels};
 
 /// `w` (`d_out × d_in`, row stride `ld_w`) ← `w + scale · A[:d_out] · A[:d_in]ᵀ`.
@@ -223,7 +223,7 @@ pub unsafe fn merge_raw<T: DType>(
         d_out: dims.d_out() as i32,
         rank: dims.rank() as i32,
         scale: shape.scale.param(shape.sign),
-        w_pair: (w % (2 * elem as u64) == 0 && ld_w % 2 == 0) as i32,
+        w_pair: pair_ok::<T>(w, ld_w),
         w_vec: vec_ok::<T>(w, ld_w),
         pad_: 0,
     };

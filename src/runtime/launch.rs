@@ -19,6 +19,13 @@ pub(crate) fn vec_ok<T>(ptr: u64, ld: usize) -> i32 {
     (ptr % 16 == 0 && (ld * bytes) % 16 == 0) as i32
 }
 
+/// A pointer and a row stride (elements of `T`) allow 2-element accesses
+/// (pairs of adjacent elements as one access).
+pub(crate) fn pair_ok<T>(ptr: u64, ld: usize) -> i32 {
+    let bytes = std::mem::size_of::<T>();
+    (ptr % (2 * bytes as u64) == 0 && ld % 2 == 0) as i32
+}
+
 /// The device pointer of an optional buffer (`0` when absent) with the
 /// record that keeps cudarc's stream ordering until the launch is enqueued:
 /// `or_null(buf.map(|b| b.device_ptr(stream)))` (or `device_ptr_mut`).
@@ -63,5 +70,14 @@ mod tests {
         assert_eq!(vec_ok::<u16>(0x1000, 9), 0);
         assert_eq!(vec_ok::<f32>(0x1000, 4), 1);
         assert_eq!(vec_ok::<f32>(0x1000, 6), 0);
+    }
+
+    #[test]
+    fn pair_ok_needs_an_even_pointer_and_stride() {
+        assert_eq!(pair_ok::<u16>(0x1004, 6), 1);
+        assert_eq!(pair_ok::<u16>(0x1002, 6), 0);
+        assert_eq!(pair_ok::<u16>(0x1004, 7), 0);
+        assert_eq!(pair_ok::<f32>(0x1008, 2), 1);
+        assert_eq!(pair_ok::<f32>(0x1004, 2), 0);
     }
 }

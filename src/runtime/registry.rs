@@ -323,37 +323,41 @@ impl Kernels {
 
     /// The kernel exists in a loaded module and fits this device.
     pub(crate) fn has(&self, id: KernelId) -> bool {
-        self.table[id.index()].as_ref().is_some_and(|k| k.fits)
+        self.usable(id).is_some()
+    }
+
+    /// The kernel, where it exists in a loaded module and fits this device:
+    /// the optional paths' lookup (they never refuse; see [`Kernels::kernel`]
+    /// for the typed errors).
+    pub(crate) fn usable(&self, id: KernelId) -> Option<&Kernel> {
+        self.table[id.index()].as_ref().filter(|k| k.fits)
+    }
+
+    /// Kernel `name` (of [`kernel_names`]), if a loaded module has it.
+    fn by_name(&self, name: &str) -> Option<&Kernel> {
+        KernelId::all()
+            .iter()
+            .position(|id| id.name() == name)
+            .and_then(|i| self.table[i].as_ref())
     }
 
     /// Whether the module loaded into this context has kernel `name` (of
     /// [`kernel_names`]); sm_90a kernels exist only on compute capability 9.0.
     pub fn contains(&self, name: &str) -> bool {
-        KernelId::all()
-            .iter()
-            .position(|id| id.name() == name)
-            .is_some_and(|i| self.table[i].is_some())
+        self.by_name(name).is_some()
     }
 
     /// The dynamic shared memory per block kernel `name` (of
     /// [`kernel_names`]) launches with, if it is loaded here.
     pub fn shared_memory(&self, name: &str) -> Option<u32> {
-        KernelId::all()
-            .iter()
-            .position(|id| id.name() == name)
-            .and_then(|i| self.table[i].as_ref())
-            .map(|k| k.info.smem_bytes)
+        self.by_name(name).map(|k| k.info.smem_bytes)
     }
 
     /// How many clusters of kernel `name` (of [`kernel_names`]) the device
     /// holds at once, for the persistent cluster kernels loaded here (the
     /// fused backward); `None` for other kernels or when the driver cannot say.
     pub fn max_active_clusters(&self, name: &str) -> Option<u32> {
-        KernelId::all()
-            .iter()
-            .position(|id| id.name() == name)
-            .and_then(|i| self.table[i].as_ref())
-            .and_then(|k| k.max_clusters)
+        self.by_name(name).and_then(|k| k.max_clusters)
     }
 
     /// Streaming multiprocessors of the device (sizes few-token grids).
